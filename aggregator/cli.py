@@ -1,0 +1,194 @@
+"""Command line: `snowball-aggregator {run,daemon,demo,sandbox,validate}`.
+
+Exit codes: 0 every partition succeeded; 1 the snapshot is partial (some partitions failed);
+2 usage, configuration or output-location error (one line on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+from .config import Settings, load_settings, settings_from_mapping
+from .errors import ConfigError, OutputError
+from .logs import configure_logging
+from .service import RunSummary, run_once
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .sandbox import command as sandbox_command
+
+    parser = argparse.ArgumentParser(
+        prog="snowball-aggregator",
+        description="One trustworthy inventory of every AWS Snowball job across accounts and "
+        "regions.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="one-shot aggregation")
+    run.add_argument("--config", required=True, help="TOML configuration file")
+    run.add_argument("--output", help="output directory (overrides output.directory)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+    daemon = sub.add_parser("daemon", help="aggregate on an interval until stopped")
+    daemon.add_argument("--config", required=True, help="TOML configuration file")
+
+    demo = sub.add_parser("demo", help="start the sandbox and run one aggregation against it")
+    demo.add_argument("--output", default="var/demo", help="output directory (var/demo)")
+    demo.add_argument("--accounts", type=int, default=25, help="sandbox accounts (25)")
+    demo.add_argument("--seed", type=int, default=1, help="sandbox seed (1)")
+
+    sandbox = sub.add_parser("sandbox", help="serve the fake AWS endpoint")
+    sandbox_command.add_arguments(sandbox)
+
+    validate = sub.add_parser("validate", help="check a configuration file and exit")
+    validate.add_argument("--config", required=True, help="TOML configuration file")
+    return parser
+
+
+def _summary_line(summary: RunSummary) -> str:
+    p = summary.partitions
+    return (
+        f"{summary.status}: {summary.jobs} jobs ({summary.stale} stale) from "
+        f"{summary.accounts} accounts; partitions ok={p['ok']} failed={p['failed']} "
+        f"skipped={p['skipped']}; duplicates removed {summary.duplicates}; "
+        f"{summary.requests} requests; {summary.wall_seconds:.2f} s; "
+        f"snapshot {summary.data_path}"
+    )
+
+
+def _summary_json(summary: RunSummary) -> str:
+    return orjson.dumps(
+        {
+            "snapshot_id": summary.snapshot_id,
+            "status": summary.status,
+            "accounts": summary.accounts,
+            "partitions": summary.partitions,
+            "jobs": summary.jobs,
+            "stale": summary.stale,
+            "duplicates_removed": summary.duplicates,
+            "requests": summary.requests,
+            "throttles": summary.throttles,
+            "retries": summary.retries,
+            "wall_seconds": round(summary.wall_seconds, 3),
+            "manifest": str(summary.manifest_path),
+            "data": str(summary.data_path),
+            "failed_partitions": list(summary.failed),
+        },
+        option=orjson.OPT_SORT_KEYS,
+    ).decode()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
+    summary = asyncio.run(run_once(settings, output=args.output))
+    print(_summary_json(summary) if args.json else _summary_line(summary))
+    return summary.exit_code
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    from .accounts import static_accounts
+    from .plan import build_plan
+
+    accounts = static_accounts(settings.accounts)
+    plan = build_plan(accounts, settings.regions)
+    discovery = " (+ Organizations discovery)" if settings.accounts.organizations.enabled else ""
+    print(f"{args.config}: ok: {len(accounts)} accounts{discovery}, {len(plan)} partitions")
+    return 0
+
+
+async def _daemon(settings: Settings) -> int:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        summary = await run_once(settings)
+        print(_summary_line(summary), flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.daemon.interval)
+    return 0
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
+    return asyncio.run(_daemon(settings))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .sandbox import FleetSpec, Sandbox
+
+    async with Sandbox(fleet=FleetSpec(accounts=args.accounts, seed=args.seed)) as sb:
+        # The demo is the edge of the process: point the standard SDK settings at the sandbox.
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+            os.environ.pop(name, None)
+        os.environ.update(sb.env())
+        os.environ["AWS_CONFIG_FILE"] = os.devnull
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+        active = list(sb.account_ids)
+        settings = settings_from_mapping(
+            {"accounts": {"ids": active}, "output": {"directory": args.output}},
+            source="<demo>",
+        )
+        summary = await run_once(settings)
+        truth = len(sb.truth())
+    p = summary.partitions
+    print("snowball-aggregator demo (sandbox on loopback, no AWS account needed)")
+    print(f"  accounts           {summary.accounts}")
+    print(f"  partitions         {p['ok']} ok, {p['failed']} failed, {p['skipped']} skipped")
+    print(f"  jobs               {summary.jobs} (sandbox truth: {truth})")
+    print(f"  duplicates removed {summary.duplicates}")
+    print(f"  requests           {summary.requests}")
+    print(f"  wall time          {summary.wall_seconds:.2f} s")
+    print(f"  snapshot           {summary.data_path}")
+    print(f"  manifest           {summary.manifest_path}")
+    return summary.exit_code
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    configure_logging(level="warning", fmt="auto")
+    return asyncio.run(_demo(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `snowball-aggregator` console script and `python -m aggregator`."""
+    args = _parser().parse_args(argv)
+    handlers = {
+        "run": _cmd_run,
+        "daemon": _cmd_daemon,
+        "demo": _cmd_demo,
+        "validate": _cmd_validate,
+    }
+    try:
+        if args.command == "sandbox":
+            from .sandbox import command as sandbox_command
+
+            return sandbox_command.run(args)
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Configuration: one TOML file plus environment overrides, validated into one frozen tree.
+
+Loaded once, at the edge (the CLI); everything downstream receives `Settings` values and never
+reads files or the environment. Unknown keys are errors, so a typo cannot be silently ignored.
+
+Environment overrides: `SNOWBALL_AGGREGATOR_<SECTION>__<KEY>` (double underscore between levels),
+for example `SNOWBALL_AGGREGATOR_LIMITS__MAX_CONCURRENCY=16` or
+`SNOWBALL_AGGREGATOR_ACCOUNTS__IDS='["111111111111"]'`. Values are read as TOML values when they
+parse as one (numbers, booleans, arrays) and as plain strings otherwise.
+
+Every problem is reported as one line naming the file (or the environment variable), the key
+path and the problem, e.g. `config/prod.toml: accounts.ids[3]: '12345' is not a 12-digit AWS
+account id`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings", "parse_duration"]
+
+ENV_PREFIX = "SNOWBALL_AGGREGATOR_"
+PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
+_ACCOUNT_RE = re.compile(r"^\d{12}$")
+_ROLE_ARN_RE = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
+_ROLE_NAME_RE = re.compile(r"^[\w+=,.@/-]{1,64}$")
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+@cache
+def snowball_regions(partition: str = "aws") -> tuple[str, ...]:
+    """Every region botocore's endpoint data lists for Snowball in `partition`, sorted."""
+    import botocore.session
+
+    return tuple(
+        sorted(botocore.session.get_session().get_available_regions("snowball", partition))
+    )
+
+
+def _all_known_regions() -> frozenset[str]:
+    return frozenset(r for p in PARTITIONS for r in snowball_regions(p))
+
+
+def _account_id(value: str) -> str:
+    if not _ACCOUNT_RE.match(value):
+        raise ValueError(f"{value!r} is not a 12-digit AWS account id")
+    return value
+
+
+def _region(value: str) -> str:
+    if value != "all" and value not in _all_known_regions():
+        close = difflib.get_close_matches(value, sorted(_all_known_regions()), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{value!r} is not a region where Snowball is available{hint}")
+    return value
+
+
+def _role_name(value: str) -> str:
+    if not _ROLE_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid IAM role name")
+    return value
+
+
+def parse_duration(value: object) -> float:
+    """`"15m"`, `"1h30m"`, `"45s"`, `"2.5s"` or a number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '15m', '30s' or '1h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value and (m := _DURATION_RE.match(value.strip())):
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s
+    else:
+        raise ValueError(f"{value!r} is not a duration such as '15m', '30s' or '1h'")
+    if not seconds > 0:
+        raise ValueError(f"{value!r}: a duration must be positive")
+    return seconds
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (for example '127.0.0.1:9464')")
+    return value
+
+
+AccountId = Annotated[str, AfterValidator(_account_id)]
+Region = Annotated[str, AfterValidator(_region)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class OrganizationsSettings(_Model):
+    """`[accounts.organizations]`: discover accounts with organizations:ListAccounts."""
+
+    enabled: bool = False
+
+
+class AccountEntry(_Model):
+    """One `[[accounts.list]]` entry: an account with its own role and external id."""
+
+    id: AccountId
+    role_arn: str | None = None
+    external_id: str | None = None
+
+    @field_validator("role_arn")
+    @classmethod
+    def _arn_matches(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        m = _ROLE_ARN_RE.match(value)
+        if not m:
+            raise ValueError(
+                f"{value!r} is not an IAM role ARN (arn:<partition>:iam::<account id>:role/<name>)"
+            )
+        account = info.data.get("id")
+        if account is not None and m.group(2) != account:
+            raise ValueError(f"{value!r} belongs to account {m.group(2)}, not {account}")
+        return value
+
+
+class AccountsSettings(_Model):
+    """`[accounts]`: which accounts to inventory and how to get into them."""
+
+    role_name: Annotated[str, AfterValidator(_role_name)] = "SnowballInventoryReader"
+    external_id: str = ""
+    partition: Literal["aws", "aws-cn", "aws-us-gov"] = "aws"
+    ids: tuple[AccountId, ...] = ()
+    exclude: tuple[AccountId, ...] = ()
+    organizations: OrganizationsSettings = OrganizationsSettings()
+    list: tuple[AccountEntry, ...] = ()
+
+
+class RegionsSettings(_Model):
+    """`[regions]`: which regions to query; `us_strategy` "all" queries every US region and
+    dedupes, "one" queries one US region per account (falling back to the next on failure)."""
+
+    names: tuple[Region, ...] = ("all",)
+    exclude: tuple[Region, ...] = ()
+    us_strategy: Literal["all", "one"] = "all"
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RegionsSettings:
+        if not self.names:
+            raise ValueError("names: at least one region (or 'all') is required")
+        return self
+
+
+class LimitsSettings(_Model):
+    """`[limits]`: how hard we may push the API."""
+
+    max_concurrency: int = Field(default=64, ge=1, le=10_000)
+    requests_per_second: float = Field(default=5.0, gt=0, le=10_000)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+
+class OutputSettings(_Model):
+    """`[output]`: where snapshots go and how many are kept."""
+
+    directory: str = Field(default="var/snapshots", min_length=1)
+    retain: int = Field(default=96, ge=1)
+
+
+class DaemonSettings(_Model):
+    """`[daemon]`: the refresh interval and the health/metrics listener."""
+
+    interval: Duration = 900.0
+    listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9464"
+
+
+class LoggingSettings(_Model):
+    """`[logging]`."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console", "auto"] = "auto"
+
+
+class Settings(_Model):
+    """The whole configuration; every section has documented defaults."""
+
+    accounts: AccountsSettings = AccountsSettings()
+    regions: RegionsSettings = RegionsSettings()
+    limits: LimitsSettings = LimitsSettings()
+    output: OutputSettings = OutputSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: str = Field(default="<defaults>", exclude=True)
+
+    @model_validator(mode="after")
+    def _some_accounts(self) -> Settings:
+        a = self.accounts
+        if not (a.ids or a.list or a.organizations.enabled):
+            raise ValueError(
+                "accounts: no accounts configured "
+                "(set accounts.ids, accounts.list or accounts.organizations.enabled)"
+            )
+        return self
+
+
+def _tuples(value: Any) -> Any:
+    """TOML arrays become tuples so the tree is immutable all the way down."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Apply overrides in place; returns {dotted key: variable name} for error messages."""
+    origins: dict[str, str] = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(name, ".".join(path), f"{part!r} is not a table")
+            node = child
+        node[path[-1]] = _env_value(env[name])
+        origins[".".join(path)] = name
+    return origins
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.startswith(("function-", "tagged-union")) and "[" not in part:
+            out += f".{part}" if out else part
+    return out
+
+
+def _model_for(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return model
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        nxt = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if nxt is None:
+            return model
+        model = nxt
+    return model
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    loc = err["loc"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        model = _model_for(loc[:-1])
+        known = sorted(model.model_fields) if model else []
+        known = [k for k in known if k != "source"]
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key{hint}; known keys: {', '.join(known)}"
+    msg = str(err["msg"])
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind in {"value_error", "assertion_error"}:
+        return msg
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{msg[0].lower()}{msg[1:]}, got {shown}"
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate an already-parsed TOML document (plus environment overrides) into `Settings`."""
+    doc = dict(data)
+    origins = _apply_env(doc, env or {})
+    try:
+        return Settings.model_validate({**_tuples(doc), "source": source})
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        key = _key_path(first["loc"])
+        origin = next((v for k, v in origins.items() if key == k or key.startswith(k + ".")), None)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        problem = _problem(first)
+        if not key and ": " in problem and problem.split(": ", 1)[0].isidentifier():
+            key, problem = problem.split(": ", 1)
+        return_source = f"{origin} (environment)" if origin else source
+        raise ConfigError(return_source, key, problem + more) from None
+
+
+def load_settings(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, parse and validate the TOML file at `path`; raise `ConfigError` with one line.
+
+    `env` defaults to `os.environ`; only variables starting with `SNOWBALL_AGGREGATOR_` count.
+    """
+    p = Path(path)
+    name = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, "", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(name, "", "is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(name, "", "permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(name, "", "not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(name, "", f"cannot read: {exc.strerror or type(exc).__name__}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, "", f"invalid TOML: {exc}") from None
+    return settings_from_mapping(data, source=name, env=os.environ if env is None else env)

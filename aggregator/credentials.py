@@ -1,0 +1,223 @@
+"""Credentials: one AssumeRole per member account, shared by all its regions, refreshed early.
+
+`CredentialBroker` owns the hub session (standard AWS chain: env, profile, SSO, instance or IRSA
+role) and its STS clients. `session_for(account)` returns an aiobotocore session for the member
+account whose credentials are aiobotocore refreshable credentials backed by AssumeRole: botocore
+refreshes them itself 15 minutes before they expire, so a long run never uses dead keys. The
+first AssumeRole of an account is made eagerly so that a denied role is reported as an AssumeRole
+failure of that account, once, and not as N confusing ListJobs failures.
+
+Credentials live only inside botocore objects; nothing here logs or formats them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.credentials import AioCredentialResolver, AioRefreshableCredentials
+from aiobotocore.session import AioSession
+from botocore.credentials import CredentialProvider
+
+from .accounts import Account
+from .errors import AwsError, RetryableError, translate
+from .retry import RetryPolicy
+
+__all__ = ["CredentialBroker", "client_config"]
+
+log = structlog.get_logger()
+
+# STS endpoint region per partition (regional endpoints; the hub's own region is preferred).
+_STS_REGION = {"aws": "us-east-1", "aws-cn": "cn-north-1", "aws-us-gov": "us-gov-west-1"}
+
+
+def client_config(*, timeout: float, pool: int = 10) -> AioConfig:
+    """The botocore config of every client: no botocore retries (we own the budget)."""
+    return AioConfig(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        max_pool_connections=pool,
+        user_agent_extra="snowball-aggregator",
+    )
+
+
+class _StaticProvider(CredentialProvider):  # type: ignore[misc]
+    """Hands a ready credentials object to an aiobotocore session's resolver."""
+
+    METHOD = "assume-role"
+    CANONICAL_NAME = None
+
+    def __init__(self, credentials: AioRefreshableCredentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    async def load(self) -> AioRefreshableCredentials:
+        return self._credentials
+
+
+class CredentialBroker:
+    """Per-account AssumeRole sessions for one run (or one daemon lifetime).
+
+    Keyword options: `session_name="snowball-aggregator"` (RoleSessionName, visible in the
+    member account's CloudTrail), `duration_seconds=3600`, `timeout=30.0` s per STS call,
+    `policy=RetryPolicy()`, `gate=None` (an asyncio.Semaphore shared with ListJobs so STS calls
+    count against the global concurrency cap), `sleep=asyncio.sleep`, `rng=random.Random()`,
+    `hub_session=None` (a fresh AioSession from the standard chain).
+    """
+
+    def __init__(
+        self,
+        *,
+        session_name: str = "snowball-aggregator",
+        duration_seconds: int = 3600,
+        timeout: float = 30.0,
+        policy: RetryPolicy | None = None,
+        gate: asyncio.Semaphore | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        hub_session: AioSession | None = None,
+    ) -> None:
+        self._session_name = session_name
+        self._duration = duration_seconds
+        self._timeout = timeout
+        self._policy = policy or RetryPolicy()
+        self._gate = gate or asyncio.Semaphore(1_000_000)
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._hub = hub_session
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._sts: dict[str, Any] = {}
+        self._sts_lock = asyncio.Lock()
+        self._sessions: dict[str, asyncio.Task[AioSession]] = {}
+        self.assume_role_calls = 0
+
+    async def __aenter__(self) -> CredentialBroker:
+        if self._stack is not None:
+            raise RuntimeError("CredentialBroker is already open")
+        self._stack = contextlib.AsyncExitStack()
+        if self._hub is None:
+            self._hub = AioSession()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        for task in self._sessions.values():
+            task.cancel()
+        self._sessions.clear()
+        self._sts.clear()
+        if stack is not None:
+            await asyncio.shield(stack.aclose())
+
+    @property
+    def hub_session(self) -> AioSession:
+        if self._hub is None:
+            raise RuntimeError("CredentialBroker is not open")
+        return self._hub
+
+    async def _sts_client(self, partition: str) -> Any:
+        async with self._sts_lock:
+            client = self._sts.get(partition)
+            if client is None:
+                if self._stack is None:
+                    raise RuntimeError("CredentialBroker is not open")
+                hub = self.hub_session
+                region = hub.get_config_variable("region")
+                if region is None or not _region_in_partition(region, partition):
+                    region = _STS_REGION.get(partition, "us-east-1")
+                client = await self._stack.enter_async_context(
+                    hub.create_client(
+                        "sts",
+                        region_name=region,
+                        config=client_config(timeout=self._timeout, pool=64),
+                    )
+                )
+                self._sts[partition] = client
+            return client
+
+    async def _assume(self, account: Account) -> dict[str, Any]:
+        """One AssumeRole with retries; returns botocore refresh metadata."""
+        sts = await self._sts_client(account.partition)
+        kwargs: dict[str, Any] = {
+            "RoleArn": account.role_arn,
+            "RoleSessionName": self._session_name,
+            "DurationSeconds": self._duration,
+        }
+        if account.external_id:
+            kwargs["ExternalId"] = account.external_id
+        region = sts.meta.region_name
+        for attempt in range(1, self._policy.max_attempts + 1):
+            try:
+                async with self._gate:
+                    self.assume_role_calls += 1
+                    response = await sts.assume_role(**kwargs)
+                break
+            except Exception as exc:
+                err = translate(
+                    exc, account_id=account.account_id, region=region, operation="AssumeRole"
+                )
+                if not isinstance(err, RetryableError) or attempt == self._policy.max_attempts:
+                    raise err from exc
+                await self._sleep(self._policy.backoff(attempt, self._rng))
+        creds = response["Credentials"]
+        log.debug("credentials.assumed", account_id=account.account_id)
+        return {
+            "access_key": creds["AccessKeyId"],
+            "secret_key": creds["SecretAccessKey"],
+            "token": creds["SessionToken"],
+            "expiry_time": creds["Expiration"].isoformat(),
+        }
+
+    async def _open_session(self, account: Account) -> AioSession:
+        async def refresh() -> dict[str, Any]:
+            return await self._assume(account)
+
+        credentials = AioRefreshableCredentials.create_from_metadata(
+            metadata=await refresh(), refresh_using=refresh, method="assume-role"
+        )
+        session = AioSession()
+        # Share the hub's model loader: every account session then reads each JSON model once.
+        session.register_component("data_loader", self.hub_session.get_component("data_loader"))
+        session.register_component(
+            "credential_provider", AioCredentialResolver(providers=[_StaticProvider(credentials)])
+        )
+        return session
+
+    async def session_for(self, account: Account) -> AioSession:
+        """The account's session; the first call assumes the role, later calls share it.
+
+        Raises the translated `AwsError` of AssumeRole (the same one for every caller).
+        """
+        task = self._sessions.get(account.account_id)
+        if task is None:
+            task = asyncio.ensure_future(self._open_session(account))
+            self._sessions[account.account_id] = task
+        try:
+            return await asyncio.shield(task)
+        except AwsError:
+            raise
+
+    def forget(self, account: Account) -> None:
+        """Drop the account's session so the next `session_for` assumes the role again."""
+        task = self._sessions.pop(account.account_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+
+
+def _region_in_partition(region: str, partition: str) -> bool:
+    if partition == "aws-cn":
+        return region.startswith("cn-")
+    if partition == "aws-us-gov":
+        return region.startswith("us-gov-")
+    return not region.startswith(("cn-", "us-gov-"))

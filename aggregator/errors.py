@@ -1,0 +1,233 @@
+"""The one exception tree of snowball-aggregator, and the one place AWS errors are translated.
+
+```
+AggregatorError
+├── ConfigError                 bad configuration: file, key path, problem (exit code 2)
+├── OutputError                 the output directory cannot be written or read (exit code 2)
+└── AwsError                    one AWS call failed; carries account, region, operation, code
+    ├── RetryableError          worth another attempt after a backoff
+    │   ├── ThrottledError      ThrottlingException and friends
+    │   └── TransientError      HTTP 5xx, connection reset, read timeout, torn or malformed body
+    ├── CredentialsExpiredError ExpiredTokenException: refresh the account's credentials once
+    ├── InvalidNextTokenError   the pagination chain is broken: restart the partition
+    ├── AccessDeniedError       AssumeRole or ListJobs denied
+    ├── RegionNotEnabledError   an opt-in region the account has not enabled ("skipped")
+    └── ClientFailureError      any other client error: the request itself is wrong
+```
+
+`translate()` is the only function that looks inside botocore and aiohttp exceptions. Messages
+never contain credentials: botocore error messages are built from the service's response body,
+and we add only account, region, operation and code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    HTTPClientError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.parsers import ResponseParserError
+
+__all__ = [
+    "AccessDeniedError",
+    "AggregatorError",
+    "AwsError",
+    "ClientFailureError",
+    "ConfigError",
+    "CredentialsExpiredError",
+    "InvalidNextTokenError",
+    "OutputError",
+    "RegionNotEnabledError",
+    "RetryableError",
+    "ThrottledError",
+    "TransientError",
+    "translate",
+]
+
+
+class AggregatorError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(AggregatorError):
+    """The configuration is invalid; `str()` is one line: `file: key: problem`."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = " ".join(problem.split())  # one line, whatever the cause said
+        super().__init__(f"{source}: {key}: {self.problem}" if key else f"{source}: {self.problem}")
+
+
+class OutputError(AggregatorError):
+    """The output location cannot be written (permissions, disk full, not a directory)."""
+
+
+class AwsError(AggregatorError):
+    """One AWS call failed.
+
+    Attributes: `account_id`, `region`, `operation`, `code` (the AWS error code, or a name of
+    ours for errors below HTTP such as `ConnectionReset`) and `detail` (the service's message).
+    """
+
+    def __init__(
+        self,
+        *,
+        account_id: str,
+        region: str,
+        operation: str,
+        code: str,
+        detail: str = "",
+    ) -> None:
+        self.account_id = account_id
+        self.region = region
+        self.operation = operation
+        self.code = code
+        self.detail = " ".join(detail.split())[:500]
+        super().__init__(
+            f"{operation} in {account_id}/{region} failed: {code}"
+            + (f": {self.detail}" if self.detail else "")
+        )
+
+
+class RetryableError(AwsError):
+    """A failure that a later attempt may not see."""
+
+
+class ThrottledError(RetryableError):
+    """The service asked us to slow down."""
+
+
+class TransientError(RetryableError):
+    """A server or network fault: 5xx, reset, timeout, torn or malformed body."""
+
+
+class CredentialsExpiredError(AwsError):
+    """The account's temporary credentials were rejected as expired."""
+
+
+class InvalidNextTokenError(AwsError):
+    """The NextToken was rejected (expired, or the list changed): restart from the first page."""
+
+
+class AccessDeniedError(AwsError):
+    """AssumeRole or ListJobs was denied."""
+
+
+class RegionNotEnabledError(AwsError):
+    """The region is an opt-in region that the account has not enabled."""
+
+
+class ClientFailureError(AwsError):
+    """Any other error: the request itself is wrong and retrying will not help."""
+
+
+_THROTTLE_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "ProvisionedThroughputExceededException",
+        "BandwidthLimitExceeded",
+        "EC2ThrottledException",
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalFailure",
+        "InternalError",
+        "InternalServerError",
+        "InternalServerException",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "IDPCommunicationError",
+    }
+)
+_EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException", "RequestExpired"})
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthorizationError"}
+)
+# What AWS answers when the caller's token is not valid in the region. In an opt-in region that
+# the account has not enabled, this is how "region disabled" looks on the wire.
+_TOKEN_INVALID_CODES = frozenset(
+    {"UnrecognizedClientException", "InvalidClientTokenId", "AuthFailure", "OptInRequired"}
+)
+
+# Regions that an account must opt in to (AWS "opt-in regions"); their token errors mean "skipped".
+OPT_IN_REGIONS = frozenset(
+    {
+        "af-south-1",
+        "ap-east-1",
+        "ap-east-2",
+        "ap-south-2",
+        "ap-southeast-3",
+        "ap-southeast-4",
+        "ap-southeast-5",
+        "ap-southeast-6",
+        "ap-southeast-7",
+        "ca-west-1",
+        "eu-central-2",
+        "eu-south-1",
+        "eu-south-2",
+        "il-central-1",
+        "me-central-1",
+        "me-south-1",
+        "mx-central-1",
+    }
+)
+
+
+def translate(exc: BaseException, *, account_id: str, region: str, operation: str) -> AwsError:
+    """Map a botocore/aiohttp exception to our tree; use as `raise translate(e, ...) from e`."""
+    ctx: dict[str, Any] = {"account_id": account_id, "region": region, "operation": operation}
+    if isinstance(exc, AwsError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code") or "Unknown")
+        detail = str(error.get("Message") or "")
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in _THROTTLE_CODES or status == 429:
+            return ThrottledError(code=code, detail=detail, **ctx)
+        if code in _EXPIRED_CODES:
+            return CredentialsExpiredError(code=code, detail=detail, **ctx)
+        if code == "InvalidNextTokenException":
+            return InvalidNextTokenError(code=code, detail=detail, **ctx)
+        if code in _DENIED_CODES:
+            return AccessDeniedError(code=code, detail=detail, **ctx)
+        if code in _TOKEN_INVALID_CODES:
+            if code == "OptInRequired" or region in OPT_IN_REGIONS:
+                return RegionNotEnabledError(code=code, detail=detail, **ctx)
+            return AccessDeniedError(code=code, detail=detail, **ctx)
+        if code in _TRANSIENT_CODES or status >= 500:
+            return TransientError(code=code, detail=detail, **ctx)
+        return ClientFailureError(code=code, detail=detail, **ctx)
+    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError | TimeoutError):
+        return TransientError(code="Timeout", detail=type(exc).__name__, **ctx)
+    if isinstance(exc, ConnectionClosedError | BotoConnectionError):
+        return TransientError(code="ConnectionReset", detail=type(exc).__name__, **ctx)
+    if isinstance(exc, ResponseParserError):
+        return TransientError(code="MalformedResponse", detail="unparseable response body", **ctx)
+    if isinstance(exc, HTTPClientError | aiohttp.ClientError | ConnectionError):
+        return TransientError(code="ConnectionError", detail=type(exc).__name__, **ctx)
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return TransientError(code="TruncatedBody", detail="response body ended early", **ctx)
+    if isinstance(exc, NoCredentialsError):
+        return AccessDeniedError(code="NoCredentials", detail="no hub credentials found", **ctx)
+    return ClientFailureError(code=type(exc).__name__, detail="unexpected error", **ctx)

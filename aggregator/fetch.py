@@ -1,0 +1,252 @@
+"""Fetch: paginate ListJobs for one partition to the end, with retries and token restarts.
+
+One partition is one NextToken chain, fetched strictly in order. Each request first waits for
+the partition's pacer (rate per account-region) and then for a slot of the global gate
+(concurrency), so a paced partition never holds a slot while it waits. Retryable errors
+(throttling, 5xx, resets, timeouts, torn bodies) are retried up to `RetryPolicy.max_attempts`
+per page with full-jitter backoff; a throttle also slows the pacer down. An InvalidNextToken
+mid-chain restarts the partition from its first page (at most `max_restarts` times) and
+discards the pages read so far, so a result is always one consistent pass over the list.
+Expired credentials are refreshed once per page and the same page is asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from .errors import (
+    AwsError,
+    CredentialsExpiredError,
+    InvalidNextTokenError,
+    RegionNotEnabledError,
+    RetryableError,
+    ThrottledError,
+    TransientError,
+    translate,
+)
+from .plan import Partition
+from .records import JobEntry, iso_seconds
+from .retry import RetryPolicy
+
+__all__ = ["ClientSource", "FetchCounters", "Pacer", "PartitionResult", "fetch_partition"]
+
+log = structlog.get_logger()
+
+PAGE_SIZE = 100
+Status = Literal["ok", "failed", "skipped"]
+
+
+class Pacer(Protocol):
+    """Per-partition request pacing (see scheduler.AdaptiveThrottler)."""
+
+    async def acquire(self) -> None: ...
+    def on_throttle(self) -> None: ...
+    def on_success(self) -> None: ...
+
+
+class ClientSource(Protocol):
+    """Gives a Snowball client for (account, region); `renew` after expired credentials."""
+
+    async def client(self, partition: Partition, region: str) -> Any: ...
+    async def renew(self, partition: Partition) -> None: ...
+
+
+@dataclass(slots=True)
+class FetchCounters:
+    """Mutable tallies of one partition's work (folded into the frozen result)."""
+
+    requests: int = 0
+    pages: int = 0
+    retries: int = 0
+    throttles: int = 0
+    restarts: int = 0
+    refreshes: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionResult:
+    """The outcome of one partition: its entries when `status == "ok"`, else the error."""
+
+    partition: Partition
+    status: Status
+    region: str
+    entries: tuple[JobEntry, ...]
+    observed_at: str
+    duration: float
+    requests: int
+    pages: int
+    retries: int
+    throttles: int
+    restarts: int
+    error_code: str | None = None
+    error_message: str | None = None
+    operation: str | None = None
+
+
+async def fetch_partition(
+    partition: Partition,
+    *,
+    clients: ClientSource,
+    pacer: Pacer,
+    gate: asyncio.Semaphore,
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> PartitionResult:
+    """Fetch every page of `partition`, trying its fallback regions in order if it fails.
+
+    Never raises `AwsError`: failures become a `failed` (or `skipped`, for a region the account
+    has not enabled) result, so one partition cannot stop the others.
+    """
+    rng = rng or random.Random()
+    counters = FetchCounters()
+    started = monotonic()
+    regions = (partition.region, *partition.fallbacks)
+    error: AwsError | None = None
+    for region in regions:
+        with bound_contextvars(account_id=partition.account_id, region=region):
+            try:
+                async with asyncio.timeout(policy.partition_deadline):
+                    entries = await _paginate(
+                        partition, region, clients, pacer, gate, policy, sleep, rng, counters
+                    )
+            except AwsError as exc:
+                error = exc
+                log.info("partition.attempt_failed", code=exc.code, operation=exc.operation)
+                continue
+            except TimeoutError:
+                error = TransientError(
+                    account_id=partition.account_id,
+                    region=region,
+                    operation="ListJobs",
+                    code="PartitionDeadlineExceeded",
+                    detail=f"partition took longer than {policy.partition_deadline} s",
+                )
+                continue
+        return PartitionResult(
+            partition=partition,
+            status="ok",
+            region=region,
+            entries=tuple(entries),
+            observed_at=iso_seconds(now()),
+            duration=monotonic() - started,
+            requests=counters.requests,
+            pages=counters.pages,
+            retries=counters.retries,
+            throttles=counters.throttles,
+            restarts=counters.restarts,
+        )
+    assert error is not None
+    status: Status = "skipped" if isinstance(error, RegionNotEnabledError) else "failed"
+    return PartitionResult(
+        partition=partition,
+        status=status,
+        region=error.region,
+        entries=(),
+        observed_at=iso_seconds(now()),
+        duration=monotonic() - started,
+        requests=counters.requests,
+        pages=counters.pages,
+        retries=counters.retries,
+        throttles=counters.throttles,
+        restarts=counters.restarts,
+        error_code=error.code,
+        error_message=str(error),
+        operation=error.operation,
+    )
+
+
+async def _paginate(
+    partition: Partition,
+    region: str,
+    clients: ClientSource,
+    pacer: Pacer,
+    gate: asyncio.Semaphore,
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[None]],
+    rng: random.Random,
+    counters: FetchCounters,
+) -> list[JobEntry]:
+    account_id = partition.account_id
+    entries: list[JobEntry] = []
+    token: str | None = None
+    while True:
+        try:
+            page = await _page(
+                partition, region, token, clients, pacer, gate, policy, sleep, rng, counters
+            )
+        except InvalidNextTokenError:
+            if token is None or counters.restarts >= policy.max_restarts:
+                raise
+            counters.restarts += 1
+            log.info("partition.restarted", restarts=counters.restarts)
+            entries.clear()
+            token = None
+            continue
+        counters.pages += 1
+        entries.extend(JobEntry.from_api(account_id, e) for e in page.get("JobListEntries", ()))
+        token = page.get("NextToken") or None
+        if token is None:
+            return entries
+
+
+async def _page(
+    partition: Partition,
+    region: str,
+    token: str | None,
+    clients: ClientSource,
+    pacer: Pacer,
+    gate: asyncio.Semaphore,
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[None]],
+    rng: random.Random,
+    counters: FetchCounters,
+) -> dict[str, Any]:
+    """One page, with the retry budget of one call."""
+    kwargs: dict[str, Any] = {"MaxResults": PAGE_SIZE}
+    if token is not None:
+        kwargs["NextToken"] = token
+    refreshed = False
+    attempt = 0
+    while True:
+        attempt += 1
+        client = await clients.client(partition, region)
+        await pacer.acquire()
+        async with gate:
+            counters.requests += 1
+            try:
+                response: dict[str, Any] = await client.list_jobs(**kwargs)
+            except Exception as exc:
+                err = translate(
+                    exc, account_id=partition.account_id, region=region, operation="ListJobs"
+                )
+            else:
+                pacer.on_success()
+                return response
+        counters.errors[err.code] = counters.errors.get(err.code, 0) + 1
+        if isinstance(err, CredentialsExpiredError) and not refreshed:
+            refreshed = True
+            counters.refreshes += 1
+            await clients.renew(partition)
+            attempt -= 1  # the refresh is not a retry of the page
+            continue
+        if not isinstance(err, RetryableError) or attempt >= policy.max_attempts:
+            raise err
+        if isinstance(err, ThrottledError):
+            counters.throttles += 1
+            pacer.on_throttle()
+        counters.retries += 1
+        log.debug("request.retry", code=err.code, attempt=attempt)
+        await sleep(policy.backoff(attempt, rng))

@@ -1,0 +1,74 @@
+"""Plan: accounts x regions -> the partitions (one ListJobs pagination chain each) to fetch.
+
+ListJobs in any US region returns the jobs of all four US regions of the account. With
+`us_strategy = "all"` every selected US region is a partition of its own and merge dedupes the
+results by (account_id, job_id); with `"one"` an account gets a single US partition that tries
+the selected US regions in order until one answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .accounts import Account
+from .config import RegionsSettings, snowball_regions
+
+__all__ = ["US_REGIONS", "Partition", "build_plan", "select_regions"]
+
+# In preference order: the region tried first under us_strategy = "one".
+US_REGIONS = ("us-east-1", "us-east-2", "us-west-2", "us-west-1")
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """One (account, region) pagination chain; `fallbacks` are tried in order if it fails."""
+
+    account: Account
+    region: str
+    fallbacks: tuple[str, ...] = ()
+
+    @property
+    def account_id(self) -> str:
+        return self.account.account_id
+
+    @property
+    def key(self) -> str:
+        """`account_id/region`, the name used in logs and manifests."""
+        return f"{self.account.account_id}/{self.region}"
+
+
+def select_regions(settings: RegionsSettings, partition: str = "aws") -> tuple[str, ...]:
+    """The configured regions of `partition` ("all" expanded), minus `exclude`, sorted."""
+    available = snowball_regions(partition)
+    chosen: set[str] = set()
+    for name in settings.names:
+        if name == "all":
+            chosen.update(available)
+        elif name in available:
+            chosen.add(name)
+    return tuple(sorted(chosen - set(settings.exclude)))
+
+
+def build_plan(accounts: Iterable[Account], settings: RegionsSettings) -> tuple[Partition, ...]:
+    """Every partition to fetch, ordered so that accounts interleave (fair start order)."""
+    per_account: list[list[Partition]] = []
+    region_cache: dict[str, tuple[str, ...]] = {}
+    for account in accounts:
+        regions = region_cache.get(account.partition)
+        if regions is None:
+            regions = region_cache[account.partition] = select_regions(settings, account.partition)
+        parts: list[Partition] = []
+        us = [r for r in US_REGIONS if r in regions]
+        if settings.us_strategy == "one" and us:
+            parts.append(Partition(account, us[0], tuple(us[1:])))
+            parts.extend(Partition(account, r) for r in regions if r not in us)
+        else:
+            parts.extend(Partition(account, r) for r in regions)
+        per_account.append(parts)
+    # Round-robin across accounts: the first region of every account, then the second, ...
+    plan: list[Partition] = []
+    depth = max((len(p) for p in per_account), default=0)
+    for i in range(depth):
+        plan.extend(p[i] for p in per_account if i < len(p))
+    return tuple(plan)

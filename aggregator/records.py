@@ -1,0 +1,128 @@
+"""Records: a ListJobs entry as it arrives, and the snapshot record it becomes.
+
+`JobEntry` is what fetch produces for each JobListEntry, already normalised to the record's
+field names and JSON types (so merge and snapshot never look at botocore types). `JobRecord` is
+one line of a snapshot. Enum values are plain strings: values unknown to the SDK's model are kept
+verbatim. Absent API fields are `None` (JSON `null`). Timestamps are ISO 8601 UTC with the API's
+millisecond precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "JobEntry", "JobRecord", "iso_millis", "iso_seconds"]
+
+SCHEMA_VERSION = "1.0"
+
+
+def iso_millis(value: datetime) -> str:
+    """`2016-04-14T23:56:26.003Z`: UTC, milliseconds, `Z` suffix."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+
+
+def iso_seconds(value: datetime) -> str:
+    """`2026-11-28T15:00:03Z`: UTC, whole seconds."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return f"{value:%Y-%m-%dT%H:%M:%S}Z"
+
+
+def _timestamp(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return iso_millis(value)
+    if isinstance(value, int | float):
+        return iso_millis(datetime.fromtimestamp(value, UTC))
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class JobEntry:
+    """One JobListEntry seen in one region of one account."""
+
+    account_id: str
+    job_id: str
+    job_state: str | None
+    job_type: str | None
+    snowball_type: str | None
+    is_master: bool | None
+    creation_date: str | None
+    description: str | None
+
+    @classmethod
+    def from_api(cls, account_id: str, entry: Mapping[str, Any]) -> JobEntry:
+        """Map a parsed JobListEntry (botocore shapes) to an entry; unknown keys are ignored."""
+        is_master = entry.get("IsMaster")
+        return cls(
+            account_id=account_id,
+            job_id=str(entry["JobId"]),
+            job_state=entry.get("JobState"),
+            job_type=entry.get("JobType"),
+            snowball_type=entry.get("SnowballType"),
+            is_master=None if is_master is None else bool(is_master),
+            creation_date=_timestamp(entry.get("CreationDate")),
+            description=entry.get("Description"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One line of a snapshot (see the record schema in README.md)."""
+
+    account_id: str
+    job_id: str
+    job_state: str | None
+    job_type: str | None
+    snowball_type: str | None
+    is_master: bool | None
+    creation_date: str | None
+    description: str | None
+    regions: tuple[str, ...]
+    snapshot_id: str
+    observed_at: str
+    last_seen: str
+    stale: bool
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict (orjson sorts the keys when writing)."""
+        return {
+            "account_id": self.account_id,
+            "job_id": self.job_id,
+            "job_state": self.job_state,
+            "job_type": self.job_type,
+            "snowball_type": self.snowball_type,
+            "is_master": self.is_master,
+            "creation_date": self.creation_date,
+            "description": self.description,
+            "regions": list(self.regions),
+            "snapshot_id": self.snapshot_id,
+            "observed_at": self.observed_at,
+            "last_seen": self.last_seen,
+            "stale": self.stale,
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> JobRecord:
+        """Read a record back from a snapshot line (fields added later default sensibly)."""
+        return cls(
+            account_id=data["account_id"],
+            job_id=data["job_id"],
+            job_state=data.get("job_state"),
+            job_type=data.get("job_type"),
+            snowball_type=data.get("snowball_type"),
+            is_master=data.get("is_master"),
+            creation_date=data.get("creation_date"),
+            description=data.get("description"),
+            regions=tuple(data.get("regions") or ()),
+            snapshot_id=data["snapshot_id"],
+            observed_at=data["observed_at"],
+            last_seen=data.get("last_seen") or data["observed_at"],
+            stale=bool(data.get("stale", False)),
+        )

@@ -1,0 +1,145 @@
+"""Scheduler: fan the plan out under explicit limits.
+
+- **Global concurrency**: one FIFO `asyncio.Semaphore(max_concurrency)` gates every HTTP request
+  (ListJobs and AssumeRole), so at most `max_concurrency` are in flight at any moment.
+- **Per-partition rate**: each (account, region) has its own `AdaptiveThrottler`, an
+  asyncio-throttle `Throttler` (at most `rate_limit` requests in any `period` window) that
+  halves its rate on a throttle and creeps back up additively on success (AIMD), never above
+  the configured `requests_per_second`.
+- **Fairness**: a fixed pool of workers takes partitions in plan order (accounts round-robin);
+  a partition fetches its pages one after the other, and the FIFO gate queues each page behind
+  the requests already waiting, so an account with thousands of jobs cannot starve the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+from asyncio_throttle.throttler import Throttler
+
+from .clients import PartitionClients
+from .credentials import CredentialBroker
+from .fetch import PartitionResult, fetch_partition
+from .plan import Partition
+from .retry import RetryPolicy
+
+__all__ = ["AdaptiveThrottler", "Limits", "run_plan"]
+
+log = structlog.get_logger()
+
+
+class AdaptiveThrottler(Throttler):
+    """A Throttler whose rate adapts: x0.5 on throttle, +`step` r/s per success, capped.
+
+    Keyword options: `rate` (requests per second, the ceiling), `floor=0.05` r/s,
+    `step=0.05` r/s per successful request, `clock=time.monotonic`, `sleep=asyncio.sleep`.
+    Unlike the base class it sleeps exactly until the window frees instead of polling.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        floor: float = 0.05,
+        step: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.ceiling = rate
+        self.floor = min(floor, rate)
+        self.step = step
+        self._clock = clock
+        self._sleep = sleep
+        count, period = self._window(rate)
+        super().__init__(rate_limit=count, period=period)
+        self.rate = rate
+
+    @staticmethod
+    def _window(rate: float) -> tuple[int, float]:
+        count = max(1, math.floor(rate))
+        return count, count / rate
+
+    def _set_rate(self, rate: float) -> None:
+        self.rate = min(self.ceiling, max(self.floor, rate))
+        self.rate_limit, self.period = self._window(self.rate)
+
+    def on_throttle(self) -> None:
+        self._set_rate(self.rate / 2)
+
+    def on_success(self) -> None:
+        if self.rate < self.ceiling:
+            self._set_rate(self.rate + self.step)
+
+    def flush(self) -> None:
+        now = self._clock()
+        while self._task_logs and now - self._task_logs[0] >= self.period:
+            self._task_logs.popleft()
+
+    async def acquire(self) -> None:
+        while True:
+            self.flush()
+            if len(self._task_logs) < self.rate_limit:
+                break
+            await self._sleep(max(0.0, self.period - (self._clock() - self._task_logs[0])))
+        self._task_logs.append(self._clock())
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The run's limits: `max_concurrency` requests in flight, `requests_per_second` per
+    partition, `timeout` seconds per request, `workers` partitions open at once (default
+    4 x max_concurrency: more than the gate so paced partitions do not leave slots idle)."""
+
+    max_concurrency: int = 64
+    requests_per_second: float = 5.0
+    timeout: float = 30.0
+    workers: int | None = None
+
+
+async def run_plan(
+    plan: Iterable[Partition],
+    *,
+    broker: CredentialBroker,
+    limits: Limits,
+    policy: RetryPolicy,
+    gate: asyncio.Semaphore,
+    on_result: Callable[[PartitionResult], None],
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Fetch every partition of `plan`, calling `on_result` as each one finishes.
+
+    `gate` is the global concurrency semaphore (shared with the broker's AssumeRole calls).
+    Returns when every partition has a result; partition failures are results, not errors.
+    """
+    rng = rng or random.Random()
+    partitions = list(plan)
+    queue = iter(partitions)
+    workers = min(len(partitions), limits.workers or 4 * limits.max_concurrency)
+
+    async def worker() -> None:
+        for partition in queue:
+            pacer = AdaptiveThrottler(rate=limits.requests_per_second, clock=clock, sleep=sleep)
+            async with PartitionClients(broker=broker, timeout=limits.timeout) as clients:
+                result = await fetch_partition(
+                    partition,
+                    clients=clients,
+                    pacer=pacer,
+                    gate=gate,
+                    policy=policy,
+                    sleep=sleep,
+                    rng=random.Random(rng.random()),
+                    monotonic=clock,
+                )
+            on_result(result)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(workers):
+            tg.create_task(worker())
