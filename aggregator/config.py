@@ -45,6 +45,7 @@ PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _ROLE_ARN_RE = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
 _ROLE_NAME_RE = re.compile(r"^[\w+=,.@/-]{1,64}$")
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -263,7 +264,10 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not part.startswith(("function-", "tagged-union")) and "[" not in part:
+        elif not (part.startswith(("function-", "tagged-union")) and "[" in part):
+            if not _BARE_KEY_RE.match(part):
+                # TOML quoted keys may hold anything; show them escaped, on one line.
+                part = '"' + part.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
             out += f".{part}" if out else part
     return out
 

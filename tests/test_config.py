@@ -1,0 +1,222 @@
+"""Configuration: valid files load into a frozen tree; every bad input is one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aggregator.cli import main
+from aggregator.config import load_settings, parse_duration, settings_from_mapping
+from aggregator.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "aggregator.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "prod.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_example_config_is_valid() -> None:
+    """The shipped example loads and has the documented defaults."""
+    s = load_settings(EXAMPLE, env={})
+    assert s.accounts.ids == ("111111111111", "222222222222")
+    assert s.limits.max_concurrency == 64
+    assert s.daemon.interval == 900.0
+    assert s.regions.us_strategy == "all"
+
+
+def test_settings_are_frozen() -> None:
+    """Downstream code cannot change the configuration it was given."""
+    s = load_settings(EXAMPLE, env={})
+    with pytest.raises(ValueError):
+        s.limits.max_concurrency = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[accounts]\nids = ["111111111111", "222222222222", "333333333333", "12345"]\n',
+            "prod.toml: accounts.ids[3]: '12345' is not a 12-digit AWS account id",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[limits]\nmax_concurency = 3\n',
+            "prod.toml: limits.max_concurency: unknown key (did you mean 'max_concurrency'?)",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[regions]\nnames = ["eu-wset-1"]\n',
+            "prod.toml: regions.names[0]: 'eu-wset-1' is not a region where Snowball is "
+            "available (did you mean 'eu-west-1'?)",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[limits]\nmax_concurrency = 0\n',
+            "prod.toml: limits.max_concurrency: input should be greater than or equal to 1",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[limits]\nmax_concurrency = "8"\n',
+            "prod.toml: limits.max_concurrency: input should be a valid integer, got '8'",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = "5x"\n',
+            "prod.toml: daemon.interval: '5x' is not a duration",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[regions]\nus_strategy = "some"\n',
+            "prod.toml: regions.us_strategy: input should be 'all' or 'one'",
+        ),
+        (
+            '[[accounts.list]]\nid = "333333333333"\n'
+            'role_arn = "arn:aws:iam::333333333332:role/Other"\n',
+            "prod.toml: accounts.list[0].role_arn: 'arn:aws:iam::333333333332:role/Other' "
+            "belongs to account 333333333332, not 333333333333",
+        ),
+        ("[limits]\n", "prod.toml: accounts: no accounts configured"),
+        ("[accounts\nids = 1\n", "prod.toml: invalid TOML: "),
+        ('[accounts]\nids = "111111111111"\n', "prod.toml: accounts.ids: input should be a valid"),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\nlisten = "localhost"\n',
+            "prod.toml: daemon.listen: 'localhost' is not HOST:PORT",
+        ),
+        ('bogus = 1\n[accounts]\nids = ["111111111111"]\n', "prod.toml: bogus: unknown key"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    """Each hand-written mistake names the file, the key path and the problem on one line."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path.parent)), message
+    assert expected in message, message
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    """A path that does not exist is reported, not raised as a traceback."""
+    with pytest.raises(ConfigError, match=r"nope\.toml: file not found"):
+        load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_environment_overrides_and_names_the_variable(tmp_path: Path) -> None:
+    """SNOWBALL_AGGREGATOR_* variables override keys, and errors name the variable."""
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    s = load_settings(
+        path,
+        env={
+            "SNOWBALL_AGGREGATOR_LIMITS__MAX_CONCURRENCY": "16",
+            "SNOWBALL_AGGREGATOR_REGIONS__NAMES": '["eu-west-1", "us-east-1"]',
+            "SNOWBALL_AGGREGATOR_OUTPUT__DIRECTORY": "/srv/snapshots",
+            "UNRELATED": "x",
+        },
+    )
+    assert s.limits.max_concurrency == 16
+    assert s.regions.names == ("eu-west-1", "us-east-1")
+    assert s.output.directory == "/srv/snapshots"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={"SNOWBALL_AGGREGATOR_LIMITS__MAX_ATTEMPTS": "0"})
+    assert str(info.value).startswith(
+        "SNOWBALL_AGGREGATOR_LIMITS__MAX_ATTEMPTS (environment): limits.max_attempts:"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("15m", 900.0), ("1h30m", 5400.0), ("45s", 45.0), (2.5, 2.5)]
+)
+def test_durations(value: object, seconds: float) -> None:
+    """Durations accept h/m/s suffixes or plain seconds."""
+    assert parse_duration(value) == seconds
+
+
+def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`validate` exits 0 on a good file and 2 with one stderr line on a bad one."""
+    assert main(["validate", "--config", str(EXAMPLE)]) == 0
+    assert "ok: 3 accounts" in capsys.readouterr().out
+    bad = write(tmp_path, '[accounts]\nids = ["1"]\n')
+    assert main(["validate", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "accounts.ids[0]: '1' is not a 12-digit AWS account id" in err
+
+
+def test_run_with_bad_config_never_prints_a_traceback(tmp_path: Path) -> None:
+    """The real console entry point exits 2 with one line, no traceback."""
+    bad = write(tmp_path, "[limits]\nmax_concurrency = -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "aggregator", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "limits.max_concurrency" in proc.stderr
+
+
+# --- generated bad input -------------------------------------------------------------------
+
+_KNOWN = {
+    "accounts": ["role_name", "external_id", "partition", "ids", "exclude", "organizations", "list"],
+    "regions": ["names", "exclude", "us_strategy"],
+    "limits": ["max_concurrency", "requests_per_second", "max_attempts", "timeout_seconds"],
+    "output": ["directory", "retain"],
+    "daemon": ["interval", "listen"],
+    "logging": ["level", "format"],
+}
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**15), max_value=10**15),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["all", "one", "15m", "us-east-1", "111111111111", "0", "-1", "1e9"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+_keys = st.sampled_from([k for ks in _KNOWN.values() for k in ks]) | st.text(min_size=1, max_size=10)
+_sections = st.dictionaries(
+    st.sampled_from([*_KNOWN, "extra"]), st.dictionaries(_keys, _values, max_size=4), max_size=4
+)
+_documents = st.one_of(_sections, st.dictionaries(st.text(max_size=6), _values, max_size=4))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=_documents)
+def test_generated_documents_yield_settings_or_one_line(doc: dict[str, Any]) -> None:
+    """Whatever the document holds, the result is Settings or a one-line ConfigError."""
+    try:
+        settings_from_mapping(doc, source="gen.toml", env={})
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message
+        assert message.startswith("gen.toml: ")
+        assert len(message.split(": ", 2)) >= 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    raw=st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+        max_size=200,
+    )
+)
+def test_generated_files_yield_settings_or_one_line(tmp_path_factory: Any, raw: str) -> None:
+    """Arbitrary file contents (mostly broken TOML) also give exactly one line."""
+    path = tmp_path_factory.mktemp("cfg") / "gen.toml"
+    path.write_text(raw, encoding="utf-8")
+    try:
+        load_settings(path, env={})
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        assert str(exc).startswith(str(path))
