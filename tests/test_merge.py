@@ -1,0 +1,87 @@
+"""Merge: dedupe by (account_id, job_id), latest observation wins, failures carry forward."""
+
+from __future__ import annotations
+
+from aggregator.accounts import Account
+from aggregator.fetch import PartitionResult
+from aggregator.merge import Merger
+from aggregator.plan import Partition
+from aggregator.records import JobEntry, JobRecord
+
+ACCOUNT = Account(account_id="111111111111", role_arn="arn:aws:iam::111111111111:role/R")
+
+
+def entry(job_id: str, state: str = "New") -> JobEntry:
+    return JobEntry(
+        account_id=ACCOUNT.account_id,
+        job_id=job_id,
+        job_state=state,
+        job_type="IMPORT",
+        snowball_type="EDGE",
+        is_master=False,
+        creation_date=None,
+        description=None,
+    )
+
+
+def result(region: str, *entries: JobEntry, status: str = "ok", at: str = "T1") -> PartitionResult:
+    return PartitionResult(
+        partition=Partition(ACCOUNT, region),
+        status=status,  # type: ignore[arg-type]
+        region=region,
+        entries=entries,
+        observed_at=at,
+        duration=0.0,
+        requests=1,
+        pages=1,
+        retries=0,
+        throttles=0,
+        restarts=0,
+        error_code=None if status == "ok" else "InternalFailure",
+    )
+
+
+def test_us_duplicates_collapse_with_regions_union() -> None:
+    """The same job from two US regions is one record listing both regions."""
+    m = Merger()
+    m.add(result("us-east-1", entry("A"), entry("B")))
+    m.add(result("us-west-2", entry("A"), entry("B")))
+    records, stats = m.records(snapshot_id="S")
+    assert [r.job_id for r in records] == ["A", "B"]
+    assert records[0].regions == ("us-east-1", "us-west-2")
+    assert stats.duplicates == 2
+
+
+def test_latest_observation_wins() -> None:
+    """A state that changed between two regions' chains ends with the later one."""
+    m = Merger()
+    m.add(result("us-east-1", entry("A", "New"), at="T1"))
+    m.add(result("us-east-2", entry("A", "Complete"), at="T2"))
+    records, _ = m.records(snapshot_id="S")
+    assert records[0].job_state == "Complete"
+    assert records[0].observed_at == "T2"
+
+
+def test_failed_partition_carries_previous_records_forward_as_stale() -> None:
+    """Jobs of a failed partition stay in the snapshot, marked stale with last_seen kept."""
+    previous = [
+        JobRecord.from_json_dict(
+            {
+                "account_id": ACCOUNT.account_id,
+                "job_id": job_id,
+                "regions": [region],
+                "snapshot_id": "OLD",
+                "observed_at": "T0",
+                "last_seen": "T0",
+            }
+        )
+        for job_id, region in (("X", "eu-west-1"), ("Y", "eu-west-2"))
+    ]
+    m = Merger()
+    m.add(result("eu-west-1", status="failed"))
+    m.add(result("eu-west-2"))  # succeeded, and Y is gone: a real removal
+    records, stats = m.records(snapshot_id="NEW", previous=previous)
+    assert [(r.job_id, r.stale, r.last_seen, r.snapshot_id) for r in records] == [
+        ("X", True, "T0", "NEW")
+    ]
+    assert stats.stale == 1
