@@ -1,40 +1,59 @@
-"""Clients: the Snowball clients one partition uses, created the ordinary way, closed after.
+"""Clients: a bounded pool of Snowball clients, one per (account, region), reused across cycles.
 
-Clients come from the member account's aiobotocore session (see credentials.py), so endpoint
-settings follow the SDK conventions: `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_SNOWBALL` and the
-profile's `services` section all apply. botocore's retries are off (see retry.py).
+Clients are created the ordinary way from the member account's aiobotocore session (see
+credentials.py), so endpoint settings follow the SDK conventions: `AWS_ENDPOINT_URL`,
+`AWS_ENDPOINT_URL_SNOWBALL` and the profile's `services` section all apply. botocore's own
+retries are off (see retry.py).
+
+The pool keeps at most `capacity` clients; beyond that the least recently used idle client is
+closed. A client in use is never closed under its user. A daemon keeps the pool (and so its
+connections) from one cycle to the next.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
+from .accounts import Account
 from .credentials import CredentialBroker, client_config
 from .plan import Partition
 
-__all__ = ["PartitionClients"]
+__all__ = ["ClientPool", "PartitionClients"]
 
 
-class PartitionClients:
-    """Opens a Snowball client per region on first use and closes them all on exit.
+class _Slot:
+    __slots__ = ("client", "context", "doomed", "users")
 
-    Keyword options: `broker` (the run's CredentialBroker), `timeout` (connect and read
-    timeout of each request, seconds).
+    def __init__(self, client: Any, context: Any) -> None:
+        self.client = client
+        self.context = context
+        self.users = 0
+        self.doomed = False
+
+
+class ClientPool:
+    """Snowball clients keyed by (account_id, region); an async context manager.
+
+    Keyword options: `broker` (the CredentialBroker that gives account sessions), `timeout`
+    (connect and read timeout per request, seconds), `capacity=256` (clients kept open).
     """
 
-    def __init__(self, *, broker: CredentialBroker, timeout: float) -> None:
+    def __init__(self, *, broker: CredentialBroker, timeout: float, capacity: int = 256) -> None:
         self._broker = broker
         self._timeout = timeout
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._clients: dict[str, Any] = {}
+        self._capacity = max(1, capacity)
+        self._slots: OrderedDict[tuple[str, str], _Slot] = OrderedDict()
+        self._open = False
         self.created = 0
 
-    async def __aenter__(self) -> PartitionClients:
-        if self._stack is not None:
-            raise RuntimeError("PartitionClients is already open")
-        self._stack = contextlib.AsyncExitStack()
+    async def __aenter__(self) -> ClientPool:
+        if self._open:
+            raise RuntimeError("ClientPool is already open")
+        self._open = True
         return self
 
     async def __aexit__(
@@ -43,30 +62,79 @@ class PartitionClients:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._stack = self._stack, None
-        self._clients.clear()
-        if stack is not None:
-            await stack.aclose()
+        self._open = False
+        slots = list(self._slots.values())
+        self._slots.clear()
+        for slot in slots:
+            await _close(slot)
 
-    async def client(self, partition: Partition, region: str) -> Any:
-        """The client for `region` in the partition's account (assumes the role if needed)."""
-        client = self._clients.get(region)
-        if client is None:
-            if self._stack is None:
-                raise RuntimeError("PartitionClients is not open")
-            session = await self._broker.session_for(partition.account)
-            client = await self._stack.enter_async_context(
-                session.create_client(
-                    "snowball", region_name=region, config=client_config(timeout=self._timeout)
-                )
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, account: Account, region: str) -> AsyncIterator[Any]:
+        """Borrow the client for (account, region), creating it (and the session) if needed."""
+        if not self._open:
+            raise RuntimeError("ClientPool is not open")
+        key = (account.account_id, region)
+        slot = self._slots.get(key)
+        if slot is None:
+            session = await self._broker.session_for(account)
+            context = session.create_client(
+                "snowball", region_name=region, config=client_config(timeout=self._timeout)
             )
-            self.created += 1
-            self._clients[region] = client
-        return client
+            client = await context.__aenter__()
+            slot = self._slots.get(key)
+            if slot is None:  # nobody created it while we awaited
+                slot = self._slots[key] = _Slot(client, context)
+                self.created += 1
+            else:
+                await context.__aexit__(None, None, None)
+        self._slots.move_to_end(key)
+        slot.users += 1
+        try:
+            yield slot.client
+        finally:
+            slot.users -= 1
+            if slot.doomed and slot.users == 0:
+                await _close(slot)
+            await self._evict()
+
+    async def forget(self, account: Account) -> None:
+        """Close the account's clients (after its credentials expired); in-use ones on release."""
+        for key in [k for k in self._slots if k[0] == account.account_id]:
+            slot = self._slots.pop(key)
+            slot.doomed = True
+            if slot.users == 0:
+                await _close(slot)
+
+    async def _evict(self) -> None:
+        while len(self._slots) > self._capacity:
+            victim = next((k for k, s in self._slots.items() if s.users == 0), None)
+            if victim is None:
+                return
+            await _close(self._slots.pop(victim))
+
+
+async def _close(slot: _Slot) -> None:
+    context, slot.context = slot.context, None
+    if context is not None:
+        await context.__aexit__(None, None, None)
+
+
+class PartitionClients:
+    """The `ClientSource` of one partition: leases from the pool, page by page."""
+
+    def __init__(self, *, pool: ClientPool, broker: CredentialBroker) -> None:
+        self._pool = pool
+        self._broker = broker
+
+    def lease(
+        self, partition: Partition, region: str
+    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._pool.lease(partition.account, region)
 
     async def renew(self, partition: Partition) -> None:
-        """Expired credentials: assume the role again and recreate this partition's clients."""
+        """Expired credentials: assume the role again and drop the account's clients."""
         self._broker.forget(partition.account)
-        old, self._clients = self._clients, {}
-        for client in old.values():
-            await client.close()
+        await self._pool.forget(partition.account)

@@ -26,7 +26,7 @@ from aiobotocore.session import AioSession
 from botocore.credentials import CredentialProvider
 
 from .accounts import Account
-from .errors import AwsError, RetryableError, translate
+from .errors import RetryableError, translate
 from .retry import RetryPolicy
 
 __all__ = ["CredentialBroker", "client_config"]
@@ -203,10 +203,13 @@ class CredentialBroker:
         if task is None:
             task = asyncio.ensure_future(self._open_session(account))
             self._sessions[account.account_id] = task
-        try:
-            return await asyncio.shield(task)
-        except AwsError:
-            raise
+        return await asyncio.shield(task)
+
+    def reset_failures(self) -> None:
+        """Forget failed AssumeRoles, so a new cycle tries those accounts again."""
+        for account_id, task in list(self._sessions.items()):
+            if task.done() and (task.cancelled() or task.exception() is not None):
+                del self._sessions[account_id]
 
     def forget(self, account: Account) -> None:
         """Drop the account's session so the next `session_for` assumes the role again."""

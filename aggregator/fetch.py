@@ -13,6 +13,7 @@ Expired credentials are refreshed once per page and the same page is asked again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -54,9 +55,11 @@ class Pacer(Protocol):
 
 
 class ClientSource(Protocol):
-    """Gives a Snowball client for (account, region); `renew` after expired credentials."""
+    """Lends a Snowball client for (account, region); `renew` after expired credentials."""
 
-    async def client(self, partition: Partition, region: str) -> Any: ...
+    def lease(
+        self, partition: Partition, region: str
+    ) -> contextlib.AbstractAsyncContextManager[Any]: ...
     async def renew(self, partition: Partition) -> None: ...
 
 
@@ -222,19 +225,19 @@ async def _page(
     attempt = 0
     while True:
         attempt += 1
-        client = await clients.client(partition, region)
-        await pacer.acquire()
-        async with gate:
-            counters.requests += 1
-            try:
-                response: dict[str, Any] = await client.list_jobs(**kwargs)
-            except Exception as exc:
-                err = translate(
-                    exc, account_id=partition.account_id, region=region, operation="ListJobs"
-                )
-            else:
-                pacer.on_success()
-                return response
+        async with clients.lease(partition, region) as client:
+            await pacer.acquire()
+            async with gate:
+                counters.requests += 1
+                try:
+                    response: dict[str, Any] = await client.list_jobs(**kwargs)
+                except Exception as exc:
+                    err = translate(
+                        exc, account_id=partition.account_id, region=region, operation="ListJobs"
+                    )
+                else:
+                    pacer.on_success()
+                    return response
         counters.errors[err.code] = counters.errors.get(err.code, 0) + 1
         if isinstance(err, CredentialsExpiredError) and not refreshed:
             refreshed = True

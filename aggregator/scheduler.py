@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import structlog
 from asyncio_throttle.throttler import Throttler
 
-from .clients import PartitionClients
+from .clients import ClientPool, PartitionClients
 from .credentials import CredentialBroker
 from .fetch import PartitionResult, fetch_partition
 from .plan import Partition
@@ -106,6 +106,7 @@ async def run_plan(
     plan: Iterable[Partition],
     *,
     broker: CredentialBroker,
+    pool: ClientPool,
     limits: Limits,
     policy: RetryPolicy,
     gate: asyncio.Semaphore,
@@ -116,7 +117,8 @@ async def run_plan(
 ) -> None:
     """Fetch every partition of `plan`, calling `on_result` as each one finishes.
 
-    `gate` is the global concurrency semaphore (shared with the broker's AssumeRole calls).
+    `gate` is the global concurrency semaphore (shared with the broker's AssumeRole calls);
+    `pool` lends the Snowball clients.
     Returns when every partition has a result; partition failures are results, not errors.
     """
     rng = rng or random.Random()
@@ -124,20 +126,21 @@ async def run_plan(
     queue = iter(partitions)
     workers = min(len(partitions), limits.workers or 4 * limits.max_concurrency)
 
+    clients = PartitionClients(pool=pool, broker=broker)
+
     async def worker() -> None:
         for partition in queue:
             pacer = AdaptiveThrottler(rate=limits.requests_per_second, clock=clock, sleep=sleep)
-            async with PartitionClients(broker=broker, timeout=limits.timeout) as clients:
-                result = await fetch_partition(
-                    partition,
-                    clients=clients,
-                    pacer=pacer,
-                    gate=gate,
-                    policy=policy,
-                    sleep=sleep,
-                    rng=random.Random(rng.random()),
-                    monotonic=clock,
-                )
+            result = await fetch_partition(
+                partition,
+                clients=clients,
+                pacer=pacer,
+                gate=gate,
+                policy=policy,
+                sleep=sleep,
+                rng=random.Random(rng.random()),
+                monotonic=clock,
+            )
             on_result(result)
 
     async with asyncio.TaskGroup() as tg:
