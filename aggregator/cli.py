@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
 
 import orjson
+import structlog
 
 from .config import Settings, load_settings, settings_from_mapping
 from .errors import ConfigError, OutputError
@@ -90,9 +90,32 @@ def _summary_json(summary: RunSummary) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
-    summary = asyncio.run(run_once(settings, output=args.output))
-    print(_summary_json(summary) if args.json else _summary_line(summary))
+    interactive = sys.stderr.isatty() and not (args.quiet or args.json)
+    # On a TTY the progress bar replaces info logs; warnings and errors still show.
+    level = settings.logging.level
+    if interactive and level == "info":
+        level = "warning"
+    configure_logging(level=level, fmt=settings.logging.format)
+
+    async def run() -> RunSummary:
+        if not interactive:
+            return await run_once(settings, output=args.output)
+        from .progress import ProgressBar
+
+        with ProgressBar() as bar:
+            return await run_once(settings, output=args.output, observers=[bar])
+
+    summary = asyncio.run(run())
+    if args.json:
+        print(_summary_json(summary))
+    elif interactive:
+        from rich.console import Console
+
+        from .progress import summary_table
+
+        Console().print(summary_table(summary))
+    else:
+        print(_summary_line(summary))
     return summary.exit_code
 
 
@@ -108,25 +131,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _daemon(settings: Settings) -> int:
+async def _daemon(config: str, settings: Settings) -> int:
     import signal
 
+    from .health import HealthServer, HealthState
+    from .metrics import Metrics
+    from .service import run_forever
+
     stop = asyncio.Event()
+    reload_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    while not stop.is_set():
-        summary = await run_once(settings)
-        print(_summary_line(summary), flush=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=settings.daemon.interval)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    metrics = Metrics()
+    state = HealthState(interval=settings.daemon.interval)
+    async with HealthServer(state=state, metrics=metrics, listen=settings.daemon.listen) as http:
+        log = structlog.get_logger()
+        log.info("daemon.started", listen=f"{settings.daemon.listen}", port=http.port)
+        await run_forever(
+            settings,
+            stop=stop,
+            reload=lambda: load_settings(config),
+            reload_requested=reload_requested,
+            observers=[metrics, state],
+        )
+        log.info("daemon.stopped")
     return 0
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
-    return asyncio.run(_daemon(settings))
+    return asyncio.run(_daemon(args.config, settings))
 
 
 async def _demo(args: argparse.Namespace) -> int:

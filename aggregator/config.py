@@ -188,10 +188,14 @@ class OutputSettings(_Model):
 
 
 class DaemonSettings(_Model):
-    """`[daemon]`: the refresh interval and the health/metrics listener."""
+    """`[daemon]`: the refresh interval, the health/metrics listener, how long a running cycle
+    may take to finish after SIGTERM (`shutdown_deadline`), and the random delay added to each
+    wait, as a fraction of the interval (`jitter`)."""
 
     interval: Duration = 900.0
     listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9464"
+    shutdown_deadline: Duration = 30.0
+    jitter: float = Field(default=0.05, ge=0, le=0.5)
 
 
 class LoggingSettings(_Model):

@@ -13,6 +13,7 @@ Credentials live only inside botocore objects; nothing here logs or formats them
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 from collections.abc import Awaitable, Callable
@@ -97,6 +98,7 @@ class CredentialBroker:
         self._sts_lock = asyncio.Lock()
         self._sessions: dict[str, asyncio.Task[AioSession]] = {}
         self.assume_role_calls = 0
+        self.outcomes: collections.Counter[str] = collections.Counter()
 
     async def __aenter__(self) -> CredentialBroker:
         if self._stack is not None:
@@ -162,11 +164,13 @@ class CredentialBroker:
                 async with self._gate:
                     self.assume_role_calls += 1
                     response = await sts.assume_role(**kwargs)
+                self.outcomes["ok"] += 1
                 break
             except Exception as exc:
                 err = translate(
                     exc, account_id=account.account_id, region=region, operation="AssumeRole"
                 )
+                self.outcomes[err.code] += 1
                 if not isinstance(err, RetryableError) or attempt == self._policy.max_attempts:
                     raise err from exc
                 await self._sleep(self._policy.backoff(attempt, self._rng))

@@ -94,6 +94,8 @@ class PartitionResult:
     error_code: str | None = None
     error_message: str | None = None
     operation: str | None = None
+    errors: tuple[tuple[str, int], ...] = ()
+    """Failed requests by error code, e.g. `(("ThrottlingException", 3),)`."""
 
 
 async def fetch_partition(
@@ -150,6 +152,7 @@ async def fetch_partition(
             retries=counters.retries,
             throttles=counters.throttles,
             restarts=counters.restarts,
+            errors=tuple(sorted(counters.errors.items())),
         )
     assert error is not None
     status: Status = "skipped" if isinstance(error, RegionNotEnabledError) else "failed"
@@ -168,6 +171,7 @@ async def fetch_partition(
         error_code=error.code,
         error_message=str(error),
         operation=error.operation,
+        errors=tuple(sorted(counters.errors.items())),
     )
 
 

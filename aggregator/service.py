@@ -9,16 +9,17 @@ per `cycle()` call: accounts -> plan -> (credentials, scheduler, fetch) -> merge
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 from aiobotocore.session import AioSession
@@ -28,7 +29,9 @@ from .accounts import static_accounts
 from .clients import ClientPool
 from .config import Settings
 from .credentials import CredentialBroker
+from .errors import ConfigError
 from .fetch import PartitionResult
+from .health import HealthState
 from .merge import Merger
 from .plan import build_plan
 from .records import SCHEMA_VERSION, JobRecord, iso_seconds
@@ -36,7 +39,7 @@ from .retry import RetryPolicy
 from .scheduler import Limits, run_plan
 from .snapshot import SnapshotStore, new_snapshot_id
 
-__all__ = ["Aggregator", "RunSummary", "run_once"]
+__all__ = ["Aggregator", "CycleObserver", "RunSummary", "run_forever", "run_once"]
 
 log = structlog.get_logger()
 RunStatus = Literal["complete", "partial", "failed"]
@@ -69,10 +72,19 @@ class RunSummary:
     restarts: int
     wall_seconds: float
     failed: tuple[dict[str, Any], ...] = field(default=())
+    assume_role_outcomes: tuple[tuple[str, int], ...] = ()
 
     @property
     def exit_code(self) -> int:
         return 0 if self.status == "complete" else 1
+
+
+class CycleObserver(Protocol):
+    """Something that watches cycles: metrics, a progress bar, a test."""
+
+    def cycle_started(self, snapshot_id: str, partitions: int) -> None: ...
+    def partition_done(self, result: PartitionResult) -> None: ...
+    def cycle_finished(self, summary: RunSummary, records: Sequence[JobRecord]) -> None: ...
 
 
 class Aggregator:
@@ -82,7 +94,8 @@ class Aggregator:
     the hub credentials; default: the standard AWS chain), `policy` (retry policy; default from
     `limits.max_attempts`), `sleep`/`rng`/`now` (injectable for tests), `workers` (partitions
     open at once; default 4 x max_concurrency), `pool_capacity` (Snowball clients kept open
-    across partitions and cycles; default 2 x workers).
+    across partitions and cycles; default 2 x workers), `observers` (CycleObserver objects told
+    about each cycle, partition and summary).
     """
 
     def __init__(
@@ -97,8 +110,10 @@ class Aggregator:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         workers: int | None = None,
         pool_capacity: int | None = None,
+        observers: Sequence[CycleObserver] = (),
     ) -> None:
         self.settings = settings
+        self.observers = list(observers)
         self._output = output
         self._hub_session = hub_session
         self._policy = policy
@@ -192,10 +207,15 @@ class Aggregator:
         results: list[PartitionResult] = []
         broker.reset_failures()
         assume_before = broker.assume_role_calls
+        outcomes_before = collections.Counter(broker.outcomes)
+        for observer in self.observers:
+            observer.cycle_started(snapshot_id, len(plan))
 
         def on_result(result: PartitionResult) -> None:
             results.append(result)
             merger.add(result)
+            for observer in self.observers:
+                observer.partition_done(result)
             event = "partition.done" if result.status == "ok" else f"partition.{result.status}"
             log.info(
                 event,
@@ -294,7 +314,7 @@ class Aggregator:
                 requests=requests,
                 seconds=round(wall, 3),
             )
-        return RunSummary(
+        summary = RunSummary(
             snapshot_id=snapshot_id,
             status=status,
             output=store.root,
@@ -311,10 +331,131 @@ class Aggregator:
             restarts=restarts,
             wall_seconds=wall,
             failed=failed,
+            assume_role_outcomes=tuple(sorted((broker.outcomes - outcomes_before).items())),
         )
+        for observer in self.observers:
+            observer.cycle_finished(summary, records)
+        return summary
 
 
 async def run_once(settings: Settings, **options: Any) -> RunSummary:
-    """One cycle in a fresh `Aggregator` (options as for `Aggregator`)."""
-    async with Aggregator(settings, **options) as aggregator:
-        return await aggregator.cycle()
+    """One cycle: `run_forever(settings, burst=True, ...)` (options as for `Aggregator`)."""
+    summary = await run_forever(settings, burst=True, **options)
+    assert summary is not None
+    return summary
+
+
+async def _first(*events: asyncio.Event, seconds: float | None) -> None:
+    """Wait until any event is set or `seconds` pass."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def run_forever(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    stop: asyncio.Event | None = None,
+    reload: Callable[[], Settings] | None = None,
+    reload_requested: asyncio.Event | None = None,
+    observers: Sequence[CycleObserver] = (),
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+    **options: Any,
+) -> RunSummary | None:
+    """The one loop of batch and daemon modes.
+
+    `burst=True` runs one cycle and returns its summary (errors propagate). Otherwise a cycle
+    runs at start and then every `daemon.interval` (plus up to `daemon.jitter` x interval of
+    random delay) until `stop` is set; a cycle never overlaps the previous one: slots missed
+    while a cycle overran are skipped and counted. When `stop` is set during a cycle, the cycle
+    gets `daemon.shutdown_deadline` seconds to finish and write its snapshot, then it is
+    cancelled (the previous snapshot stays LATEST; files are never torn). When
+    `reload_requested` is set, `reload()` is called between cycles: new settings apply from
+    the next cycle; a `ConfigError` is logged as one line and the old settings are kept.
+    A daemon cycle that raises (e.g. the disk is full) is logged and counted, and the loop
+    goes on. Returns the last summary.
+    """
+    stop = stop or asyncio.Event()
+    reload_requested = reload_requested or asyncio.Event()
+    rng = rng or random.Random()
+    observers = list(observers)
+    last: RunSummary | None = None
+    next_start = clock()
+    while not stop.is_set():
+        async with Aggregator(settings, rng=rng, observers=observers, **options) as aggregator:
+            while not stop.is_set():
+                task = asyncio.create_task(aggregator.cycle())
+                if burst:
+                    return await task
+                log.info("cycle.started")
+                stopper = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopper.cancel()
+                if not task.done():
+                    deadline = settings.daemon.shutdown_deadline
+                    log.info("daemon.stopping", deadline_seconds=deadline)
+                    done, _ = await asyncio.wait({task}, timeout=deadline)
+                    if not done:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+                        log.warning("cycle.cancelled", reason="shutdown deadline passed")
+                        break
+                try:
+                    last = task.result()
+                except asyncio.CancelledError:
+                    break
+                except Exception as exc:  # the daemon outlives a failed cycle
+                    log.error("cycle.failed", error=str(exc), error_type=type(exc).__name__)
+                    for observer in observers:
+                        failed = getattr(observer, "cycle_failed", None)
+                        if failed is not None:
+                            failed(str(exc))
+                if stop.is_set():
+                    break
+                interval = settings.daemon.interval
+                next_start += interval
+                now = clock()
+                if now > next_start:
+                    missed = int((now - next_start) // interval) + 1
+                    next_start += missed * interval
+                    log.warning("cycle.skipped", missed=missed, interval_seconds=interval)
+                    for observer in observers:
+                        skipped = getattr(observer, "cycle_skipped", None)
+                        if skipped is not None:
+                            skipped(missed)
+                wake = next_start + rng.uniform(0, settings.daemon.jitter * interval)
+                reopen = False
+                while not stop.is_set():
+                    await _first(stop, reload_requested, seconds=max(0.0, wake - clock()))
+                    if not reload_requested.is_set():
+                        break  # time for the next cycle (or stop)
+                    reload_requested.clear()
+                    new = _reload(reload, settings)
+                    if new is not settings:
+                        settings, reopen = new, True
+                        for observer in observers:
+                            if isinstance(observer, HealthState):
+                                observer.interval = settings.daemon.interval
+                if reopen:
+                    break  # reopen the Aggregator with the new settings
+    return last
+
+
+def _reload(reload: Callable[[], Settings] | None, current: Settings) -> Settings:
+    if reload is None:
+        return current
+    try:
+        new = reload()
+    except ConfigError as exc:
+        log.error("config.reload_failed", error=str(exc))
+        return current
+    log.info("config.reloaded", source=new.source)
+    return new

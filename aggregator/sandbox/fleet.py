@@ -158,7 +158,6 @@ class Job(NamedTuple):
     entry: bytes
 
 
-
 def _listing_order(job: Job) -> tuple[int, str]:
     """Newest first, then JobId."""
     return (-job.created_ms, job.job_id)
@@ -330,9 +329,7 @@ class Fleet:
         self._account_set = frozenset(self.account_ids)
         self.us_regions: tuple[str, ...] = tuple(r for r in self.regions if r in US_REGIONS)
         org_rng = random.Random(f"{spec.seed}:organizations")
-        self.suspended: frozenset[str] = frozenset(
-            org_rng.sample(self.account_ids, spec.suspended)
-        )
+        self.suspended: frozenset[str] = frozenset(org_rng.sample(self.account_ids, spec.suspended))
         for account_id, region in spec.jobs:
             if account_id not in self._account_set:
                 raise ValueError(f"jobs override names unknown account {account_id!r}")

@@ -122,7 +122,9 @@ def sts_error(code: str, message: str, request_id: str, *, sender: bool = True) 
 
 def _check_params(params: object) -> dict[str, object]:
     if not isinstance(params, dict):
-        raise ApiError("SerializationException", "Start of structure or map found where not expected.")
+        raise ApiError(
+            "SerializationException", "Start of structure or map found where not expected."
+        )
     return params
 
 

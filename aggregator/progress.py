@@ -1,0 +1,110 @@
+"""Progress: a rich progress bar for one-shot runs on a TTY, and the final summary table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .fetch import PartitionResult
+from .records import JobRecord
+from .service import RunSummary
+
+__all__ = ["ProgressBar", "summary_table"]
+
+
+class ProgressBar:
+    """A CycleObserver drawing partitions done/total, jobs, throttles, retries and ETA."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]partitions"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "jobs {task.fields[jobs]}  throttles {task.fields[throttles]}  "
+                "retries {task.fields[retries]}  failed {task.fields[failed]}"
+            ),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=True,
+        )
+        self._task: TaskID | None = None
+        self._jobs = self._throttles = self._retries = self._failed = 0
+
+    def __enter__(self) -> ProgressBar:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def cycle_started(self, snapshot_id: str, partitions: int) -> None:
+        self._task = self._progress.add_task(
+            "run", total=partitions, jobs=0, throttles=0, retries=0, failed=0
+        )
+
+    def partition_done(self, result: PartitionResult) -> None:
+        self._jobs += len(result.entries)
+        self._throttles += result.throttles
+        self._retries += result.retries
+        self._failed += result.status == "failed"
+        if self._task is not None:
+            self._progress.update(
+                self._task,
+                advance=1,
+                jobs=self._jobs,
+                throttles=self._throttles,
+                retries=self._retries,
+                failed=self._failed,
+            )
+
+    def cycle_finished(self, summary: RunSummary, records: Sequence[JobRecord]) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+
+
+def summary_table(summary: RunSummary) -> Table:
+    """A short table of what a run did."""
+    p = summary.partitions
+    table = Table(title=f"snapshot {summary.snapshot_id} ({summary.status})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("accounts", str(summary.accounts)),
+        ("partitions", f"{p['ok']} ok, {p['failed']} failed, {p['skipped']} skipped"),
+        ("jobs", f"{summary.jobs} ({summary.stale} stale)"),
+        ("duplicates removed", str(summary.duplicates)),
+        (
+            "requests",
+            f"{summary.requests} ({summary.throttles} throttled, {summary.retries} retried)",
+        ),
+        ("wall time", f"{summary.wall_seconds:.2f} s"),
+        ("snapshot", str(summary.data_path)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    for failure in summary.failed[:10]:
+        table.add_row(
+            "[red]failed[/red]",
+            f"{failure['account_id']}/{failure['region']}: {failure['error_code']}",
+        )
+    return table
