@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -25,10 +26,22 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _clear_contextvars() -> Iterator[None]:
-    """Context bound by one test never leaks into the next."""
+def _quiet_structlog() -> Iterator[None]:
+    """Every log call is rendered (so rendering bugs surface) but nothing is printed, and
+    context bound by one test never leaks into the next."""
     structlog.contextvars.clear_contextvars()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
     yield
+    structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
 
 
