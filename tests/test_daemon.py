@@ -1,0 +1,285 @@
+"""Daemon: cycles on an interval without overlap, health and metrics, signals and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.health import HealthServer, HealthState
+from aggregator.metrics import Metrics
+from aggregator.service import run_forever
+
+from .conftest import SandboxFactory, make_settings
+
+REGIONS = {"names": ["us-east-1", "eu-west-1"]}
+
+
+class Recorder:
+    """A CycleObserver that records the order of cycle events."""
+
+    def __init__(self, stop_after: int, stop: asyncio.Event) -> None:
+        self.events: list[str] = []
+        self.summaries: list[Any] = []
+        self._stop_after = stop_after
+        self._stop = stop
+
+    def cycle_started(self, snapshot_id: str, partitions: int) -> None:
+        self.events.append("start")
+
+    def partition_done(self, result: Any) -> None:
+        pass
+
+    def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
+        self.events.append("finish")
+        self.summaries.append(summary)
+        if len(self.summaries) >= self._stop_after:
+            self._stop.set()
+
+
+def complete_snapshots(output: Path) -> list[dict[str, Any]]:
+    """Every manifest under `output`, each checked against its data file's sha256."""
+    import hashlib
+
+    manifests = []
+    for path in sorted(output.glob("snapshots/date=*/*.manifest.json")):
+        manifest = orjson.loads(path.read_bytes())
+        data = output / manifest["data"]["path"]
+        assert hashlib.sha256(data.read_bytes()).hexdigest() == manifest["data"]["sha256"]
+        manifests.append(manifest)
+    assert not [p for p in output.rglob("*") if p.name.endswith(".tmp")], "no torn files"
+    return manifests
+
+
+async def test_cycles_repeat_without_overlap(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """Three cycles at a sub-second interval run one after the other and all land."""
+    sb = await make_sandbox(accounts=3, seed=2)
+    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
+    stop = asyncio.Event()
+    recorder = Recorder(3, stop)
+    last = await asyncio.wait_for(
+        run_forever(settings, stop=stop, observers=[recorder], output=tmp_path), 60
+    )
+    assert recorder.events == ["start", "finish"] * 3
+    manifests = complete_snapshots(tmp_path)
+    assert len(manifests) == 3
+    assert last is not None
+    latest = (tmp_path / "LATEST").read_text().strip()
+    assert latest.endswith(f"{last.snapshot_id}.manifest.json")
+
+
+async def test_overrunning_cycles_are_skipped_and_counted(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """When a cycle takes longer than the interval, missed slots are skipped, not stacked."""
+    from aggregator.sandbox import Faults
+
+    sb = await make_sandbox(accounts=2, seed=2, faults=Faults(latency=0.05))
+    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.01})
+    stop = asyncio.Event()
+    recorder = Recorder(2, stop)
+    metrics = Metrics()
+    await asyncio.wait_for(
+        run_forever(settings, stop=stop, observers=[recorder, metrics], output=tmp_path), 60
+    )
+    assert recorder.events == ["start", "finish", "start", "finish"]
+    skipped = metrics.registry.get_sample_value("snowball_aggregator_skipped_cycles_total")
+    assert skipped is not None and skipped >= 1
+
+
+async def test_healthz_follows_cycle_outcomes(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """/healthz is 200 after a good cycle, 503 after a failed one, 200 after recovery."""
+    from dataclasses import replace
+
+    sb = await make_sandbox(accounts=2, seed=4)
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    now = [0.0]
+    state = HealthState(interval=60.0, clock=lambda: now[0])
+    metrics = Metrics()
+    async with (
+        HealthServer(state=state, metrics=metrics, listen="127.0.0.1:0") as http,
+        aiohttp.ClientSession() as client,
+    ):
+        url = f"http://127.0.0.1:{http.port}/healthz"
+
+        async def health() -> tuple[int, dict[str, Any]]:
+            async with client.get(url) as response:
+                return response.status, orjson.loads(await response.read())
+
+        assert (await health())[0] == 200  # starting, within 2 x interval
+        await run_forever(settings, burst=True, observers=[state, metrics], output=tmp_path)
+        status, body = await health()
+        assert status == 200 and body["last_cycle"]["status"] == "complete"
+
+        sb.faults = replace(sb.faults, deny_assume_role=frozenset(sb.account_ids))
+        await run_forever(settings, burst=True, observers=[state, metrics], output=tmp_path)
+        status, body = await health()
+        assert status == 503 and body["last_cycle"]["status"] == "failed"
+
+        sb.faults = replace(sb.faults, deny_assume_role=frozenset())
+        await run_forever(settings, burst=True, observers=[state, metrics], output=tmp_path)
+        assert (await health())[0] == 200
+
+        now[0] += 121.0  # no cycle for more than 2 x interval: stuck
+        assert (await health())[0] == 503
+
+
+async def test_metrics_job_counts_equal_truth(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """Scraped /metrics, parsed by prometheus-client, count jobs by state like the truth."""
+    sb = await make_sandbox(accounts=6, seed=8)
+    settings = make_settings(sb.account_ids)
+    metrics = Metrics()
+    state = HealthState(interval=60.0)
+    await run_forever(settings, burst=True, observers=[metrics, state], output=tmp_path)
+    async with (
+        HealthServer(state=state, metrics=metrics, listen="127.0.0.1:0") as http,
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{http.port}/metrics") as response,
+    ):
+        text = await response.text()
+    by_state: dict[str, float] = {}
+    requests = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "snowball_aggregator_jobs_by_state":
+                by_state[sample.labels["state"]] = sample.value
+            if sample.name == "snowball_aggregator_requests_total":
+                requests += sample.value
+    expected: dict[str, float] = {}
+    for job in sb.truth():
+        expected[str(job["job_state"])] = expected.get(str(job["job_state"]), 0) + 1
+    assert by_state == expected
+    assert requests == sum(sb.stats().requests.values())
+
+
+# --- the real process ------------------------------------------------------------------------
+
+
+def _write_config(path: Path, accounts: Sequence[str], output: Path, **extra: str) -> None:
+    lines = [
+        "[accounts]",
+        f"ids = {orjson.dumps(list(accounts)).decode()}",
+        "[regions]",
+        'names = ["us-east-1", "eu-west-1", "ap-southeast-2"]',
+        "[limits]",
+        "requests_per_second = 1000.0",
+        "[output]",
+        f'directory = "{output}"',
+        "[daemon]",
+        f'interval = "{extra.get("interval", "1h")}"',
+        'listen = "127.0.0.1:0"',
+        f'shutdown_deadline = "{extra.get("deadline", "10s")}"',
+        "[logging]",
+        'format = "json"',
+        f'level = "{extra.get("level", "info")}"',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Daemon:
+    """A `snowball-aggregator daemon` subprocess whose JSON log lines we can wait for."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "daemon", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.lines: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            raw = self.proc.stderr.readline()
+            if not raw:
+                break
+            line = orjson.loads(raw)
+            self.lines.append(line)
+            if line.get("event") == event:
+                return line
+        raise AssertionError(f"no {event!r} in {[x.get('event') for x in self.lines]}")
+
+
+def _env(sb: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(sb.env())
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    return env
+
+
+@pytest.mark.parametrize(
+    ("latency", "deadline", "snapshots"),
+    [(0.3, "10s", 1), (3.0, "0.5s", 0)],
+    ids=["cycle-finishes-within-deadline", "cycle-cancelled-at-deadline"],
+)
+async def test_sigterm_mid_cycle_exits_zero_with_only_complete_snapshots(
+    make_sandbox: SandboxFactory, tmp_path: Path, latency: float, deadline: str, snapshots: int
+) -> None:
+    """SIGTERM during a cycle: exit 0 within the deadline, only complete snapshots remain."""
+    from aggregator.sandbox import Faults
+
+    sb = await make_sandbox(accounts=4, seed=6, faults=Faults(latency=latency))
+    config = tmp_path / "daemon.toml"
+    output = tmp_path / "out"
+    _write_config(config, sb.account_ids, output, deadline=deadline)
+    daemon = Daemon(config, _env(sb))
+    try:
+        await asyncio.to_thread(daemon.wait_for, "cycle.started")
+        daemon.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await asyncio.to_thread(daemon.proc.wait, 30)
+        assert code == 0
+        assert time.monotonic() - started < 10.0
+    finally:
+        daemon.close()
+    assert len(complete_snapshots(output)) == snapshots
+
+
+async def test_sighup_reloads_valid_config_and_keeps_old_on_invalid(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """SIGHUP with a valid file applies it; with a broken one logs one line and keeps going."""
+    sb = await make_sandbox(accounts=2, seed=9)
+    config = tmp_path / "daemon.toml"
+    output = tmp_path / "out"
+    _write_config(config, sb.account_ids, output, interval="1h")
+    daemon = Daemon(config, _env(sb))
+    try:
+        await asyncio.to_thread(daemon.wait_for, "cycle.started")
+        await asyncio.to_thread(daemon.wait_for, "run.finished")
+        _write_config(config, sb.account_ids[:1], output, interval="1h")
+        daemon.proc.send_signal(signal.SIGHUP)
+        reloaded = await asyncio.to_thread(daemon.wait_for, "config.reloaded")
+        assert reloaded["source"] == str(config)
+        # the new settings run a fresh cycle only at the next slot; break the file now
+        config.write_text("[limits]\nmax_concurrency = 0\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = await asyncio.to_thread(daemon.wait_for, "config.reload_failed")
+        assert failed["error"].startswith(f"{config}: limits.max_concurrency: ")
+        assert "\n" not in failed["error"]
+        assert daemon.proc.poll() is None, "the daemon survives a bad reload"
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.proc.wait, 30) == 0
+    finally:
+        daemon.close()
