@@ -240,8 +240,18 @@ async def _page(
                         exc, account_id=partition.account_id, region=region, operation="ListJobs"
                     )
                 else:
-                    pacer.on_success()
-                    return response
+                    if "JobListEntries" in response:
+                        pacer.on_success()
+                        return response
+                    # botocore's JSON parser turns an unparseable 200 body into an empty
+                    # result; ListJobs always carries JobListEntries, so this is a torn body.
+                    err = TransientError(
+                        account_id=partition.account_id,
+                        region=region,
+                        operation="ListJobs",
+                        code="MalformedResponse",
+                        detail="response without JobListEntries",
+                    )
         counters.errors[err.code] = counters.errors.get(err.code, 0) + 1
         if isinstance(err, CredentialsExpiredError) and not refreshed:
             refreshed = True

@@ -164,7 +164,15 @@ def test_run_with_bad_config_never_prints_a_traceback(tmp_path: Path) -> None:
 # --- generated bad input -------------------------------------------------------------------
 
 _KNOWN = {
-    "accounts": ["role_name", "external_id", "partition", "ids", "exclude", "organizations", "list"],
+    "accounts": [
+        "role_name",
+        "external_id",
+        "partition",
+        "ids",
+        "exclude",
+        "organizations",
+        "list",
+    ],
     "regions": ["names", "exclude", "us_strategy"],
     "limits": ["max_concurrency", "requests_per_second", "max_attempts", "timeout_seconds"],
     "output": ["directory", "retain"],
@@ -181,10 +189,14 @@ _scalars = st.one_of(
 )
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
-_keys = st.sampled_from([k for ks in _KNOWN.values() for k in ks]) | st.text(min_size=1, max_size=10)
+_keys = st.sampled_from([k for ks in _KNOWN.values() for k in ks]) | st.text(
+    min_size=1, max_size=10
+)
 _sections = st.dictionaries(
     st.sampled_from([*_KNOWN, "extra"]), st.dictionaries(_keys, _values, max_size=4), max_size=4
 )

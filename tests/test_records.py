@@ -41,7 +41,9 @@ def test_absent_fields_are_null() -> None:
 def test_iso_millis_converts_to_utc() -> None:
     """A timestamp in another zone is rendered in UTC."""
     tz = timezone(timedelta(hours=2))
-    assert iso_millis(datetime(2026, 1, 1, 2, 0, 0, 999999, tzinfo=tz)) == "2026-01-01T00:00:00.999Z"
+    assert (
+        iso_millis(datetime(2026, 1, 1, 2, 0, 0, 999999, tzinfo=tz)) == "2026-01-01T00:00:00.999Z"
+    )
 
 
 def test_record_round_trips_through_json_dict() -> None:

@@ -104,3 +104,21 @@ async def test_limits_hold_as_measured_by_the_sandbox(
     assert max(windows.values()) <= 20 + 1  # the rate plus one request of burst
     assert max(windows.values()) >= 10  # the test did push a partition to its limit
     assert max(stats.peak_in_flight_by_region.values()) == 1  # pages strictly in order
+
+
+async def test_cbor_protocol_returns_the_same_records(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A botocore model that prefers Smithy RPC v2 CBOR gives the same snapshot as JSON."""
+    from aggregator.sandbox import cbor_model_path
+
+    sb = await make_sandbox(accounts=6, seed=17, jobs={("200000000001", "eu-west-1"): 450})
+    settings = make_settings(sb.account_ids, regions={"names": ["us-east-2", "eu-west-1"]})
+    json_run = await run_once(settings, output=tmp_path / "json")
+    assert sb.stats().snowball_protocols == {"json": json_run.requests - json_run.accounts}
+    sb.reset_stats()
+    monkeypatch.setenv("AWS_DATA_PATH", str(cbor_model_path(tmp_path / "models")))
+    cbor_run = await run_once(settings, output=tmp_path / "cbor")
+    assert set(sb.stats().snowball_protocols) == {"cbor"}
+    assert project(read_snapshot(cbor_run.data_path)) == project(read_snapshot(json_run.data_path))
+    assert json_run.jobs == cbor_run.jobs > 450

@@ -43,6 +43,7 @@ _EPOCH_END_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 # Values newer than botocore's model: a client must keep them verbatim.
 _UNIX_EPOCH = dt.datetime(1970, 1, 1)  # naive on purpose: isoformat() then adds no offset
+_UTC_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 UNKNOWN_JOB_STATES = ("FutureState", "WithDrone")
 UNKNOWN_JOB_TYPES = ("FUTURE_TYPE",)
@@ -68,7 +69,7 @@ _NASTY_DESCRIPTIONS = (
     "emoji 😀🎉🧊\ttab and trailing space ",
     "line one\nline two\r\nline three",
     "<xml attr='x'> & \"ampersand\" </xml>",
-    "line\u2028separator and \u0000 nul",
+    "line\u2028separator, paragraph\u2029separator",
     "数据迁移批次 " * 80,
     "Ελληνικά, русский, עברית, العربية",
 )
@@ -451,15 +452,23 @@ class Fleet:
         description: str | None = None,
         rng: random.Random | None = None,
     ) -> str:
-        """Add a job whose home is ``region``; returns its JobId."""
+        """Add a job whose home is ``region``; returns its JobId.
+
+        A naive ``creation_date`` is taken as UTC; it is kept to the millisecond.
+        """
         job_list = self.job_list(account_id, region)
         if job_list is None:
             raise KeyError(f"no job list for account {account_id!r} in region {region!r}")
         if job_id is None:
             job_id = _job_id((rng or random.Random()).getrandbits(128))
+        elif any(other.index_of(job_id) is not None for other in self.job_lists(account_id)):
+            raise ValueError(f"account {account_id} already has a job {job_id!r}")
         if creation_date is None:
             creation_date = dt.datetime.now(dt.UTC)
-        created_ms = int(creation_date.timestamp() * 1000)
+        elif creation_date.tzinfo is None:
+            creation_date = creation_date.replace(tzinfo=dt.UTC)
+        # Exact integer milliseconds (truncated), free of float rounding.
+        created_ms = (creation_date - _UTC_EPOCH) // dt.timedelta(milliseconds=1)
         entry = _encode_entry(
             job_id=job_id,
             state=job_state,

@@ -106,6 +106,7 @@ class Stats:
         ``deny_assume_role``, ``credential_expired``, ``token_expired``, ``sts_500``,
         ``sts_reset``).
       errors: error answers by error code.
+      snowball_protocols: Snowball requests by wire protocol (``json``, ``cbor``).
       cpu_seconds: ``time.process_time()`` of the serving process when taken.
     """
 
@@ -117,7 +118,13 @@ class Stats:
     throttled: int
     faults: Mapping[str, int]
     errors: Mapping[str, int]
+    snowball_protocols: Mapping[str, int]
     cpu_seconds: float
+
+    @property
+    def total_requests(self) -> int:
+        """Every AWS request, all operations together."""
+        return sum(self.requests.values())
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict; (account, region) keys become ``"account/region"``."""
@@ -127,6 +134,7 @@ class Stats:
 
         return {
             "requests": dict(sorted(self.requests.items())),
+            "total_requests": self.total_requests,
             "list_jobs_requests": keyed(self.list_jobs_requests),
             "peak_in_flight": self.peak_in_flight,
             "peak_in_flight_by_region": keyed(self.peak_in_flight_by_region),
@@ -134,6 +142,7 @@ class Stats:
             "throttled": self.throttled,
             "faults": dict(sorted(self.faults.items())),
             "errors": dict(sorted(self.errors.items())),
+            "snowball_protocols": dict(sorted(self.snowball_protocols.items())),
             "cpu_seconds": self.cpu_seconds,
         }
 
@@ -277,6 +286,7 @@ class Sandbox:
             throttled=self._throttled,
             faults=dict(self._fault_counts),
             errors=dict(self._errors),
+            snowball_protocols=dict(self._protocols),
             cpu_seconds=time.process_time(),
         )
 
@@ -291,6 +301,7 @@ class Sandbox:
         self._throttled = 0
         self._fault_counts: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
+        self._protocols: collections.Counter[str] = collections.Counter()
 
     def add_job(
         self,
@@ -431,12 +442,17 @@ class Sandbox:
         return response
 
     def _authenticate(
-        self, request: web.BaseRequest, *, sts: bool
+        self, request: web.BaseRequest, service: str
     ) -> tuple[_Principal, CredentialScope]:
+        sts = service == "sts"
         scope = parse_authorization(request.headers.get("Authorization"))
         if scope is None:
             code = "MissingAuthenticationToken" if sts else "MissingAuthenticationTokenException"
             raise ApiError(code, "Missing Authentication Token", 403)
+        if scope.service != service:
+            code = "SignatureDoesNotMatch" if sts else "InvalidSignatureException"
+            message = f"Credential should be scoped to correct service: '{service}'."
+            raise ApiError(code, message, 403)
         issued = self._credentials.get(scope.access_key_id)
         if issued is None:
             return self._hub, scope
@@ -501,9 +517,10 @@ class Sandbox:
         self, request: web.BaseRequest, operation: str, wire: _Wire
     ) -> web.StreamResponse:
         self._requests["snowball:" + operation] += 1
+        self._protocols[wire.value] += 1
         body = await request.read()
         try:
-            principal, scope = self._authenticate(request, sts=False)
+            principal, scope = self._authenticate(request, "snowball")
             if operation != "ListJobs":
                 raise ApiError("UnknownOperationException", f"{operation} is not supported")
         except ApiError as err:
@@ -558,14 +575,14 @@ class Sandbox:
 
         params = decode_cbor_params(body) if wire is _Wire.CBOR else decode_json_params(body)
         limit = params.get("MaxResults")
-        if limit is None or limit == 0:
-            limit = _DEFAULT_PAGE
-        elif type(limit) is not int or not 0 <= limit <= _MAX_PAGE:
+        if limit is not None and (type(limit) is not int or not 0 <= limit <= _MAX_PAGE):
             raise ApiError(
                 "ValidationException",
                 f"1 validation error detected: Value '{limit}' at 'maxResults' failed to "
-                f"satisfy constraint: Member must have value less than or equal to {_MAX_PAGE}",
+                f"satisfy constraint: Member must have value between 0 and {_MAX_PAGE}",
             )
+        if not limit:  # absent or 0: the default page
+            limit = _DEFAULT_PAGE
         next_token = params.get("NextToken")
         if next_token is not None and not isinstance(next_token, str):
             raise ApiError("ValidationException", "NextToken must be a string")
@@ -674,7 +691,7 @@ class Sandbox:
         self._requests["organizations:" + operation] += 1
         body = await request.read()
         try:
-            principal, _ = self._authenticate(request, sts=False)
+            principal, _ = self._authenticate(request, "organizations")
             if operation != "ListAccounts":
                 raise ApiError("UnknownOperationException", f"{operation} is not supported")
             if not principal.is_hub:
@@ -740,7 +757,7 @@ class Sandbox:
             if fault is FaultKind.HTTP_500:
                 self._fault_counts["sts_500"] += 1
                 raise ApiError("InternalFailure", "An internal error occurred.", 500, sender=False)
-            principal, _ = self._authenticate(request, sts=True)
+            principal, _ = self._authenticate(request, "sts")
             if action == "AssumeRole":
                 payload = self._assume_role(principal, form, request_id)
             elif action == "GetCallerIdentity":

@@ -1,0 +1,143 @@
+"""The command line: demo, exit codes, and a run configured only by AWS_ENDPOINT_URL_* against
+a separately started `snowball-aggregator sandbox` process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from aggregator.cli import main
+
+from .conftest import SandboxFactory
+
+
+def config_file(tmp_path: Path, accounts: Any, regions: list[str], output: Path) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f"[accounts]\nids = {orjson.dumps(list(accounts)).decode()}\n"
+        f"[regions]\nnames = {orjson.dumps(regions).decode()}\n"
+        "[limits]\nrequests_per_second = 1000.0\ntimeout_seconds = 5\n"
+        f'[output]\ndirectory = "{output}"\n'
+        '[logging]\nformat = "json"\nlevel = "warning"\n'
+    )
+    return path
+
+
+def test_demo_prints_summary_and_snapshot_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`demo` serves the sandbox, runs once, and says where the snapshot is."""
+    code = main(["demo", "--output", str(tmp_path), "--accounts", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    snapshot = next(line for line in out.splitlines() if line.strip().startswith("snapshot"))
+    path = Path(snapshot.split()[-1])
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    jobs_line = next(line for line in out.splitlines() if line.strip().startswith("jobs"))
+    jobs, truth = jobs_line.split()[1], jobs_line.split()[-1].rstrip(")")
+    assert jobs == truth
+    assert len(path.read_bytes().split(b"\n")) - 1 == int(jobs)
+
+
+async def test_exit_codes_complete_partial_and_output_error(
+    make_sandbox: SandboxFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 when every partition succeeds, 1 when one fails, 2 when the output is unwritable."""
+    import asyncio
+
+    sb = await make_sandbox(accounts=3, seed=12)
+    cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1"], tmp_path / "out")
+
+    def run(*extra: str) -> int:
+        return main(["run", "--config", str(cfg), "--json", *extra])
+
+    assert await asyncio.to_thread(run) == 0
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["status"] == "complete"
+
+    sb.faults = replace(sb.faults, deny_list_jobs=frozenset({sb.account_ids[0]}))
+    assert await asyncio.to_thread(run) == 1
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["status"] == "partial"
+    assert [f["account_id"] for f in summary["failed_partitions"]] == [sb.account_ids[0]]
+    assert summary["failed_partitions"][0]["error_code"] == "AccessDeniedException"
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory")
+    assert await asyncio.to_thread(run, "--output", str(blocker / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err
+
+
+def test_standalone_sandbox_and_service_specific_endpoint_variables(tmp_path: Path) -> None:
+    """A run pointed at a `sandbox` process only through AWS_ENDPOINT_URL_STS/_SNOWBALL works
+    and matches the sandbox's truth."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aggregator",
+            "sandbox",
+            "--port",
+            "0",
+            "--accounts",
+            "3",
+            "--seed",
+            "21",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        exported: dict[str, str] = {}
+        url = ""
+        for line in server.stdout:
+            if line.startswith("export "):
+                name, _, value = line[len("export ") :].strip().partition("=")
+                exported[name] = value.strip("'\"")
+            if line.startswith("# sandbox listening on "):
+                url = line.split()[-1]
+                break
+        assert url.startswith("http://127.0.0.1:")
+        run_env = {**env, **exported}
+        del run_env["AWS_ENDPOINT_URL"]  # only the service-specific variables remain
+        run_env["AWS_ENDPOINT_URL_STS"] = url
+        run_env["AWS_ENDPOINT_URL_SNOWBALL"] = url
+        run_env["AWS_CONFIG_FILE"] = run_env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/_sandbox/truth", timeout=30) as response:
+            truth = [orjson.loads(x) for x in response.read().split(b"\n") if x.strip()]
+        accounts = sorted({str(job["account_id"]) for job in truth})
+        cfg = config_file(tmp_path, accounts, ["us-east-1", "eu-west-1"], tmp_path / "out")
+        proc = subprocess.run(
+            [sys.executable, "-m", "aggregator", "run", "--config", str(cfg), "--json"],
+            capture_output=True,
+            text=True,
+            env=run_env,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        summary = orjson.loads(proc.stdout)
+        records = [
+            orjson.loads(x) for x in Path(summary["data"]).read_bytes().split(b"\n") if x.strip()
+        ]
+        wanted = [j["job_id"] for j in truth if {"us-east-1", "eu-west-1"} & set(j["regions"])]
+        assert [r["job_id"] for r in records] == wanted
+    finally:
+        server.terminate()
+        server.wait(30)
+        for stream in (server.stdout, server.stderr):
+            if stream is not None:
+                stream.close()
