@@ -39,10 +39,19 @@ class ClientPool:
     """Snowball clients keyed by (account_id, region); an async context manager.
 
     Keyword options: `broker` (the CredentialBroker that gives account sessions), `timeout`
-    (connect and read timeout per request, seconds), `capacity=256` (clients kept open).
+    (connect and read timeout per request, seconds), `capacity=256` (clients kept open),
+    `http_session_cls=None` (aiobotocore's default, or the shared pool's class).
     """
 
-    def __init__(self, *, broker: CredentialBroker, timeout: float, capacity: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        broker: CredentialBroker,
+        timeout: float,
+        capacity: int = 256,
+        http_session_cls: Any = None,
+    ) -> None:
+        self._http_session_cls = http_session_cls
         self._broker = broker
         self._timeout = timeout
         self._capacity = max(1, capacity)
@@ -81,7 +90,11 @@ class ClientPool:
         if slot is None:
             session = await self._broker.session_for(account)
             context = session.create_client(
-                "snowball", region_name=region, config=client_config(timeout=self._timeout)
+                "snowball",
+                region_name=region,
+                config=client_config(
+                    timeout=self._timeout, http_session_cls=self._http_session_cls
+                ),
             )
             client = await context.__aenter__()
             slot = self._slots.get(key)

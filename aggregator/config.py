@@ -64,7 +64,7 @@ def _all_known_regions() -> frozenset[str]:
 
 
 def _account_id(value: str) -> str:
-    if not _ACCOUNT_RE.match(value):
+    if not _ACCOUNT_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a 12-digit AWS account id")
     return value
 
@@ -78,7 +78,7 @@ def _region(value: str) -> str:
 
 
 def _role_name(value: str) -> str:
-    if not _ROLE_NAME_RE.match(value):
+    if not _ROLE_NAME_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid IAM role name")
     return value
 
@@ -89,7 +89,7 @@ def parse_duration(value: object) -> float:
         raise ValueError("expected a duration such as '15m', '30s' or '1h'")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and value and (m := _DURATION_RE.match(value.strip())):
+    elif isinstance(value, str) and value and (m := _DURATION_RE.fullmatch(value.strip())):
         h, mi, s = (float(g) if g else 0.0 for g in m.groups())
         seconds = h * 3600 + mi * 60 + s
     else:
@@ -133,7 +133,7 @@ class AccountEntry(_Model):
     def _arn_matches(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
-        m = _ROLE_ARN_RE.match(value)
+        m = _ROLE_ARN_RE.fullmatch(value)
         if not m:
             raise ValueError(
                 f"{value!r} is not an IAM role ARN (arn:<partition>:iam::<account id>:role/<name>)"
@@ -269,7 +269,7 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif not (part.startswith(("function-", "tagged-union")) and "[" in part):
-            if not _BARE_KEY_RE.match(part):
+            if not _BARE_KEY_RE.fullmatch(part):
                 # TOML quoted keys may hold anything; show them escaped, on one line.
                 part = '"' + part.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
             out += f".{part}" if out else part

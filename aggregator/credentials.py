@@ -38,14 +38,18 @@ log = structlog.get_logger()
 _STS_REGION = {"aws": "us-east-1", "aws-cn": "cn-north-1", "aws-us-gov": "us-gov-west-1"}
 
 
-def client_config(*, timeout: float, pool: int = 10) -> AioConfig:
-    """The botocore config of every client: no botocore retries (we own the budget)."""
+def client_config(*, timeout: float, http_session_cls: Any = None) -> AioConfig:
+    """The botocore config of every client: no botocore retries (we own the budget), and the
+    shared connection pool when one is given (see transport.py)."""
+    extra: dict[str, Any] = {}
+    if http_session_cls is not None:
+        extra["http_session_cls"] = http_session_cls
     return AioConfig(
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=timeout,
         read_timeout=timeout,
-        max_pool_connections=pool,
         user_agent_extra="snowball-aggregator",
+        **extra,
     )
 
 
@@ -70,7 +74,8 @@ class CredentialBroker:
     member account's CloudTrail), `duration_seconds=3600`, `timeout=30.0` s per STS call,
     `policy=RetryPolicy()`, `gate=None` (an asyncio.Semaphore shared with ListJobs so STS calls
     count against the global concurrency cap), `sleep=asyncio.sleep`, `rng=random.Random()`,
-    `hub_session=None` (a fresh AioSession from the standard chain).
+    `hub_session=None` (a fresh AioSession from the standard chain), `http_session_cls=None`
+    (aiobotocore's default, or the shared pool's class from transport.py).
     """
 
     def __init__(
@@ -84,7 +89,9 @@ class CredentialBroker:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         hub_session: AioSession | None = None,
+        http_session_cls: Any = None,
     ) -> None:
+        self._http_session_cls = http_session_cls
         self._session_name = session_name
         self._duration = duration_seconds
         self._timeout = timeout
@@ -142,7 +149,9 @@ class CredentialBroker:
                     hub.create_client(
                         "sts",
                         region_name=region,
-                        config=client_config(timeout=self._timeout, pool=64),
+                        config=client_config(
+                            timeout=self._timeout, http_session_cls=self._http_session_cls
+                        ),
                     )
                 )
                 self._sts[partition] = client

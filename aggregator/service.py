@@ -38,6 +38,7 @@ from .records import SCHEMA_VERSION, JobRecord, iso_seconds
 from .retry import RetryPolicy
 from .scheduler import Limits, run_plan
 from .snapshot import SnapshotStore, new_snapshot_id
+from .transport import SharedPool, shared_session_class
 
 __all__ = ["Aggregator", "CycleObserver", "RunSummary", "run_forever", "run_once"]
 
@@ -143,6 +144,9 @@ class Aggregator:
         await stack.__aenter__()
         try:
             limits = self._limits()
+            # One connection pool for every client (+ headroom for connections being closed).
+            shared = await stack.enter_async_context(SharedPool(limit=limits.max_concurrency + 8))
+            session_cls = shared_session_class(shared)
             self._broker = await stack.enter_async_context(
                 CredentialBroker(
                     timeout=limits.timeout,
@@ -151,6 +155,7 @@ class Aggregator:
                     sleep=self._sleep,
                     rng=self._rng,
                     hub_session=self._hub_session,
+                    http_session_cls=session_cls,
                 )
             )
             workers = limits.workers or 4 * limits.max_concurrency
@@ -159,6 +164,7 @@ class Aggregator:
                     broker=self._broker,
                     timeout=limits.timeout,
                     capacity=self._pool_capacity or 2 * workers,
+                    http_session_cls=session_cls,
                 )
             )
         except BaseException:

@@ -82,6 +82,10 @@ def test_settings_are_frozen() -> None:
         ("[accounts\nids = 1\n", "prod.toml: invalid TOML: "),
         ('[accounts]\nids = "111111111111"\n', "prod.toml: accounts.ids: input should be a valid"),
         (
+            '[accounts]\nids = ["111111111111\\n"]\n',
+            "prod.toml: accounts.ids[0]: '111111111111\\n' is not a 12-digit AWS account id",
+        ),
+        (
             '[accounts]\nids = ["111111111111"]\n[daemon]\nlisten = "localhost"\n',
             "prod.toml: daemon.listen: 'localhost' is not HOST:PORT",
         ),
