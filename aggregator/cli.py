@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import orjson
@@ -181,7 +182,9 @@ async def _demo(args: argparse.Namespace) -> int:
             {"accounts": {"ids": active}, "output": {"directory": args.output}},
             source="<demo>",
         )
+        cpu = time.process_time()
         summary = await run_once(settings)
+        cpu = time.process_time() - cpu
         truth = len(sb.truth())
     p = summary.partitions
     print("snowball-aggregator demo (sandbox on loopback, no AWS account needed)")
@@ -191,6 +194,7 @@ async def _demo(args: argparse.Namespace) -> int:
     print(f"  duplicates removed {summary.duplicates}")
     print(f"  requests           {summary.requests}")
     print(f"  wall time          {summary.wall_seconds:.2f} s")
+    print(f"  CPU time           {cpu:.2f} s (aggregator and in-process sandbox together)")
     print(f"  snapshot           {summary.data_path}")
     print(f"  manifest           {summary.manifest_path}")
     return summary.exit_code

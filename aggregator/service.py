@@ -96,7 +96,8 @@ class Aggregator:
     `limits.max_attempts`), `sleep`/`rng`/`now` (injectable for tests), `workers` (partitions
     open at once; default 4 x max_concurrency), `pool_capacity` (Snowball clients kept open
     across partitions and cycles; default 2 x workers), `observers` (CycleObserver objects told
-    about each cycle, partition and summary).
+    about each cycle, partition and summary), `stock=False` (True: plain aiobotocore clients
+    with none of our optimisations, the baseline the benchmarks compare against).
     """
 
     def __init__(
@@ -112,8 +113,10 @@ class Aggregator:
         workers: int | None = None,
         pool_capacity: int | None = None,
         observers: Sequence[CycleObserver] = (),
+        stock: bool = False,
     ) -> None:
         self.settings = settings
+        self._stock = stock
         self.observers = list(observers)
         self._output = output
         self._hub_session = hub_session
@@ -146,7 +149,7 @@ class Aggregator:
             limits = self._limits()
             # One connection pool for every client (+ headroom for connections being closed).
             shared = await stack.enter_async_context(SharedPool(limit=limits.max_concurrency + 8))
-            session_cls = shared_session_class(shared)
+            session_cls = None if self._stock else shared_session_class(shared)
             self._broker = await stack.enter_async_context(
                 CredentialBroker(
                     timeout=limits.timeout,
