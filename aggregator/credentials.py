@@ -75,7 +75,8 @@ class CredentialBroker:
     `policy=RetryPolicy()`, `gate=None` (an asyncio.Semaphore shared with ListJobs so STS calls
     count against the global concurrency cap), `sleep=asyncio.sleep`, `rng=random.Random()`,
     `hub_session=None` (a fresh AioSession from the standard chain), `http_session_cls=None`
-    (aiobotocore's default, or the shared pool's class from transport.py).
+    (aiobotocore's default, or the shared pool's class from transport.py), `session_hooks=None`
+    (called with each new account session before any client is made from it; see wire.py).
     """
 
     def __init__(
@@ -90,8 +91,10 @@ class CredentialBroker:
         rng: random.Random | None = None,
         hub_session: AioSession | None = None,
         http_session_cls: Any = None,
+        session_hooks: Callable[[AioSession], None] | None = None,
     ) -> None:
         self._http_session_cls = http_session_cls
+        self._session_hooks = session_hooks
         self._session_name = session_name
         self._duration = duration_seconds
         self._timeout = timeout
@@ -205,6 +208,8 @@ class CredentialBroker:
         session.register_component(
             "credential_provider", AioCredentialResolver(providers=[_StaticProvider(credentials)])
         )
+        if self._session_hooks is not None:
+            self._session_hooks(session)
         return session
 
     async def session_for(self, account: Account) -> AioSession:

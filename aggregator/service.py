@@ -25,6 +25,7 @@ import structlog
 from aiobotocore.session import AioSession
 from structlog.contextvars import bound_contextvars
 
+from . import wire
 from .accounts import static_accounts
 from .clients import ClientPool
 from .config import Settings
@@ -159,6 +160,7 @@ class Aggregator:
                     rng=self._rng,
                     hub_session=self._hub_session,
                     http_session_cls=session_cls,
+                    session_hooks=None if self._stock else wire.install,
                 )
             )
             workers = limits.workers or 4 * limits.max_concurrency
