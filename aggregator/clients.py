@@ -26,11 +26,12 @@ __all__ = ["ClientPool", "PartitionClients"]
 
 
 class _Slot:
-    __slots__ = ("client", "context", "doomed", "users")
+    __slots__ = ("client", "context", "doomed", "session", "users")
 
-    def __init__(self, client: Any, context: Any) -> None:
+    def __init__(self, client: Any, context: Any, session: Any) -> None:
         self.client = client
         self.context = context
+        self.session = session
         self.users = 0
         self.doomed = False
 
@@ -99,7 +100,7 @@ class ClientPool:
             client = await context.__aenter__()
             slot = self._slots.get(key)
             if slot is None:  # nobody created it while we awaited
-                slot = self._slots[key] = _Slot(client, context)
+                slot = self._slots[key] = _Slot(client, context, session)
                 self.created += 1
             else:
                 await context.__aexit__(None, None, None)
@@ -113,9 +114,14 @@ class ClientPool:
                 await _close(slot)
             await self._evict()
 
-    async def forget(self, account: Account) -> None:
-        """Close the account's clients (after its credentials expired); in-use ones on release."""
-        for key in [k for k in self._slots if k[0] == account.account_id]:
+    def session_of(self, client: Any) -> Any:
+        """The account session `client` was made from (None if the pool no longer has it)."""
+        return next((s.session for s in self._slots.values() if s.client is client), None)
+
+    async def forget_session(self, session: Any) -> None:
+        """Close every client made from `session` (its credentials expired); clients in use
+        are closed when their user gives them back."""
+        for key in [k for k, s in self._slots.items() if s.session is session]:
             slot = self._slots.pop(key)
             slot.doomed = True
             if slot.users == 0:
@@ -147,7 +153,14 @@ class PartitionClients:
     ) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._pool.lease(partition.account, region)
 
-    async def renew(self, partition: Partition) -> None:
-        """Expired credentials: assume the role again and drop the account's clients."""
-        self._broker.forget(partition.account)
-        await self._pool.forget(partition.account)
+    async def renew(self, partition: Partition, client: Any) -> None:
+        """`client` met expired credentials: assume the role again, once per account.
+
+        Partitions of the same account that hit the expiry together renew only once: the
+        session is dropped only if it is still the one `client` was made from.
+        """
+        session = self._pool.session_of(client)
+        if session is None:
+            return  # another partition already renewed this account
+        self._broker.forget(partition.account, session)
+        await self._pool.forget_session(session)

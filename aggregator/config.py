@@ -172,12 +172,18 @@ class RegionsSettings(_Model):
 
 
 class LimitsSettings(_Model):
-    """`[limits]`: how hard we may push the API."""
+    """`[limits]`: how hard we may push the API, and how long we insist.
+
+    `max_attempts` HTTP attempts per page in total; `timeout_seconds` per request;
+    `max_restarts` restarts of one partition from its first page after InvalidNextToken;
+    `partition_deadline_seconds` for one partition, retries included."""
 
     max_concurrency: int = Field(default=64, ge=1, le=10_000)
     requests_per_second: float = Field(default=5.0, gt=0, le=10_000)
     max_attempts: int = Field(default=8, ge=1, le=100)
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    max_restarts: int = Field(default=5, ge=0, le=100)
+    partition_deadline_seconds: float = Field(default=1800.0, gt=0)
 
 
 class OutputSettings(_Model):

@@ -229,10 +229,24 @@ class CredentialBroker:
             if task.done() and (task.cancelled() or task.exception() is not None):
                 del self._sessions[account_id]
 
-    def forget(self, account: Account) -> None:
-        """Drop the account's session so the next `session_for` assumes the role again."""
-        task = self._sessions.pop(account.account_id, None)
-        if task is not None and not task.done():
+    def forget(self, account: Account, session: AioSession | None = None) -> None:
+        """Drop the account's session so the next `session_for` assumes the role again.
+
+        With `session`, drop it only if it is still the cached one (a concurrent caller may
+        already have renewed it).
+        """
+        task = self._sessions.get(account.account_id)
+        if task is None:
+            return
+        if session is not None and not (
+            task.done()
+            and not task.cancelled()
+            and task.exception() is None
+            and task.result() is session
+        ):
+            return
+        del self._sessions[account.account_id]
+        if not task.done():
             task.cancel()
 
 

@@ -60,7 +60,7 @@ class ClientSource(Protocol):
     def lease(
         self, partition: Partition, region: str
     ) -> contextlib.AbstractAsyncContextManager[Any]: ...
-    async def renew(self, partition: Partition) -> None: ...
+    async def renew(self, partition: Partition, client: Any) -> None: ...
 
 
 @dataclass(slots=True)
@@ -159,7 +159,7 @@ async def fetch_partition(
     return PartitionResult(
         partition=partition,
         status=status,
-        region=error.region,
+        region=regions[-1],  # the partition's region (an AssumeRole error names STS's)
         entries=(),
         observed_at=iso_seconds(now()),
         duration=monotonic() - started,
@@ -252,13 +252,13 @@ async def _page(
                         code="MalformedResponse",
                         detail="response without JobListEntries",
                     )
-        counters.errors[err.code] = counters.errors.get(err.code, 0) + 1
-        if isinstance(err, CredentialsExpiredError) and not refreshed:
-            refreshed = True
-            counters.refreshes += 1
-            await clients.renew(partition)
-            attempt -= 1  # the refresh is not a retry of the page
-            continue
+            counters.errors[err.code] = counters.errors.get(err.code, 0) + 1
+            if isinstance(err, CredentialsExpiredError) and not refreshed:
+                refreshed = True
+                counters.refreshes += 1
+                await clients.renew(partition, client)
+                attempt -= 1  # the refresh is not a retry of the page
+                continue
         if not isinstance(err, RetryableError) or attempt >= policy.max_attempts:
             raise err
         if isinstance(err, ThrottledError):

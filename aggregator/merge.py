@@ -14,9 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .fetch import PartitionResult
+from .plan import US_REGIONS
 from .records import JobEntry, JobRecord
 
 __all__ = ["MergeStats", "Merger"]
+
+US_GROUP = frozenset(US_REGIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class Merger:
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], tuple[JobEntry, set[str], str]] = {}
         self._failed: set[tuple[str, str]] = set()
+        self._ok: set[tuple[str, str]] = set()
         self.duplicates = 0
 
     def add(self, result: PartitionResult) -> None:
@@ -46,6 +50,7 @@ class Merger:
                 )
             return
         region = result.region
+        self._ok.add((result.partition.account_id, region))
         entries = self._entries
         for entry in result.entries:
             key = (entry.account_id, entry.job_id)
@@ -84,8 +89,7 @@ class Merger:
             for old in previous:
                 if (old.account_id, old.job_id) in self._entries:
                     continue
-                lost = [r for r in old.regions if (old.account_id, r) in self._failed]
-                if not lost:
+                if not self._unseen_because_failed(old):
                     continue
                 stale += 1
                 out.append(
@@ -107,3 +111,17 @@ class Merger:
                 )
         out.sort(key=lambda r: (r.account_id, r.job_id))
         return out, MergeStats(jobs=len(out), duplicates=self.duplicates, stale=stale)
+
+    def _unseen_because_failed(self, old: JobRecord) -> bool:
+        """True when no region that could return `old` answered and one of them failed.
+
+        Any US region returns every US job of its account, so for a US job the whole US group
+        counts: one US region that answered makes its absence a real removal.
+        """
+        regions = set(old.regions)
+        if regions & US_GROUP:
+            regions |= US_GROUP
+        account = old.account_id
+        if any((account, r) in self._ok for r in regions):
+            return False
+        return any((account, r) in self._failed for r in regions)

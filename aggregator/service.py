@@ -190,7 +190,12 @@ class Aggregator:
             await asyncio.shield(stack.aclose())
 
     def _policy_for(self) -> RetryPolicy:
-        return self._policy or RetryPolicy(max_attempts=self.settings.limits.max_attempts)
+        lim = self.settings.limits
+        return self._policy or RetryPolicy(
+            max_attempts=lim.max_attempts,
+            max_restarts=lim.max_restarts,
+            partition_deadline=lim.partition_deadline_seconds,
+        )
 
     async def cycle(self) -> RunSummary:
         """Run one aggregation cycle and write its snapshot; returns the summary.

@@ -85,3 +85,42 @@ def test_failed_partition_carries_previous_records_forward_as_stale() -> None:
         ("X", True, "T0", "NEW")
     ]
     assert stats.stale == 1
+
+
+def us_record(job_id: str, regions: list[str]) -> JobRecord:
+    return JobRecord.from_json_dict(
+        {
+            "account_id": ACCOUNT.account_id,
+            "job_id": job_id,
+            "regions": regions,
+            "snapshot_id": "OLD",
+            "observed_at": "T0",
+        }
+    )
+
+
+def test_one_answering_us_region_makes_us_absence_a_removal() -> None:
+    """A US job seen before from us-east-1 is removed, not stale, if us-east-2 answered now."""
+    m = Merger()
+    m.add(result("us-east-1", status="failed"))
+    m.add(result("us-east-2"))
+    records, stats = m.records(snapshot_id="NEW", previous=[us_record("U", ["us-east-1"])])
+    assert records == [] and stats.stale == 0
+
+
+def test_us_job_is_stale_when_every_us_region_failed() -> None:
+    """With no US region answering, the account's US jobs are carried forward as stale."""
+    m = Merger()
+    for region in ("us-east-1", "us-east-2"):
+        m.add(result(region, status="failed"))
+    m.add(result("eu-west-1"))
+    records, _ = m.records(snapshot_id="NEW", previous=[us_record("U", ["us-east-1"])])
+    assert [(r.job_id, r.stale) for r in records] == [("U", True)]
+
+
+def test_skipped_region_carries_nothing_forward() -> None:
+    """A region that is now skipped (not enabled) is not a failure: nothing is kept."""
+    m = Merger()
+    m.add(result("af-south-1", status="skipped"))
+    records, _ = m.records(snapshot_id="NEW", previous=[us_record("Z", ["af-south-1"])])
+    assert records == []

@@ -1,0 +1,216 @@
+"""Fault tolerance: every injected failure is retried, restarted or reported, never lost."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from aggregator.retry import RetryPolicy
+from aggregator.sandbox import Faults
+from aggregator.service import run_once
+
+from .conftest import SandboxFactory, make_settings
+from .test_service import expected, project, read_snapshot
+
+FAST = RetryPolicy(max_attempts=10, base_delay=0.005, max_delay=0.05, max_restarts=10)
+BIG = ("200000000001", "eu-west-1")  # a partition with several pages
+REGIONS = {"names": ["us-east-1", "us-west-2", "eu-west-1"]}
+
+
+def truth_for(sb: Any, regions: list[str], strategy: str = "all") -> list[dict[str, Any]]:
+    """The sandbox truth restricted to the queried regions, in record form."""
+    out = []
+    for job in expected(sb.truth(), strategy):
+        kept = [r for r in job["regions"] if r in regions]
+        if kept:
+            out.append({**job, "regions": kept})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("faults", "counter"),
+    [
+        (Faults(p_500=0.3), "retries"),
+        (Faults(p_503=0.3), "retries"),
+        (Faults(p_reset=0.3), "retries"),
+        (Faults(p_hang=0.3, hang_seconds=5.0), "retries"),
+        (Faults(p_truncated=0.3), "retries"),
+        (Faults(p_malformed=0.3), "retries"),
+        (Faults(throttle_rps=3.0, throttle_burst=2), "throttles"),
+        (Faults(churn=0.5, churn_max=2), "restarts"),
+    ],
+    ids=["500", "503", "reset", "hang", "truncated", "malformed", "throttle", "churn"],
+)
+async def test_each_fault_is_survived_exactly(
+    make_sandbox: SandboxFactory, tmp_path: Path, faults: Faults, counter: str
+) -> None:
+    """Under one kind of fault the snapshot still equals the truth, and the fault was met."""
+    sb = await make_sandbox(accounts=5, seed=31, jobs={BIG: 640}, faults=faults)
+    settings = make_settings(
+        sb.account_ids, regions=REGIONS, limits={"timeout_seconds": 0.5, "max_concurrency": 8}
+    )
+    summary = await run_once(settings, output=tmp_path, policy=FAST)
+    assert summary.status == "complete", summary.failed
+    assert project(read_snapshot(summary.data_path)) == truth_for(sb, REGIONS["names"])
+    assert getattr(summary, counter) > 0
+    assert summary.requests == sb.stats().total_requests
+
+
+@pytest.mark.parametrize("protocol", ["json", "cbor"])
+async def test_malformed_and_truncated_bodies_on_both_protocols(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    """Torn and garbage bodies are retried over CBOR as over JSON, never read as empty pages."""
+    from aggregator.sandbox import cbor_model_path
+
+    if protocol == "cbor":
+        monkeypatch.setenv("AWS_DATA_PATH", str(cbor_model_path(tmp_path / "models")))
+    sb = await make_sandbox(
+        accounts=4, seed=32, jobs={BIG: 420}, faults=Faults(p_malformed=0.2, p_truncated=0.2)
+    )
+    settings = make_settings(sb.account_ids, regions=REGIONS)
+    summary = await run_once(settings, output=tmp_path / "out", policy=FAST)
+    assert summary.status == "complete"
+    assert summary.retries > 0
+    assert set(sb.stats().snowball_protocols) == {protocol}
+    assert project(read_snapshot(summary.data_path)) == truth_for(sb, REGIONS["names"])
+
+
+async def test_expired_credentials_are_renewed_once_and_the_page_continues(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Credentials that die server-side mid-run are renewed and nothing is lost."""
+    now = [0.0]
+    sb = await make_sandbox(accounts=3, seed=33, jobs={BIG: 500})
+    sb._clock = lambda: now[0]
+    sb.faults = replace(sb.faults, credential_ttl=10.0)
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    from aggregator.service import Aggregator
+
+    async with Aggregator(settings, output=tmp_path, policy=FAST) as aggregator:
+        first = await aggregator.cycle()
+        assume_first = sb.stats().requests.get("sts:AssumeRole", 0)
+        now[0] += 60.0  # every issued credential is now expired on the server
+        second = await aggregator.cycle()
+    assert first.status == second.status == "complete"
+    assert sb.stats().errors.get("ExpiredTokenException", 0) >= 1
+    # one fresh AssumeRole per account, not one per partition or per request
+    assert sb.stats().requests["sts:AssumeRole"] - assume_first == len(sb.account_ids)
+    assert project(read_snapshot(second.data_path)) == truth_for(sb, ["eu-west-1"])
+
+
+async def test_attempt_budget_means_what_it_says(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """max_attempts = 3 sends exactly 3 requests for a page that always fails: no hidden
+    botocore retries on top."""
+    sb = await make_sandbox(accounts=1, seed=34, faults=Faults(p_500=1.0))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    policy = replace(FAST, max_attempts=3)
+    summary = await run_once(settings, output=tmp_path, policy=policy)
+    assert summary.status == "failed" and summary.exit_code == 1
+    assert sb.stats().requests["snowball:ListJobs"] == 3
+    assert summary.failed[0]["error_code"] == "InternalFailure"
+
+
+async def test_denied_accounts_and_disabled_regions_in_the_manifest(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """AssumeRole and ListJobs denials are failed partitions; a disabled region is skipped."""
+    sb = await make_sandbox(accounts=4, seed=35)
+    a, b, c, _ = sb.account_ids
+    sb.faults = Faults(
+        deny_assume_role=frozenset({a}),
+        deny_list_jobs=frozenset({b}),
+        disabled_regions={c: frozenset({"af-south-1"})},
+    )
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "af-south-1"]})
+    summary = await run_once(settings, output=tmp_path, policy=FAST)
+    assert summary.status == "partial" and summary.exit_code == 1
+    manifest = orjson.loads(summary.manifest_path.read_bytes())
+    status = {(p["account_id"], p["region"]): p for p in manifest["partition_status"]}
+    assert len(status) == 8
+    for region in ("eu-west-1", "af-south-1"):
+        assert status[(a, region)]["status"] == "failed"
+        assert status[(a, region)]["error_code"] == "AccessDenied"
+        assert status[(b, region)]["error_code"] == "AccessDeniedException"
+    assert status[(c, "af-south-1")]["status"] == "skipped"
+    assert status[(c, "af-south-1")]["error_code"] == "UnrecognizedClientException"
+    assert status[(c, "eu-west-1")]["status"] == "ok"
+    assert manifest["partitions"] == {"planned": 8, "ok": 3, "failed": 4, "skipped": 1}
+    failed_ops = {(f["account_id"], f["operation"]) for f in manifest["failed_partitions"]}
+    assert failed_ops == {(a, "AssumeRole"), (b, "ListJobs")}
+    # AssumeRole for the denied account was tried once for the run, not once per region
+    assert sb.stats().errors.get("AccessDenied", 0) == 1
+
+
+async def test_failed_partition_keeps_its_jobs_as_stale(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Run 1 succeeds; run 2 fails one account: its jobs stay, stale, with last_seen kept."""
+    sb = await make_sandbox(accounts=3, seed=36)
+    victim = sb.account_ids[1]
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "us-east-1"]})
+    first = await run_once(settings, output=tmp_path, policy=FAST)
+    before = {r["job_id"]: r for r in read_snapshot(first.data_path)}
+    victim_jobs = {j for j, r in before.items() if r["account_id"] == victim}
+    assert victim_jobs
+    sb.faults = replace(sb.faults, deny_list_jobs=frozenset({victim}))
+    second = await run_once(settings, output=tmp_path, policy=FAST)
+    assert second.status == "partial" and second.exit_code == 1
+    after = {r["job_id"]: r for r in read_snapshot(second.data_path)}
+    assert set(after) == set(before)
+    for job_id, record in after.items():
+        assert record["snapshot_id"] == second.snapshot_id
+        if job_id in victim_jobs:
+            assert record["stale"] is True
+            assert record["last_seen"] == before[job_id]["last_seen"]
+        else:
+            assert record["stale"] is False
+    assert second.stale == len(victim_jobs)
+    # the failure heals: the next run has the jobs fresh again
+    sb.faults = replace(sb.faults, deny_list_jobs=frozenset())
+    third = await run_once(settings, output=tmp_path, policy=FAST)
+    assert third.status == "complete" and not any(
+        r["stale"] for r in read_snapshot(third.data_path)
+    )
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+async def test_disk_full_is_a_clear_error_and_keeps_the_previous_snapshot(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """ENOSPC while writing: OutputError (exit 2 in the CLI), LATEST still the old snapshot."""
+    from aggregator.errors import OutputError
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "96k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        sb = await make_sandbox(accounts=2, seed=37, max_jobs=20)
+        settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+        first = await run_once(settings, output=disk, policy=FAST)
+        latest = (disk / "LATEST").read_text()
+        for i in range(400):
+            sb.add_job(sb.account_ids[0], "eu-west-1", description="x" * 400 + str(i))
+        with pytest.raises(OutputError, match="No space left on device"):
+            await run_once(settings, output=disk, policy=FAST)
+        assert (disk / "LATEST").read_text() == latest
+        assert [r["job_id"] for r in read_snapshot(first.data_path)]
+        assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
