@@ -213,4 +213,4 @@ async def test_disk_full_is_a_clear_error_and_keeps_the_previous_snapshot(
         assert [r["job_id"] for r in read_snapshot(first.data_path)]
         assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", str(disk)], check=False)  # noqa: ASYNC221 - teardown only
