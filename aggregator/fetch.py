@@ -253,11 +253,15 @@ async def _page(
                         detail="response without JobListEntries",
                     )
             counters.errors[err.code] = counters.errors.get(err.code, 0) + 1
-            if isinstance(err, CredentialsExpiredError) and not refreshed:
-                refreshed = True
+            if isinstance(err, CredentialsExpiredError) and attempt < policy.max_attempts:
+                # Renew the account's credentials and ask for the same page again. The first
+                # renewal is free; more on the same page (a session renewed by another
+                # partition can expire again before our turn) spend the attempt budget.
                 counters.refreshes += 1
                 await clients.renew(partition, client)
-                attempt -= 1  # the refresh is not a retry of the page
+                if not refreshed:
+                    refreshed = True
+                    attempt -= 1
                 continue
         if not isinstance(err, RetryableError) or attempt >= policy.max_attempts:
             raise err
