@@ -193,6 +193,7 @@ class Sandbox:
         self._signer = TokenSigner()
         self._rng = random.Random(f"{spec.seed}:faults")
         self._credentials: dict[str, _Issued] = {}
+        self._issued_secrets: list[str] = []
         partition = spec.partition
         self.hub_access_key_id = "AKIASANDBOXHUB000000"
         self.hub_secret_access_key = "sandbox/hub/secret/access/key/0000000000"
@@ -289,6 +290,11 @@ class Sandbox:
             snowball_protocols=dict(self._protocols),
             cpu_seconds=time.process_time(),
         )
+
+    def issued_secrets(self) -> tuple[str, ...]:
+        """Every secret this sandbox handed out: the hub's secret key, and the secret keys and
+        session tokens AssumeRole issued (for tests that prove none of them leaks)."""
+        return (self.hub_secret_access_key, *self._issued_secrets)
 
     def reset_stats(self) -> None:
         """Start counting afresh (requests still in flight keep counting as in flight)."""
@@ -847,6 +853,7 @@ class Sandbox:
         arn = f"arn:{partition}:sts::{account_id}:assumed-role/{role_name}/{session_name}"
         assumed = _Principal(account_id, arn, f"{role_id}:{session_name}", is_hub=False)
         self._credentials[access_key_id] = _Issued(assumed, session_token, self._clock())
+        self._issued_secrets.extend((secret_access_key, session_token))
         lifetime = faults.advertised_credential_ttl
         if duration is not None:
             lifetime = min(lifetime, duration)
