@@ -141,3 +141,42 @@ def test_standalone_sandbox_and_service_specific_endpoint_variables(tmp_path: Pa
         for stream in (server.stdout, server.stderr):
             if stream is not None:
                 stream.close()
+
+
+async def test_tty_run_draws_progress_and_summary_table(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """On a terminal `run` shows the rich progress bar and ends with the summary table."""
+    import asyncio
+    import pty
+
+    sb = await make_sandbox(accounts=3, seed=13)
+    cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1", "us-east-1"], tmp_path / "out")
+    cfg.write_text(cfg.read_text().replace('format = "json"', 'format = "auto"'))
+
+    def run_on_a_pty() -> tuple[int, str]:
+        primary, secondary = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "run", "--config", str(cfg)],
+            stdin=secondary,
+            stdout=secondary,
+            stderr=secondary,
+            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+        )
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        os.close(primary)
+        return proc.wait(60), b"".join(chunks).decode("utf-8", "replace")
+
+    code, screen = await asyncio.to_thread(run_on_a_pty)
+    assert code == 0, screen
+    assert "partitions" in screen and "snapshot" in screen and "complete" in screen
+    assert "duplicates removed" in screen
