@@ -115,10 +115,23 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+_OU_RE = re.compile(r"^(r-[0-9a-z]{4,32}|ou-[0-9a-z]{4,32}-[0-9a-z]{8,32})$")
+
+
+def _ou_id(value: str) -> str:
+    if not _OU_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not an organization root or OU id (r-... or ou-...-...)")
+    return value
+
+
 class OrganizationsSettings(_Model):
-    """`[accounts.organizations]`: discover accounts with organizations:ListAccounts."""
+    """`[accounts.organizations]`: discover ACTIVE accounts with organizations:ListAccounts,
+    or only under `ou_ids` (recursively, with ListAccountsForParent); `include`, when not
+    empty, keeps only those discovered ids."""
 
     enabled: bool = False
+    ou_ids: tuple[Annotated[str, AfterValidator(_ou_id)], ...] = ()
+    include: tuple[AccountId, ...] = ()
 
 
 class AccountEntry(_Model):
@@ -211,10 +224,18 @@ class LoggingSettings(_Model):
     format: Literal["json", "console", "auto"] = "auto"
 
 
+class PartitionSettings(_Model):
+    """`[partitions.<name>]`: hub credentials for a partition other than the default chain's
+    (aws-cn and aws-us-gov are separate worlds with their own credentials)."""
+
+    profile: str | None = None
+
+
 class Settings(_Model):
     """The whole configuration; every section has documented defaults."""
 
     accounts: AccountsSettings = AccountsSettings()
+    partitions: dict[Literal["aws", "aws-cn", "aws-us-gov"], PartitionSettings] = {}
     regions: RegionsSettings = RegionsSettings()
     limits: LimitsSettings = LimitsSettings()
     output: OutputSettings = OutputSettings()
@@ -274,6 +295,8 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part == "[key]":
+            continue  # pydantic's marker for "the key of this mapping" (already in the path)
         elif not (part.startswith(("function-", "tagged-union")) and "[" in part):
             if not _BARE_KEY_RE.fullmatch(part):
                 # TOML quoted keys may hold anything; show them escaped, on one line.
