@@ -222,7 +222,8 @@ def translate(exc: BaseException, *, account_id: str, region: str, operation: st
         return TransientError(code="Timeout", detail=type(exc).__name__, **ctx)
     if isinstance(exc, ConnectionClosedError | BotoConnectionError):
         return TransientError(code="ConnectionReset", detail=type(exc).__name__, **ctx)
-    if isinstance(exc, ResponseParserError):
+    if isinstance(exc, ResponseParserError | UnicodeDecodeError):
+        # A torn body can end inside a multi-byte character; botocore lets that escape.
         return TransientError(code="MalformedResponse", detail="unparseable response body", **ctx)
     if isinstance(exc, HTTPClientError | aiohttp.ClientError | ConnectionError):
         return TransientError(code="ConnectionError", detail=type(exc).__name__, **ctx)

@@ -55,9 +55,10 @@ async def make_sandbox(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sandbox
 
     async with AsyncExitStack() as stack:
 
-        async def make(faults: Any = None, **fleet: Any) -> Any:
+        async def make(faults: Any = None, clock: Any = None, **fleet: Any) -> Any:
+            options = {"clock": clock} if clock is not None else {}
             sb = await stack.enter_async_context(
-                Sandbox(fleet=FleetSpec(**fleet), faults=faults or Faults())
+                Sandbox(fleet=FleetSpec(**fleet), faults=faults or Faults(), **options)
             )
             for name, value in sb.env().items():
                 monkeypatch.setenv(name, value)

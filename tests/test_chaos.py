@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from aggregator.retry import RetryPolicy
 from aggregator.sandbox import Faults
@@ -11,6 +12,15 @@ from aggregator.service import run_once
 
 from .conftest import SandboxFactory, make_settings
 from .test_service import expected, project, read_snapshot
+
+
+def without_regions(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k != "regions"} for row in project_or_self(rows)]
+
+
+def project_or_self(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return project(rows) if rows and "snapshot_id" in rows[0] else rows
+
 
 CHAOS = Faults(
     p_500=0.025,
@@ -49,7 +59,13 @@ async def test_chaos_snapshot_equals_truth(make_sandbox: SandboxFactory, tmp_pat
     records = read_snapshot(summary.data_path)
     keys = [(r["account_id"], r["job_id"]) for r in records]
     assert len(keys) == len(set(keys)), "no duplicates"
-    assert project(records) == expected(sb.truth(), "all"), "no job missing, none extra"
+    truth = expected(sb.truth(), "all")
+    # Jobs and every field equal the truth. `regions` lists the regions that returned a job:
+    # a job that churn added after one US region's chain had finished was not returned there,
+    # so provenance may be a subset of the regions that would return it now.
+    assert without_regions(records) == without_regions(truth), "no job missing, none extra"
+    for record, job in zip(records, truth, strict=True):
+        assert record["regions"] and set(record["regions"]) <= set(job["regions"])
     for kind in ("500", "503", "reset", "hang", "throttle", "churn", "credential_expired"):
         assert stats.faults.get(kind, 0) > 0, f"the chaos run never met {kind!r}"
     assert summary.retries > 0 and summary.throttles > 0 and summary.restarts > 0

@@ -75,7 +75,7 @@ async def test_malformed_and_truncated_bodies_on_both_protocols(
     )
     settings = make_settings(sb.account_ids, regions=REGIONS)
     summary = await run_once(settings, output=tmp_path / "out", policy=FAST)
-    assert summary.status == "complete"
+    assert summary.status == "complete", summary.failed
     assert summary.retries > 0
     assert set(sb.stats().snowball_protocols) == {protocol}
     assert project(read_snapshot(summary.data_path)) == truth_for(sb, REGIONS["names"])

@@ -18,7 +18,18 @@ from aggregator.service import run_once
 
 from .conftest import SandboxFactory, make_settings
 
-FAULTS = Faults(p_500=0.2, p_reset=0.05, credential_ttl=0.3)
+FAULTS = Faults(p_500=0.2, p_reset=0.05, credential_ttl=1.0)
+
+
+class Ticking:
+    """A sandbox clock that advances 0.4 s per reading: credentials die after a few uses."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.4
+        return self.now
 
 
 def assert_clean(text: str, secrets: tuple[str, ...]) -> None:
@@ -31,7 +42,7 @@ async def test_debug_run_in_a_process_leaks_nothing(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
     """A `run` at debug level under faults prints no secret key, token or signature."""
-    sb = await make_sandbox(accounts=4, seed=51, faults=FAULTS)
+    sb = await make_sandbox(accounts=4, seed=51, faults=FAULTS, clock=Ticking())
     a, b = sb.account_ids[:2]
     sb.faults = replace(sb.faults, deny_assume_role=frozenset({a}), deny_list_jobs=frozenset({b}))
     config = tmp_path / "run.toml"
@@ -68,7 +79,7 @@ async def test_captured_events_and_errors_leak_nothing(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
     """Every structlog event and every error message of an in-process run is clean."""
-    sb = await make_sandbox(accounts=3, seed=52, faults=FAULTS)
+    sb = await make_sandbox(accounts=3, seed=52, faults=FAULTS, clock=Ticking())
     sb.faults = replace(sb.faults, deny_list_jobs=frozenset({sb.account_ids[0]}))
     settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
     policy = RetryPolicy(max_attempts=6, base_delay=0.001, max_delay=0.01)
