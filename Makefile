@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,deploy]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,deploy,bench]'
 	touch $(STAMP)
 
 $(IAC_STAMP):
@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks
+	$(BIN)/python -m tests.scale_bench
 
 clean:
 	rm -rf $(VENV) .venv-iac var .pytest_cache .mypy_cache .ruff_cache

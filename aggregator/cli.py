@@ -1,7 +1,9 @@
-"""Command line: `snowball-aggregator {run,daemon,demo,sandbox,validate}`.
+"""Command line: `snowball-aggregator {run,daemon,merge,demo,sandbox,validate}`.
 
-Exit codes: 0 every partition succeeded; 1 the snapshot is partial (some partitions failed);
-2 usage, configuration or output-location error (one line on stderr, never a traceback).
+Exit codes: 0 every partition succeeded; 1 the snapshot is partial (some partitions failed),
+or no snapshot could be made (Organizations discovery failed, shard snapshots missing or
+mismatched); 2 usage, configuration or output-location error (one line on stderr, never a
+traceback).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from collections.abc import Sequence
 import orjson
 import structlog
 
-from .config import Settings, load_settings, settings_from_mapping
+from .accounts import DiscoveryError
+from .config import Settings, load_settings, parse_duration, settings_from_mapping
 from .errors import ConfigError, OutputError
 from .logs import configure_logging
 from .service import RunSummary, run_once
+from .shards import MAX_SHARDS, ShardError, check_run_id, resolve_shard
 
 __all__ = ["main"]
 
@@ -39,9 +43,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output directory (overrides output.directory)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--quiet", action="store_true", help="print only the summary line")
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="inventory only shard I of N (0-based; default: JOB_COMPLETION_INDEX and "
+        "SNOWBALL_SHARD_COUNT when both are set)",
+    )
+    run.add_argument(
+        "--run-id", help="id shared by the shards of one run (default: SNOWBALL_RUN_ID)"
+    )
 
     daemon = sub.add_parser("daemon", help="aggregate on an interval until stopped")
     daemon.add_argument("--config", required=True, help="TOML configuration file")
+
+    merge = sub.add_parser("merge", help="merge the shard snapshots of a sharded run")
+    merge.add_argument("--config", required=True, help="TOML configuration file")
+    merge.add_argument("--run-id", required=True, help="the run id its shards were given")
+    merge.add_argument("--shards", type=int, required=True, metavar="N", help="shard count")
+    merge.add_argument(
+        "--wait",
+        default="0",
+        metavar="DURATION",
+        help="wait up to DURATION (e.g. 50m) for shard snapshots still missing (default: 0)",
+    )
+    merge.add_argument("--output", help="output directory (overrides output.directory)")
+    merge.add_argument("--json", action="store_true", help="print the result as JSON")
 
     demo = sub.add_parser("demo", help="start the sandbox and run one aggregation against it")
     demo.add_argument("--output", default="var/demo", help="output directory (var/demo)")
@@ -91,6 +117,7 @@ def _summary_json(summary: RunSummary) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    shard = resolve_shard(args.shard, args.run_id, os.environ)
     interactive = sys.stderr.isatty() and not (args.quiet or args.json)
     # On a TTY the progress bar replaces info logs; warnings and errors still show.
     level = settings.logging.level
@@ -100,11 +127,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     async def run() -> RunSummary:
         if not interactive:
-            return await run_once(settings, output=args.output)
+            return await run_once(settings, output=args.output, shard=shard)
         from .progress import ProgressBar
 
         with ProgressBar() as bar:
-            return await run_once(settings, output=args.output, observers=[bar])
+            return await run_once(settings, output=args.output, observers=[bar], shard=shard)
 
     summary = asyncio.run(run())
     if args.json:
@@ -118,6 +145,56 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(_summary_line(summary))
     return summary.exit_code
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .shards import merge_run
+
+    settings = load_settings(args.config)
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
+    try:
+        check_run_id(args.run_id)
+    except ValueError as exc:
+        raise ConfigError("--run-id", "", str(exc)) from None
+    if not 1 <= args.shards <= MAX_SHARDS:
+        raise ConfigError("--shards", "", f"must be between 1 and {MAX_SHARDS}, got {args.shards}")
+    try:
+        wait = 0.0 if args.wait.strip() in ("0", "0s") else parse_duration(args.wait)
+    except ValueError as exc:
+        raise ConfigError("--wait", "", str(exc)) from None
+    result = asyncio.run(
+        merge_run(
+            args.output or settings.output.directory,
+            args.run_id,
+            args.shards,
+            wait=wait,
+            retain=settings.output.retain,
+        )
+    )
+    written = result.written
+    if args.json:
+        print(
+            orjson.dumps(
+                {
+                    "run_id": args.run_id,
+                    "shards": args.shards,
+                    "status": result.status,
+                    "snapshot_id": written.snapshot_id,
+                    "jobs": written.records,
+                    "manifest": written.manifest_path,
+                    "data": written.data_path,
+                    "already_merged": result.already_merged,
+                },
+                option=orjson.OPT_SORT_KEYS,
+            ).decode()
+        )
+    else:
+        again = " (already merged: nothing written)" if result.already_merged else ""
+        print(
+            f"{result.status}: run {args.run_id}: {args.shards} shards merged into snapshot "
+            f"{written.snapshot_id}, {written.records} jobs; {written.data_path}{again}"
+        )
+    return result.exit_code
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -212,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _cmd_run,
         "daemon": _cmd_daemon,
         "demo": _cmd_demo,
+        "merge": _cmd_merge,
         "validate": _cmd_validate,
     }
     try:
@@ -226,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (DiscoveryError, ShardError) as exc:
+        # No snapshot could be made; the previous one stays LATEST. A retry may succeed.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

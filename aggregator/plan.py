@@ -1,15 +1,23 @@
 """Plan: accounts x regions -> the partitions (one ListJobs pagination chain each) to fetch.
 
-ListJobs in any US region returns the jobs of all four US regions of the account. With
+Regions are per AWS partition: an account is asked in the selected regions of its own partition
+(aws, aws-cn or aws-us-gov; "all" expands to every Snowball region botocore lists there), so one
+`regions.names` list can name regions of several partitions.
+
+ListJobs in any commercial US region (`US_REGIONS`) returns the jobs of all four of them. With
 `us_strategy = "all"` every selected US region is a partition of its own and merge dedupes the
 results by (account_id, job_id); with `"one"` an account gets a single US partition that tries
-the selected US regions in order until one answers.
+the selected US regions in order until one answers. The GovCloud regions are not part of that
+group: each is asked on its own.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import structlog
 
 from .accounts import Account
 from .config import RegionsSettings, snowball_regions
@@ -18,6 +26,8 @@ __all__ = ["US_REGIONS", "Partition", "build_plan", "select_regions"]
 
 # In preference order: the region tried first under us_strategy = "one".
 US_REGIONS = ("us-east-1", "us-east-2", "us-west-2", "us-west-1")
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +61,21 @@ def select_regions(settings: RegionsSettings, partition: str = "aws") -> tuple[s
 
 
 def build_plan(accounts: Iterable[Account], settings: RegionsSettings) -> tuple[Partition, ...]:
-    """Every partition to fetch, ordered so that accounts interleave (fair start order)."""
+    """Every partition to fetch, ordered so that accounts interleave (fair start order).
+
+    Accounts of an AWS partition in which none of the configured regions lies get no
+    partitions; a warning (`plan.no_regions`) says how many.
+    """
     per_account: list[list[Partition]] = []
     region_cache: dict[str, tuple[str, ...]] = {}
+    unplanned: collections.Counter[str] = collections.Counter()
     for account in accounts:
         regions = region_cache.get(account.partition)
         if regions is None:
             regions = region_cache[account.partition] = select_regions(settings, account.partition)
+        if not regions:
+            unplanned[account.partition] += 1
+            continue
         parts: list[Partition] = []
         us = [r for r in US_REGIONS if r in regions]
         if settings.us_strategy == "one" and us:
@@ -66,6 +84,13 @@ def build_plan(accounts: Iterable[Account], settings: RegionsSettings) -> tuple[
         else:
             parts.extend(Partition(account, r) for r in regions)
         per_account.append(parts)
+    for partition, count in sorted(unplanned.items()):
+        log.warning(
+            "plan.no_regions",
+            partition=partition,
+            accounts=count,
+            reason=f"regions.names selects no region of {partition}",
+        )
     # Round-robin across accounts: the first region of every account, then the second, ...
     plan: list[Partition] = []
     depth = max((len(p) for p in per_account), default=0)

@@ -26,7 +26,7 @@ from aiobotocore.session import AioSession
 from structlog.contextvars import bound_contextvars
 
 from . import wire
-from .accounts import static_accounts
+from .accounts import resolve_accounts
 from .clients import ClientPool
 from .config import Settings
 from .credentials import CredentialBroker
@@ -38,6 +38,7 @@ from .plan import build_plan
 from .records import SCHEMA_VERSION, JobRecord, iso_seconds
 from .retry import RetryPolicy
 from .scheduler import Limits, run_plan
+from .shards import Shard, select_shard, shard_location, shard_manifest
 from .snapshot import SnapshotStore, new_snapshot_id
 from .transport import SharedPool, shared_session_class
 
@@ -98,7 +99,9 @@ class Aggregator:
     open at once; default 4 x max_concurrency), `pool_capacity` (Snowball clients kept open
     across partitions and cycles; default 2 x workers), `observers` (CycleObserver objects told
     about each cycle, partition and summary), `stock=False` (True: plain aiobotocore clients
-    with none of our optimisations, the baseline the benchmarks compare against).
+    with none of our optimisations, the baseline the benchmarks compare against), `shard=None`
+    (a `Shard`: inventory only the accounts of that shard and write the snapshot to the shard's
+    folder, see shards.py).
     """
 
     def __init__(
@@ -115,8 +118,11 @@ class Aggregator:
         pool_capacity: int | None = None,
         observers: Sequence[CycleObserver] = (),
         stock: bool = False,
+        shard: Shard | None = None,
     ) -> None:
         self.settings = settings
+        self._shard = shard
+        self._session_cls: Any = None
         self._stock = stock
         self.observers = list(observers)
         self._output = output
@@ -151,6 +157,7 @@ class Aggregator:
             # One connection pool for every client (+ headroom for connections being closed).
             shared = await stack.enter_async_context(SharedPool(limit=limits.max_concurrency + 8))
             session_cls = None if self._stock else shared_session_class(shared)
+            self._session_cls = session_cls
             self._broker = await stack.enter_async_context(
                 CredentialBroker(
                     timeout=limits.timeout,
@@ -161,6 +168,9 @@ class Aggregator:
                     hub_session=self._hub_session,
                     http_session_cls=session_cls,
                     session_hooks=None if self._stock else wire.install,
+                    hub_profiles={
+                        name: p.profile for name, p in self.settings.partitions.items() if p.profile
+                    },
                 )
             )
             workers = limits.workers or 4 * limits.max_concurrency
@@ -211,13 +221,28 @@ class Aggregator:
         started_at = now()
         started = time.monotonic()
         snapshot_id = new_snapshot_id(started_at)
-        store = SnapshotStore(
-            self._output if self._output is not None else settings.output.directory
-        )
+        output = self._output if self._output is not None else settings.output.directory
+        # `base` holds the run's previous snapshot (stale carry-forward reads it); a shard
+        # writes into its own folder below it, which `merge` combines.
+        base = SnapshotStore(output)
+        shard = self._shard
+        store = base if shard is None else SnapshotStore(shard_location(output, shard))
         store.check_writable()
         limits = self._limits()
         policy = self._policy_for()
-        accounts = static_accounts(settings.accounts)
+        organizations: collections.Counter[str] = collections.Counter()
+        with bound_contextvars(snapshot_id=snapshot_id):
+            universe = await resolve_accounts(
+                settings.accounts,
+                broker.hub_session_for(settings.accounts.partition),
+                policy=policy,
+                sleep=self._sleep,
+                rng=self._rng,
+                request_timeout=limits.timeout,
+                http_session_cls=self._session_cls,
+                requests=organizations,
+            )
+        accounts = universe if shard is None else select_shard(universe, shard.index, shard.count)
         plan = build_plan(accounts, settings.regions)
         merger = Merger()
         results: list[PartitionResult] = []
@@ -256,10 +281,11 @@ class Aggregator:
                 rng=self._rng,
             )
             assume_calls = broker.assume_role_calls - assume_before
-            previous_manifest = store.latest_manifest()
+            organizations_calls = sum(organizations.values())
+            previous_manifest = base.latest_manifest()
             previous: list[JobRecord] = []
             if previous_manifest is not None and any(r.status == "failed" for r in results):
-                previous = list(store.read_records(previous_manifest))
+                previous = list(base.read_records(previous_manifest))
             records, stats = merger.records(snapshot_id=snapshot_id, previous=previous)
 
             counts = {"planned": len(plan), "ok": 0, "failed": 0, "skipped": 0}
@@ -279,7 +305,7 @@ class Aggregator:
             status: RunStatus = (
                 "complete" if not counts["failed"] else "partial" if counts["ok"] else "failed"
             )
-            requests = sum(r.requests for r in results) + assume_calls
+            requests = sum(r.requests for r in results) + assume_calls + organizations_calls
             finished_at = now()
             throttles = sum(r.throttles for r in results)
             retries = sum(r.retries for r in results)
@@ -313,13 +339,16 @@ class Aggregator:
                 "duplicates_removed": stats.duplicates,
                 "requests": {
                     "total": requests,
-                    "list_jobs": requests - assume_calls,
+                    "list_jobs": requests - assume_calls - organizations_calls,
                     "assume_role": assume_calls,
+                    "organizations": organizations_calls,
                 },
                 "throttles": throttles,
                 "retries": retries,
                 "restarts": restarts,
             }
+            if shard is not None:
+                manifest["shard"] = shard_manifest(shard, universe)
             written = store.write(snapshot_id, records, manifest)
             wall = time.monotonic() - started
             log.info(

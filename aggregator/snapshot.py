@@ -1,36 +1,108 @@
-"""Snapshot: write records as JSON Lines plus a manifest, atomically; read the latest back.
+"""Snapshot: the layout of an output location, and the stores that write and read it.
 
-Layout under the output directory:
+Layout, under a directory or an S3 prefix (`s3://bucket/prefix`):
 ```
-snapshots/date=YYYY-MM-DD/<snapshot_id>.jsonl          records, sorted by (account_id, job_id)
-snapshots/date=YYYY-MM-DD/<snapshot_id>.manifest.json  run metadata, sha256 of the data file
-LATEST                                                 path of the newest manifest
+snapshots/date=YYYY-MM-DD/<snapshot_id>.jsonl[.gz]       records, sorted by (account_id, job_id)
+snapshots/date=YYYY-MM-DD/<snapshot_id>.manifest.json    run metadata, digests of the files
+changes/date=YYYY-MM-DD/<snapshot_id>.jsonl[.gz]         change events since the previous snapshot
+LATEST                                                   path of the newest manifest
 ```
-Every file is written to a hidden temporary name in its final folder, fsynced, renamed over its
-final name, and the folder fsynced. The data file lands first, then the manifest, then LATEST:
-a reader (or a crash) at any moment sees the previous snapshot complete or the new one complete,
-never a torn file under a final name.
+`Store.write` lands the data file, then the manifest, then the change file, then LATEST, each
+atomically: a local file is written to a hidden temporary name in its final folder, fsynced,
+renamed and the folder fsynced; an S3 object (single PUT or multipart upload) appears whole or
+not at all. The change file is computed and staged before the manifest, so the manifest carries
+its digest, and is made visible right after it. A reader, or a crash, at any moment sees the
+previous snapshot complete or the new one complete, never a torn file under a final name.
+
+`Store.prune(retain)`, called once a snapshot is complete, keeps the newest `retain` published
+snapshots (data, manifest and change file together) and never the one LATEST points to. It also
+removes what crashed runs left: files of a snapshot that has no manifest (older than LATEST's),
+and snapshots whose manifest landed but that LATEST never published (found by following
+`previous_snapshot_id` back from LATEST), so the change files always form one chain.
+
+Compression (`compress="gzip"`) applies to data and change files (`.jsonl.gz`); readers decide
+by the path the manifest names, so a location may mix both. `LocalStore` is a directory,
+`S3Store` (`s3.py`) a bucket prefix; `open_store(location)` picks one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import hashlib
+import importlib.resources
 import os
+import re
 import secrets
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import sys
+import zlib
+from abc import ABC, abstractmethod
+from collections import defaultdict, deque
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any, Literal, TypeVar
 
 import orjson
+import structlog
 
+from .changes import (
+    EVENT_TYPES,
+    Batch,
+    ChangeEvent,
+    UnsortedError,
+    batch_of_dicts,
+    batch_of_records,
+    diff,
+    encode_events,
+)
 from .errors import OutputError
-from .records import JobRecord
+from .records import SCHEMA_VERSION, JobRecord
 
-__all__ = ["SnapshotStore", "WrittenSnapshot", "new_snapshot_id"]
+__all__ = [
+    "Compression",
+    "LocalStore",
+    "Pruned",
+    "SnapshotStore",
+    "Store",
+    "WrittenSnapshot",
+    "changes_path",
+    "data_path",
+    "diff_command",
+    "load_schema",
+    "manifest_path",
+    "new_snapshot_id",
+    "open_store",
+    "snapshot_date",
+]
 
+log = structlog.get_logger()
+_T = TypeVar("_T")
+
+Compression = Literal["none", "gzip"]
+LATEST = "LATEST"
 _OPTS = orjson.OPT_SORT_KEYS
+_RECORD_BATCH = 8192
+READ_CHUNK = 1 << 20
+_CHAIN_DEPTH = 16
+# A snapshot's files, final or temporary (`.<final name>.<pid>.<random>.tmp`).
+ARTIFACT_RE = re.compile(
+    r"(?:snapshots|changes)/date=\d{4}-\d{2}-\d{2}/(?P<tmp>\.)?"
+    r"(?P<id>\d{8}T\d{6}Z-[0-9a-f]+)\.(?P<kind>manifest\.json|jsonl\.gz|jsonl)(?(tmp)\..+\.tmp)"
+)
+_SNAPSHOT_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]+")
 
 
 def new_snapshot_id(now: datetime | None = None) -> str:
@@ -39,13 +111,40 @@ def new_snapshot_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
 
 
-def _date_of(snapshot_id: str) -> str:
+def snapshot_date(snapshot_id: str) -> str:
+    """The `date=` partition of a snapshot: its start date, `YYYY-MM-DD` (UTC)."""
     return f"{snapshot_id[0:4]}-{snapshot_id[4:6]}-{snapshot_id[6:8]}"
+
+
+def data_path(snapshot_id: str, gz: bool = False) -> str:
+    """Where a snapshot's records go, relative to the location."""
+    return f"snapshots/date={snapshot_date(snapshot_id)}/{snapshot_id}.jsonl" + (".gz" * gz)
+
+
+def manifest_path(snapshot_id: str) -> str:
+    """Where a snapshot's manifest goes, relative to the location."""
+    return f"snapshots/date={snapshot_date(snapshot_id)}/{snapshot_id}.manifest.json"
+
+
+def changes_path(snapshot_id: str, gz: bool = False) -> str:
+    """Where a snapshot's change events go, relative to the location."""
+    return f"changes/date={snapshot_date(snapshot_id)}/{snapshot_id}.jsonl" + (".gz" * gz)
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """A published JSON Schema shipped in the package: `record`, `manifest` or `change`."""
+    if name not in ("record", "manifest", "change"):
+        raise ValueError(f"no schema named {name!r} (record, manifest, change)")
+    resource = importlib.resources.files("aggregator") / "schemas" / f"{name}.schema.json"
+    schema: dict[str, Any] = orjson.loads(resource.read_bytes())
+    return schema
 
 
 @dataclass(frozen=True, slots=True)
 class WrittenSnapshot:
-    """Where a snapshot landed: paths relative to the output directory, and its digest."""
+    """Where a snapshot landed (paths relative to the location), its data digest and size,
+    and the number of change events (`changes_path`/`events` are None when the previous
+    snapshot could not be read and no change file was written)."""
 
     snapshot_id: str
     data_path: str
@@ -53,6 +152,704 @@ class WrittenSnapshot:
     sha256: str
     bytes: int
     records: int
+    changes_path: str | None = None
+    events: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What `Store.prune` deleted, by snapshot id: `expired` (beyond `retain`), `orphaned`
+    (manifest written but never published by LATEST) and `incomplete` (no manifest)."""
+
+    expired: tuple[str, ...] = ()
+    orphaned: tuple[str, ...] = ()
+    incomplete: tuple[str, ...] = ()
+    kept: int = 0
+
+
+class Sink(ABC):
+    """One object being written (what a `Store` backend provides): bytes in order; `seal`
+    makes them durable, `publish` visible under the final name; `abort` leaves nothing.
+
+    A sink whose writes block briefly and release the GIL (a local file) sets `threaded` and
+    implements `write_blocking`, which the writer thread calls instead of `write`.
+    """
+
+    threaded = False
+
+    def write_blocking(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def seal(self) -> None: ...
+
+    @abstractmethod
+    async def publish(self) -> None: ...
+
+    @abstractmethod
+    async def abort(self) -> None: ...
+
+
+class _Writer:
+    """Feeds chunks through gzip (optional) and sha256 into a sink.
+
+    Compression, hashing and (for a threaded sink) the write itself run in one worker thread,
+    in order; all of them release the GIL, so they overlap with the encoding of the next chunk
+    on the event loop. At most two chunks wait for the thread.
+    """
+
+    def __init__(self, sink: Sink, *, gzip: bool, level: int = 6) -> None:
+        self._sink = sink
+        self._zip = zlib.compressobj(level, zlib.DEFLATED, 31) if gzip else None
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer")
+        self._pending: deque[asyncio.Future[bytes]] = deque()
+
+    def _digest(self, chunk: bytes) -> bytes:
+        if self._zip is not None:
+            chunk = self._zip.compress(chunk)
+        self._sha.update(chunk)
+        self.size += len(chunk)
+        if self._sink.threaded:
+            self._sink.write_blocking(chunk)
+            return b""
+        return chunk
+
+    def _flush(self) -> bytes:
+        return self._digest_tail(self._zip.flush()) if self._zip is not None else b""
+
+    def _digest_tail(self, tail: bytes) -> bytes:
+        self._sha.update(tail)
+        self.size += len(tail)
+        if self._sink.threaded:
+            self._sink.write_blocking(tail)
+            return b""
+        return tail
+
+    def _submit(self, fn: Callable[..., bytes], *args: Any) -> None:
+        self._pending.append(asyncio.wrap_future(self._pool.submit(fn, *args)))
+
+    async def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep or (self._pending and self._pending[0].done()):
+            out = await self._pending.popleft()
+            if out:
+                await self._sink.write(out)
+
+    async def write(self, chunk: bytes) -> None:
+        self._submit(self._digest, chunk)
+        await self._drain(keep=2)
+        await asyncio.sleep(0)  # encoding runs on the loop: let other tasks in between chunks
+
+    async def finish(self) -> tuple[str, int]:
+        """Flush, seal the sink; returns (sha256 hex, bytes stored)."""
+        try:
+            self._submit(self._flush)
+            await self._drain(keep=0)
+            await self._sink.seal()
+        finally:
+            self.close()
+        return self._sha.hexdigest(), self.size
+
+    def close(self) -> None:
+        """Drop what has not started; wait for the chunk in progress (milliseconds), so the
+        sink can be aborted safely right after."""
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# orjson's per-call overhead dominates for small objects, so a batch of records is dumped as
+# one JSON array and split into lines at the record boundaries: `},{"account_id":` cannot occur
+# anywhere else, because a quote inside a string is always escaped and a record holds no nested
+# object. The dict literal lists the fields in sorted order (so no key sorting is needed); if
+# JobRecord gains a field, the generic path (to_json_dict + sorted keys) takes over until the
+# literal is updated (tests/test_snapshot.py pins that the fast path is in use).
+_RECORD_FIELDS = (
+    "account_id",
+    "creation_date",
+    "description",
+    "is_master",
+    "job_id",
+    "job_state",
+    "job_type",
+    "last_seen",
+    "observed_at",
+    "regions",
+    "snapshot_id",
+    "snowball_type",
+    "stale",
+)
+FAST_RECORD_ENCODER = tuple(sorted(f.name for f in fields(JobRecord))) == _RECORD_FIELDS
+_BOUNDARY = b'},{"account_id":'
+_NEWLINE_BOUNDARY = b'}\n{"account_id":'
+
+
+def _encode_records(batch: Sequence[JobRecord]) -> bytes:
+    """JSON Lines for `batch` (keys sorted, trailing newline); b"" for an empty batch."""
+    if not batch:
+        return b""
+    if FAST_RECORD_ENCODER:
+        body = orjson.dumps(
+            [
+                {
+                    "account_id": r.account_id,
+                    "creation_date": r.creation_date,
+                    "description": r.description,
+                    "is_master": r.is_master,
+                    "job_id": r.job_id,
+                    "job_state": r.job_state,
+                    "job_type": r.job_type,
+                    "last_seen": r.last_seen,
+                    "observed_at": r.observed_at,
+                    "regions": r.regions,
+                    "snapshot_id": r.snapshot_id,
+                    "snowball_type": r.snowball_type,
+                    "stale": r.stale,
+                }
+                for r in batch
+            ]
+        )
+    else:  # pragma: no cover - only while JobRecord and _RECORD_FIELDS disagree
+        body = orjson.dumps([r.to_json_dict() for r in batch], option=_OPTS)
+    return body[1:-1].replace(_BOUNDARY, _NEWLINE_BOUNDARY) + b"\n"
+
+
+def _record_chunks(records: Sequence[JobRecord]) -> Iterator[bytes]:
+    """JSON Lines, keys sorted, in chunks of `_RECORD_BATCH` records."""
+    for start in range(0, len(records), _RECORD_BATCH):
+        yield _encode_records(records[start : start + _RECORD_BATCH])
+
+
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a snapshot is written.
+
+    The caller holds every record in memory; each time the write's short-lived objects (parsed
+    lines, comparison tuples) pile up, a full collection walks all of them again, which about
+    doubles the cost of computing the changes. Nothing the write allocates forms a cycle, and
+    reference counting still frees everything at once. Overlapping pauses nest.
+    """
+    global _gc_depth, _gc_was_enabled
+    if _gc_depth == 0:
+        _gc_was_enabled = gc.isenabled()
+        gc.disable()
+    _gc_depth += 1
+    try:
+        yield
+    finally:
+        _gc_depth -= 1
+        if _gc_depth == 0 and _gc_was_enabled:
+            gc.enable()
+
+
+async def _record_batches(
+    records: Sequence[JobRecord], keep: list[Batch] | None
+) -> AsyncIterator[Batch]:
+    """The comparison view of `records`; with `keep`, also a copy of it in `keep` that holds no
+    record (regions tuples and states shared), for the next write's comparison."""
+    regions: dict[tuple[str, ...], tuple[str, ...]] = {}
+    intern = sys.intern
+    for start in range(0, len(records), _RECORD_BATCH):
+        batch = records[start : start + _RECORD_BATCH]
+        if keep is None:
+            yield batch_of_records(batch)
+        else:
+            cores = [
+                ((r.account_id, r.job_id), r.job_state and intern(r.job_state), r.stale)
+                for r in batch
+            ]
+            extras = [(regions.setdefault(r.regions, r.regions), r.last_seen) for r in batch]
+            keep.append((cores, extras.__getitem__))
+            yield keep[-1]
+        await asyncio.sleep(0)  # the comparison runs on the loop: let other tasks in
+
+
+async def _replay(batches: list[Batch]) -> AsyncIterator[Batch]:
+    for batch in batches:
+        yield batch
+        await asyncio.sleep(0)
+
+
+async def _no_batches() -> AsyncIterator[Batch]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+async def _abort(sink: Sink) -> None:
+    """Abort, shielded from cancellation: cleaning up must finish even when the cycle is
+    being cancelled; a failure to clean up never hides the error that caused it."""
+    try:
+        await asyncio.shield(sink.abort())
+    except (OutputError, OSError) as exc:  # pragma: no cover - double fault
+        log.warning("snapshot.abort_failed", error=str(exc))
+
+
+class _UnreadablePrevious(Exception):
+    """The previous snapshot's data cannot be read back: no change file this time."""
+
+
+class Store(ABC):
+    """An output location holding snapshots (see the module docstring); an async context
+    manager with one owner.
+
+    Keyword options: `compress` ("none" or "gzip"; default "none"), `gzip_level` (1-9,
+    default 6), `remember` (default True: keep the comparison view of the last snapshot this
+    store wrote, about 300 bytes a job, so that the next write compares against it without
+    reading that snapshot back; used only while it is still the previous snapshot).
+    """
+
+    location: str
+
+    def __init__(
+        self, *, compress: Compression | None = None, gzip_level: int = 6, remember: bool = True
+    ) -> None:
+        if compress not in (None, "none", "gzip"):
+            raise ValueError(f"compress must be 'none' or 'gzip', not {compress!r}")
+        self.compress: Compression = compress or "none"
+        self._level = gzip_level
+        self._entered = False
+        self._previous_of: dict[str, str | None] = {}
+        self._remember = remember
+        self._view: tuple[str, list[Batch]] | None = None
+
+    async def __aenter__(self) -> Store:
+        if self._entered:
+            raise RuntimeError(f"{type(self).__name__} is already open")
+        self._entered = True
+        await self._open_backend()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.shield(self._close_backend())
+
+    @abstractmethod
+    async def _open_backend(self) -> None:
+        """Acquire connections (S3); nothing for a directory."""
+
+    @abstractmethod
+    async def _close_backend(self) -> None:
+        """Release what `_open_backend` acquired."""
+
+    # --- what a backend provides -------------------------------------------------------------
+
+    @abstractmethod
+    def locate(self, rel: str) -> Path | str:
+        """The full name of `rel` (a path for a directory, an `s3://` URL for S3); "" names
+        the location itself."""
+
+    @abstractmethod
+    async def check_writable(self) -> None:
+        """Raise `OutputError` now (before any AWS call) if the location cannot be written."""
+
+    @abstractmethod
+    async def _open(self, rel: str, metadata: Mapping[str, str] | None = None) -> Sink:
+        """A sink for `rel`; `metadata` is stored with the object where the backend can
+        (S3 user metadata), for cheap reads of a manifest's links."""
+
+    @abstractmethod
+    async def _read(self, rel: str) -> bytes | None:
+        """The whole object, or None if there is none."""
+
+    @abstractmethod
+    def _stream(self, rel: str) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks; `OutputError` if it is missing."""
+
+    @abstractmethod
+    async def _list(self) -> list[str]:
+        """Every object under `snapshots/` and `changes/` (temporary ones included)."""
+
+    @abstractmethod
+    async def _delete(self, rels: Sequence[str]) -> None: ...
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def _put(
+        self,
+        rel: str,
+        chunks: Iterable[bytes],
+        *,
+        gzip: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> tuple[str, int]:
+        """Write one object atomically; returns (sha256 hex, bytes stored)."""
+        sink = await self._open(rel, metadata)
+        try:
+            writer = _Writer(sink, gzip=gzip, level=self._level)
+            try:
+                for chunk in chunks:
+                    await writer.write(chunk)
+            except BaseException:
+                writer.close()
+                raise
+            digest = await writer.finish()
+            await sink.publish()
+        except BaseException:
+            await _abort(sink)
+            raise
+        return digest
+
+    async def write(
+        self,
+        snapshot_id: str,
+        records: Sequence[JobRecord],
+        manifest: Mapping[str, Any],
+        *,
+        previous: Mapping[str, Any] | None = None,
+    ) -> WrittenSnapshot:
+        """Write a snapshot: data, manifest, change file (events since `previous`), LATEST.
+
+        `records` must be sorted by (account_id, job_id). `previous` is the manifest of the
+        snapshot the changes are computed from (the one LATEST pointed to when the cycle read
+        it), or None for the first snapshot, whose change file has a `job_added` per job. The
+        store fills in `snapshot_id`, `previous_snapshot_id`, `data` and `changes` (and
+        `schema_version` if missing) of the manifest. If the previous snapshot's data cannot be
+        read back, the snapshot is written without change file (`changes: null`) and a warning
+        is logged. Raises `OutputError` if the location cannot be written; the previous
+        snapshot then stays LATEST.
+        """
+        with _gc_paused():
+            return await self._write(snapshot_id, records, manifest, previous)
+
+    async def _write(
+        self,
+        snapshot_id: str,
+        records: Sequence[JobRecord],
+        manifest: Mapping[str, Any],
+        previous: Mapping[str, Any] | None,
+    ) -> WrittenSnapshot:
+        gz = self.compress == "gzip"
+        data_rel = data_path(snapshot_id, gz)
+        manifest_rel = manifest_path(snapshot_id)
+        changes_rel = changes_path(snapshot_id, gz)
+        previous_id: str | None = previous["snapshot_id"] if previous else None
+        sha, size = await self._put(data_rel, _record_chunks(records), gzip=gz)
+        full: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            **manifest,
+            "snapshot_id": snapshot_id,
+            "previous_snapshot_id": previous_id,
+            "data": {
+                "path": data_rel,
+                "sha256": sha,
+                "bytes": size,
+                "records": len(records),
+                "compression": "gzip" if gz else None,
+            },
+        }
+        kept: list[Batch] | None = [] if self._remember else None
+        sink = await self._open(changes_rel)
+        try:
+            changes = await self._stage_changes(sink, changes_rel, records, full, previous, kept)
+            full["changes"] = changes
+            body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
+            links = {"snapshot-id": snapshot_id, "previous-snapshot-id": previous_id or ""}
+            await self._put(manifest_rel, [body], metadata=links)
+            if changes is not None:
+                await sink.publish()
+        except BaseException:
+            await _abort(sink)
+            raise
+        await self._put(LATEST, [manifest_rel.encode() + b"\n"])
+        self._previous_of[snapshot_id] = previous_id
+        # Only a complete comparison (the new side read to its end) leaves a usable view.
+        self._view = (snapshot_id, kept) if kept is not None and changes is not None else None
+        log.info(
+            "snapshot.written",
+            location=str(self.locate(manifest_rel)),
+            records=len(records),
+            bytes=size,
+            events=None if changes is None else changes["events"],
+        )
+        return WrittenSnapshot(
+            snapshot_id=snapshot_id,
+            data_path=data_rel,
+            manifest_path=manifest_rel,
+            sha256=sha,
+            bytes=size,
+            records=len(records),
+            changes_path=None if changes is None else changes_rel,
+            events=None if changes is None else changes["events"],
+        )
+
+    async def _stage_changes(
+        self,
+        sink: Sink,
+        rel: str,
+        records: Sequence[JobRecord],
+        manifest: Mapping[str, Any],
+        previous: Mapping[str, Any] | None,
+        kept: list[Batch] | None,
+    ) -> dict[str, Any] | None:
+        """Compute the events into `sink` and seal it (not yet visible); None if skipped.
+        With `kept`, the new snapshot's comparison view is collected there."""
+        writer = _Writer(sink, gzip=self.compress == "gzip", level=self._level)
+        counts = dict.fromkeys(EVENT_TYPES, 0)
+        old: AsyncIterator[Batch]
+        if previous is None:
+            old = _no_batches()
+        elif self._view is not None and self._view[0] == previous["snapshot_id"]:
+            old = _replay(self._view[1])
+        else:
+            old = self._previous_batches(previous)
+        self._view = None  # consumed (or stale) either way
+        new = _record_batches(records, kept)
+        try:
+            async for batch in diff(old, new, old_manifest=previous, new_manifest=manifest):
+                for e in batch:
+                    counts[e.event] += 1
+                await writer.write(encode_events(batch))
+        except _UnreadablePrevious as exc:
+            writer.close()
+            await _abort(sink)
+            log.warning(
+                "changes.skipped",
+                previous_snapshot_id=manifest["previous_snapshot_id"],
+                error=str(exc.__cause__ or exc),
+            )
+            return None
+        except UnsortedError as exc:
+            writer.close()
+            if exc.side == "older":
+                await _abort(sink)
+                log.warning("changes.skipped", error=str(exc))
+                return None
+            raise
+        except BaseException:
+            writer.close()
+            raise
+        sha, size = await writer.finish()
+        return {
+            "path": rel,
+            "sha256": sha,
+            "bytes": size,
+            "events": sum(counts.values()),
+            "counts": counts,
+        }
+
+    async def _previous_batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[Batch]:
+        try:
+            async for batch in self._batches(manifest):
+                yield batch
+        except (OutputError, ValueError, KeyError, TypeError, zlib.error) as exc:
+            raise _UnreadablePrevious(str(exc)) from exc
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def _read_json(self, rel: str) -> dict[str, Any] | None:
+        body = await self._read(rel)
+        if body is None:
+            return None
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise OutputError(f"{self.locate(rel)}: not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise OutputError(f"{self.locate(rel)}: not a JSON object")
+        return value
+
+    async def _latest_rel(self) -> str | None:
+        body = await self._read(LATEST)
+        if body is None:
+            return None
+        return body.decode("utf-8", "replace").strip() or None
+
+    async def latest_manifest(self) -> dict[str, Any] | None:
+        """The manifest LATEST points to, or None when there is no snapshot yet."""
+        rel = await self._latest_rel()
+        if rel is None:
+            return None
+        try:
+            manifest = await self._read_json(rel)
+        except OutputError as exc:
+            raise OutputError(
+                f"{self.location}: LATEST points to an unreadable manifest {rel}"
+            ) from exc
+        if manifest is None:
+            raise OutputError(f"{self.location}: LATEST points to a missing manifest {rel}")
+        return manifest
+
+    async def read_manifest(self, snapshot_id: str) -> dict[str, Any]:
+        """The manifest of `snapshot_id` (`latest`: the one LATEST points to)."""
+        if snapshot_id.lower() == "latest":
+            manifest = await self.latest_manifest()
+        elif _SNAPSHOT_ID.fullmatch(snapshot_id):
+            manifest = await self._read_json(manifest_path(snapshot_id))
+        else:
+            raise OutputError(
+                f"{snapshot_id!r} is not a snapshot id (like 20261128T150000Z-3f9c) or 'latest'"
+            )
+        if manifest is None:
+            raise OutputError(f"{self.location}: no snapshot {snapshot_id}")
+        return manifest
+
+    async def _line_batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[list[bytes]]:
+        """The lines of a snapshot's data file (gzip or not), in batches, blank lines dropped."""
+        rel: str = manifest["data"]["path"]
+        unzip = zlib.decompressobj(31) if rel.endswith(".gz") else None
+        rest = b""
+        async for chunk in self._stream(rel):
+            if unzip is not None:
+                chunk = unzip.decompress(chunk)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            yield [line for line in lines if line]
+            await asyncio.sleep(0)  # a local file never makes us wait: let other tasks in
+        if unzip is not None:
+            rest += unzip.flush()
+            if not unzip.eof:
+                raise OutputError(f"{self.locate(rel)}: truncated gzip stream")
+        if rest.strip():
+            yield [line for line in rest.split(b"\n") if line]
+
+    async def _batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[Batch]:
+        """The comparison view of a snapshot's records, in batches."""
+        loads = orjson.loads
+        async for lines in self._line_batches(manifest):
+            yield batch_of_dicts(list(map(loads, lines)))
+
+    async def read_records(self, manifest: Mapping[str, Any]) -> AsyncIterator[JobRecord]:
+        """Stream the records of the snapshot described by `manifest` (gzip or not)."""
+        rel = manifest["data"]["path"]
+        try:
+            async for lines in self._line_batches(manifest):
+                for line in lines:
+                    yield JobRecord.from_json_dict(orjson.loads(line))
+        except (ValueError, KeyError, zlib.error) as exc:
+            raise OutputError(f"{self.locate(rel)}: not a valid snapshot: {exc}") from exc
+
+    async def diff(self, old: str, new: str) -> AsyncIterator[list[ChangeEvent]]:
+        """The change events from snapshot `old` to snapshot `new` (ids, or `latest`)."""
+        old_manifest = await self.read_manifest(old)
+        new_manifest = await self.read_manifest(new)
+
+        try:
+            async for batch in diff(
+                self._batches(old_manifest),
+                self._batches(new_manifest),
+                old_manifest=old_manifest,
+                new_manifest=new_manifest,
+            ):
+                yield batch
+        except (ValueError, KeyError, zlib.error) as exc:
+            raise OutputError(f"{self.location}: cannot compare {old} and {new}: {exc}") from exc
+
+    # --- retention -------------------------------------------------------------------------
+
+    async def _read_previous_id(self, snapshot_id: str) -> str | None:
+        """The `previous_snapshot_id` of a snapshot's manifest (None if unreadable)."""
+        try:
+            manifest = await self._read_json(manifest_path(snapshot_id))
+        except OutputError:
+            return None
+        return (manifest or {}).get("previous_snapshot_id")
+
+    async def _previous_ids(self, ids: Sequence[str]) -> None:
+        """Fill the cache of `previous_snapshot_id` for `ids`, a few reads at a time."""
+        missing = [i for i in ids if i not in self._previous_of]
+        gate = asyncio.Semaphore(8)
+
+        async def one(snapshot_id: str) -> None:
+            async with gate:
+                self._previous_of[snapshot_id] = await self._read_previous_id(snapshot_id)
+
+        async with asyncio.TaskGroup() as tg:
+            for snapshot_id in missing:
+                tg.create_task(one(snapshot_id))
+
+    async def prune(self, retain: int) -> Pruned:
+        """Delete all but the newest `retain` published snapshots, and crash debris.
+
+        The newest snapshots are found by following `previous_snapshot_id` back from LATEST
+        (up to 16 of them; beyond that by snapshot id, which sorts by start time), so two runs
+        that started in the same second are still told apart. A manifest off that chain but
+        among its snapshots was never published (a crash before LATEST) and goes; so do the
+        files of a snapshot without manifest that is older than LATEST's. Never deletes the
+        snapshot LATEST points to nor anything newer than it (a write in progress elsewhere),
+        and does nothing when there is no LATEST. A manifest goes before its data and change
+        files, so an interrupted prune leaves only files the next prune recognises as
+        incomplete. Raises `OutputError` if the location cannot be listed or a file cannot be
+        deleted.
+        """
+        if retain < 1:
+            raise ValueError(f"retain must be >= 1, got {retain}")
+        latest_rel = await self._latest_rel()
+        found = ARTIFACT_RE.fullmatch(latest_rel or "")
+        if found is None or found["kind"] != "manifest.json":
+            return Pruned()
+        latest = found["id"]
+        files: dict[str, list[str]] = defaultdict(list)
+        manifests: set[str] = set()
+        for rel in await self._list():
+            m = ARTIFACT_RE.fullmatch(rel)
+            if m is None:
+                continue
+            files[m["id"]].append(rel)
+            if m["kind"] == "manifest.json" and not m["tmp"]:
+                manifests.add(m["id"])
+        if latest not in manifests:
+            log.warning("snapshot.prune_skipped", reason="LATEST names a missing manifest")
+            return Pruned()
+
+        older = sorted((i for i in manifests if i < latest), reverse=True)
+        await self._previous_ids([latest, *older[: _CHAIN_DEPTH - 1]])
+        chain = [latest]
+        while len(chain) < _CHAIN_DEPTH:
+            prev = self._previous_of.get(chain[-1])
+            if prev is None or prev not in manifests or prev in chain:
+                break
+            if prev not in self._previous_of:
+                await self._previous_ids([prev])
+            chain.append(prev)
+        beyond = self._previous_of.get(chain[-1])  # published too, if the walk hit its depth
+        if beyond in manifests and beyond not in chain:
+            chain.append(beyond)
+        lo, hi = min(chain), max(chain)
+        on_chain = set(chain)
+        orphaned = sorted(i for i in manifests if lo < i < hi and i not in on_chain)
+        rest = sorted((i for i in manifests if i < lo), reverse=True)
+        ordered = chain + rest  # newest first; anything above `hi` is left alone
+        expired = sorted(ordered[retain:])
+        kept = len(ordered) - len(expired)
+        incomplete = sorted(i for i in files if i not in manifests and i < hi)
+
+        doomed = expired + orphaned
+        if doomed or incomplete:
+            await self._delete([manifest_path(i) for i in doomed])
+            await self._delete(
+                [rel for i in doomed + incomplete for rel in files[i] if rel != manifest_path(i)]
+            )
+            for i in doomed:
+                self._previous_of.pop(i, None)
+            log.info(
+                "snapshot.pruned",
+                expired=len(expired),
+                orphaned=len(orphaned),
+                incomplete=len(incomplete),
+                kept=kept,
+            )
+        return Pruned(
+            expired=tuple(expired),
+            orphaned=tuple(orphaned),
+            incomplete=tuple(incomplete),
+            kept=kept,
+        )
+
+
+# --- a local directory -----------------------------------------------------------------------
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,130 +860,214 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(final: Path, chunks: Iterable[bytes]) -> tuple[str, int]:
-    """Write `chunks` to `final` via temp + fsync + rename; returns (sha256, size)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with open(tmp, "wb", buffering=1 << 20) as fh:
-            for chunk in chunks:
-                digest.update(chunk)
-                size += len(chunk)
-                fh.write(chunk)
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(READ_CHUNK):
+            yield chunk
+
+
+class _LocalSink(Sink):
+    """A hidden temporary file in the final folder, renamed over the final name; written from
+    the writer thread."""
+
+    threaded = True
+
+    def __init__(self, store: LocalStore, final: Path) -> None:
+        self._store = store
+        self._final = final
+        self._tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in seal/abort
+
+    def write_blocking(self, data: bytes) -> None:
+        assert self._fh is not None
+        with self._store.guard("write the snapshot"):
+            self._fh.write(data)
+
+    async def write(self, data: bytes) -> None:
+        self.write_blocking(data)
+
+    async def seal(self) -> None:
+        fh = self._fh
+        assert fh is not None
+        with self._store.guard("write the snapshot"):
             fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest(), size
+            await asyncio.to_thread(os.fsync, fh.fileno())
+            self._fh = None
+            fh.close()
+
+    async def publish(self) -> None:
+        with self._store.guard("write the snapshot"):
+            os.replace(self._tmp, self._final)
+            _fsync_dir(self._final.parent)
+
+    async def abort(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):  # the file goes anyway; the first error matters
+                fh.close()
+        self._tmp.unlink(missing_ok=True)
 
 
-def _record_lines(records: Iterable[JobRecord], batch: int = 4096) -> Iterator[bytes]:
-    buf: list[bytes] = []
-    dumps = orjson.dumps
-    for record in records:
-        buf.append(dumps(record.to_json_dict(), option=_OPTS))
-        if len(buf) >= batch:
-            yield b"\n".join(buf) + b"\n"
-            buf.clear()
-    if buf:
-        yield b"\n".join(buf) + b"\n"
+class LocalStore(Store):
+    """Snapshots in a local directory (created on first write).
 
+    Keyword options as for `Store`.
+    """
 
-class SnapshotStore:
-    """A local output directory holding snapshots (see the module docstring for the layout)."""
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], **options: Any) -> None:
+        super().__init__(**options)
         self.root = Path(directory)
+        self.location = str(self.root)
 
-    def _guard(self, action: str, exc: OSError) -> OutputError:
-        reason = exc.strerror or type(exc).__name__
-        return OutputError(f"{self.root}: cannot {action}: {reason}")
+    def guard(self, action: str) -> _Guard:
+        """Context manager mapping OSError to OutputError naming the directory."""
+        return _Guard(self.location, action)
 
-    def write(
-        self, snapshot_id: str, records: Iterable[JobRecord], manifest: dict[str, Any]
-    ) -> WrittenSnapshot:
-        """Write data file, then manifest (with the data file's digest), then LATEST."""
-        folder = Path("snapshots") / f"date={_date_of(snapshot_id)}"
-        data_rel = folder / f"{snapshot_id}.jsonl"
-        manifest_rel = folder / f"{snapshot_id}.manifest.json"
-        counted = _Counter(records)
-        try:
-            sha, size = _atomic_write(self.root / data_rel, _record_lines(counted))
-            full = {
-                **manifest,
-                "snapshot_id": snapshot_id,
-                "data": {
-                    "path": data_rel.as_posix(),
-                    "sha256": sha,
-                    "bytes": size,
-                    "records": counted.n,
-                },
-            }
-            body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
-            _atomic_write(self.root / manifest_rel, [body])
-            _atomic_write(self.root / "LATEST", [manifest_rel.as_posix().encode() + b"\n"])
-        except OSError as exc:
-            raise self._guard("write the snapshot", exc) from exc
-        return WrittenSnapshot(
-            snapshot_id=snapshot_id,
-            data_path=data_rel.as_posix(),
-            manifest_path=manifest_rel.as_posix(),
-            sha256=sha,
-            bytes=size,
-            records=counted.n,
-        )
+    def locate(self, rel: str) -> Path:
+        return self.root / rel
 
-    def check_writable(self) -> None:
-        """Fail early (before any AWS call) if the output directory cannot be written."""
-        try:
+    async def _open_backend(self) -> None:
+        return None
+
+    async def _close_backend(self) -> None:
+        return None
+
+    async def check_writable(self) -> None:
+        with self.guard("write to the output directory"):
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
-        except OSError as exc:
-            raise self._guard("write to the output directory", exc) from exc
 
-    def latest_manifest(self) -> dict[str, Any] | None:
-        """The manifest LATEST points to, or None when there is no snapshot yet."""
+    async def _open(self, rel: str, metadata: Mapping[str, str] | None = None) -> Sink:
+        with self.guard("write the snapshot"):
+            return _LocalSink(self, self.root / rel)
+
+    async def _read(self, rel: str) -> bytes | None:
         try:
-            rel = (self.root / "LATEST").read_text(encoding="utf-8").strip()
+            return (self.root / rel).read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise self._guard("read LATEST", exc) from exc
-        try:
-            manifest: dict[str, Any] = orjson.loads((self.root / rel).read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise OutputError(
-                f"{self.root}: LATEST points to an unreadable manifest {rel}"
-            ) from exc
-        return manifest
+            raise _Guard(self.location, f"read {rel}").error(exc) from exc
+
+    async def _stream(self, rel: str) -> AsyncIterator[bytes]:
+        with self.guard(f"read {rel}"):
+            for chunk in _file_chunks(self.root / rel):
+                yield chunk
+
+    async def _list(self) -> list[str]:
+        out: list[str] = []
+        with self.guard("list the output directory"):
+            for top in ("snapshots", "changes"):
+                try:
+                    folders = list(os.scandir(self.root / top))
+                except FileNotFoundError:
+                    continue
+                for folder in folders:
+                    if folder.is_dir() and folder.name.startswith("date="):
+                        out.extend(
+                            f"{top}/{folder.name}/{f.name}"
+                            for f in os.scandir(folder.path)
+                            if f.is_file()
+                        )
+        return out
+
+    async def _delete(self, rels: Sequence[str]) -> None:
+        folders = set()
+        with self.guard("delete old snapshots"):
+            for rel in rels:
+                path = self.root / rel
+                path.unlink(missing_ok=True)
+                folders.add(path.parent)
+        for folder in folders:
+            with contextlib.suppress(OSError):  # only succeeds once the folder is empty
+                folder.rmdir()
+
+
+class _Guard:
+    """`with _Guard(location, action):` turns OSError into OutputError."""
+
+    def __init__(self, location: str, action: str) -> None:
+        self.location = location
+        self.action = action
+
+    def error(self, exc: OSError) -> OutputError:
+        reason = exc.strerror or type(exc).__name__
+        return OutputError(f"{self.location}: cannot {self.action}: {reason}")
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, OSError):
+            raise self.error(exc) from exc
+
+
+def open_store(location: str | os.PathLike[str], **options: Any) -> Store:
+    """The store for `location`: `s3://bucket/prefix` -> `S3Store`, anything else a directory.
+
+    Options: `compress`, `gzip_level` (every store); for S3 also `session` (an AioSession for
+    the credentials; default: the standard AWS chain) and the upload options of `S3Store`.
+    Use as `async with open_store(...) as store:`.
+    """
+    text = os.fspath(location)
+    if text.startswith("s3://"):
+        from .s3 import S3Store
+
+        return S3Store(text, **options)
+    options.pop("session", None)
+    return LocalStore(text, **options)
+
+
+async def diff_command(
+    location: str | os.PathLike[str], old: str, new: str, *, out: IO[bytes], **options: Any
+) -> int:
+    """`snowball-aggregator diff OLD NEW`: write the events between two snapshots as JSON
+    Lines to `out`; returns the exit code (0). Raises `OutputError` for an unknown snapshot."""
+    async with open_store(location, **options) as store:
+        async for batch in store.diff(old, new):
+            out.write(encode_events(batch))
+    out.flush()
+    return 0
+
+
+class SnapshotStore:
+    """Deprecated synchronous facade over `LocalStore`, kept only until service.py awaits a
+    `Store` from `open_store`; it runs each call on a private event loop in a worker thread."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self._store = LocalStore(directory)
+        self.root = self._store.root
+
+    def check_writable(self) -> None:
+        _blocking(self._store.check_writable())
+
+    def latest_manifest(self) -> dict[str, Any] | None:
+        return _blocking(self._store.latest_manifest())
 
     def read_records(self, manifest: dict[str, Any]) -> Iterator[JobRecord]:
-        """Stream the records of the snapshot described by `manifest`."""
-        path = self.root / manifest["data"]["path"]
-        try:
-            with open(path, "rb") as fh:
-                for line in fh:
-                    if line.strip():
-                        yield JobRecord.from_json_dict(orjson.loads(line))
-        except OSError as exc:
-            raise self._guard(f"read {manifest['data']['path']}", exc) from exc
+        async def collect() -> list[JobRecord]:
+            return [r async for r in self._store.read_records(manifest)]
+
+        return iter(_blocking(collect()))
+
+    def write(
+        self, snapshot_id: str, records: Iterable[JobRecord], manifest: dict[str, Any]
+    ) -> WrittenSnapshot:
+        async def go() -> WrittenSnapshot:
+            previous = await self._store.latest_manifest()
+            return await self._store.write(snapshot_id, list(records), manifest, previous=previous)
+
+        return _blocking(go())
 
 
-class _Counter:
-    """Counts records as they stream past on their way to the file."""
-
-    def __init__(self, records: Iterable[JobRecord]) -> None:
-        self._records = records
-        self.n = 0
-
-    def __iter__(self) -> Iterator[JobRecord]:
-        for record in self._records:
-            self.n += 1
-            yield record
+def _blocking(coro: Coroutine[Any, Any, _T]) -> _T:
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

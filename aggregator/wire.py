@@ -1,15 +1,250 @@
-"""Wire: cheaper response handling through botocore's public hooks (filled in by issue 7).
+"""Wire: cheaper ListJobs response handling through botocore's public hooks.
 
 `install(session)` registers, on one aiobotocore session, the handlers that make ListJobs cheap
-to parse. Every client created from the session afterwards inherits them.
+to parse; every client created from the session afterwards inherits them:
+
+- A `before-parse.snowball.ListJobs` handler decodes a 200 body with orjson (JSON 1.1) or
+  cbor2 (Smithy RPC v2 CBOR), both C decoders, and hands the result to botocore through the
+  hook's `customized_response_dict`. That is the hook's contract in botocore and aiobotocore
+  (`endpoint._do_get_response`): handlers' return values are ignored, the parser always
+  runs, and `customized_response_dict` is merged into what it returns. So the handler also
+  swaps the body for an empty document, leaving botocore's parser nothing to walk (it walks
+  the shape model field by field in Python and converts every timestamp through dateutil:
+  most of the CPU of a page).
+- The session's response parser factory gets a timestamp parser that converts epoch numbers
+  straight to UTC datetimes (`set_parser_defaults(timestamp_parser=...)`), for whatever
+  botocore still parses itself.
+
+The result is the same dict botocore builds: only members of the output shape, `null` members
+left out, timestamps as aware datetimes (UTC instead of local time: the same instants). The
+handler takes the fast path only when it can prove that; a decoded body it does not vouch for
+(a member type it does not handle, a value of the wrong kind, a non-200 status) is left
+untouched for botocore, so error responses raise botocore's modeled errors as before. One
+deliberate difference: a 200 body that does not decode at all raises botocore's
+`ResponseParserError` on JSON as on CBOR, where botocore's JSON parser would return an empty
+result (or raise `UnicodeDecodeError` when the cut falls inside a UTF-8 sequence). Truncated
+bodies fail in aiohttp before parsing, as without this module.
+
+A CBOR caveat: cbor2 decodes semantic tags that botocore rejects (tag 0 date strings,
+bignums); a service that sent them would be read rather than refused.
 """
 
 from __future__ import annotations
 
-from aiobotocore.session import AioSession
+import weakref
+from datetime import UTC, datetime
+from typing import Any
 
-__all__ = ["install"]
+import cbor2
+import orjson
+from aiobotocore.session import AioSession
+from botocore.parsers import ResponseParserError
+from botocore.utils import parse_timestamp
+
+__all__ = ["install", "parse_timestamp_fast"]
+
+HANDLER_ID = "snowball-aggregator.wire.list-jobs"
+
+# Scalar member types whose decoded value botocore passes through unchanged (JSON and CBOR).
+_PASS_THROUGH = frozenset({"string", "boolean", "integer", "long", "float", "double"})
+# The empty document each protocol's parser reads as "no members", without walking anything.
+_EMPTY_BODY = {"json": b"", "smithy-rpc-v2-cbor": b"\xa0"}
+
+
+def parse_timestamp_fast(value: Any) -> datetime:
+    """botocore's timestamp parser with a fast path: epoch numbers become UTC datetimes.
+
+    Everything else (ISO 8601 or RFC 822 text, numeric strings) goes to botocore's own
+    `parse_timestamp`. botocore returns epoch numbers in local time; the instant is the same.
+    """
+    if type(value) is float or type(value) is int:
+        return datetime.fromtimestamp(value, UTC)
+    result: datetime = parse_timestamp(value)
+    return result
+
+
+class _Entries:
+    """How to take one list-of-structures member as decoded: its members by kind."""
+
+    __slots__ = ("known", "timestamps")
+
+    def __init__(self, known: frozenset[str], timestamps: tuple[str, ...]) -> None:
+        self.known = known
+        self.timestamps = timestamps
+
+
+class _Plan:
+    """The output shape of an operation, reduced to what the fast path must do."""
+
+    __slots__ = ("known", "lists", "timestamps")
+
+    def __init__(
+        self, known: frozenset[str], timestamps: tuple[str, ...], lists: dict[str, _Entries]
+    ) -> None:
+        self.known = known
+        self.timestamps = timestamps
+        self.lists = lists
+
+
+def _flat_members(shape: Any) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """(member names, timestamp members) of a structure of scalars; None if not that."""
+    if shape.type_name != "structure" or shape.is_document_type or shape.is_tagged_union:
+        return None
+    names: list[str] = []
+    timestamps: list[str] = []
+    for name, member in shape.members.items():
+        if member.serialization.get("name", name) != name:
+            return None
+        if member.type_name == "timestamp":
+            timestamps.append(name)
+        elif member.type_name not in _PASS_THROUGH:
+            return None
+        names.append(name)
+    return frozenset(names), tuple(timestamps)
+
+
+def _plan_for(shape: Any) -> _Plan | None:
+    """The fast-path plan of an output shape: scalars, timestamps and lists of flat
+    structures at the top level. None (botocore parses) for anything richer."""
+    if shape is None or shape.type_name != "structure":
+        return None
+    if shape.is_document_type or shape.is_tagged_union or shape.event_stream_name:
+        return None
+    names: list[str] = []
+    timestamps: list[str] = []
+    lists: dict[str, _Entries] = {}
+    for name, member in shape.members.items():
+        if member.serialization.get("name", name) != name or member.serialization.get("location"):
+            return None
+        kind = member.type_name
+        if kind == "timestamp":
+            timestamps.append(name)
+        elif kind == "list":
+            flat = _flat_members(member.member)
+            if flat is None:
+                return None
+            lists[name] = _Entries(*flat)
+        elif kind not in _PASS_THROUGH:
+            return None
+        names.append(name)
+    return _Plan(frozenset(names), tuple(timestamps), lists)
+
+
+# Output shapes are built once per client (botocore caches them on its ServiceModel), so
+# plans are keyed by the shape object and go away with the clients that made them.
+_plans: weakref.WeakKeyDictionary[Any, _Plan | None] = weakref.WeakKeyDictionary()
+
+
+def _cached_plan(shape: Any) -> _Plan | None:
+    try:
+        return _plans[shape]
+    except KeyError:
+        plan = _plans[shape] = _plan_for(shape)
+        return plan
+
+
+def _json_time(value: Any) -> datetime | None:
+    # bool is a subclass of int: botocore would reject it, so the fast path must too.
+    if type(value) is float or type(value) is int:
+        return datetime.fromtimestamp(value, UTC)
+    return None
+
+
+def _cbor_time(value: Any) -> datetime | None:
+    # cbor2 decodes tag 1 (epoch seconds) to an aware UTC datetime, as botocore does; any
+    # other representation is left to botocore.
+    if type(value) is datetime and value.tzinfo is UTC:
+        return value
+    return None
+
+
+def _clean(
+    node: Any, known: frozenset[str], timestamps: tuple[str, ...], to_time: Any
+) -> dict[str, Any] | None:
+    """One decoded structure as botocore's parser returns it; None to give up."""
+    if type(node) is not dict:
+        return None
+    entry: dict[str, Any] = node
+    if not entry.keys() <= known or None in entry.values():
+        # Unknown members are ignored and nulls left out, as botocore's parsers do.
+        entry = {k: v for k, v in entry.items() if k in known and v is not None}
+    for name in timestamps:
+        value = entry.get(name)
+        if value is not None:
+            converted = to_time(value)
+            if converted is None:
+                return None
+            entry[name] = converted
+    return entry
+
+
+def _shape_result(data: Any, plan: _Plan, to_time: Any) -> dict[str, Any] | None:
+    top = _clean(data, plan.known, plan.timestamps, to_time)
+    if top is None:
+        return None
+    for name, entries in plan.lists.items():
+        items = top.get(name)
+        if items is None:
+            continue
+        if type(items) is not list:
+            return None
+        known, timestamps = entries.known, entries.timestamps
+        cleaned = []
+        for item in items:
+            entry = _clean(item, known, timestamps, to_time)
+            if entry is None:
+                return None
+            cleaned.append(entry)
+        top[name] = cleaned
+    return top
+
+
+def _decode_json(body: bytes) -> Any:
+    return orjson.loads(body)
+
+
+def _decode_cbor(body: bytes) -> Any:
+    return cbor2.loads(body)
+
+
+_DECODERS = {"json": (_decode_json, _json_time), "smithy-rpc-v2-cbor": (_decode_cbor, _cbor_time)}
+
+
+def _before_parse(
+    operation_model: Any,
+    response_dict: dict[str, Any],
+    customized_response_dict: dict[str, Any],
+    **_: Any,
+) -> None:
+    """Decode a successful ListJobs body with a C decoder; leave anything else to botocore."""
+    if response_dict.get("status_code") != 200:
+        return  # errors go through botocore's error parsing and modeled exceptions
+    protocol = operation_model.service_model.resolved_protocol
+    codec = _DECODERS.get(protocol)
+    body = response_dict.get("body")
+    if codec is None or type(body) is not bytes:
+        return
+    plan = _cached_plan(operation_model.output_shape)
+    if plan is None:
+        return
+    decode, to_time = codec
+    try:
+        data = decode(body)
+    except Exception as exc:
+        # A 200 ListJobs always carries a document. botocore would read a torn JSON body as
+        # an empty result (or fail on a cut UTF-8 sequence); say what it is, on both wires.
+        raise ResponseParserError(
+            f"unparseable {operation_model.name} response body ({len(body)} bytes)"
+        ) from exc
+    parsed = _shape_result(data, plan, to_time)
+    if parsed is None:
+        return
+    customized_response_dict.update(parsed)
+    response_dict["body"] = _EMPTY_BODY[protocol]
 
 
 def install(session: AioSession) -> None:
-    """Register the wire optimisations on `session` (none yet)."""
+    """Register the wire optimisations on `session` (before any client is created from it)."""
+    session.register("before-parse.snowball.ListJobs", _before_parse, unique_id=HANDLER_ID)
+    factory = session.get_component("response_parser_factory")
+    factory.set_parser_defaults(timestamp_parser=parse_timestamp_fast)

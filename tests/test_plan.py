@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from aggregator.accounts import Account, static_accounts
-from aggregator.config import AccountsSettings, RegionsSettings, snowball_regions
+from structlog.testing import capture_logs
+
+from aggregator.accounts import Account
+from aggregator.config import RegionsSettings, snowball_regions
 from aggregator.plan import US_REGIONS, build_plan, select_regions
 
 
-def acct(n: int) -> Account:
-    return Account(account_id=f"{n:012d}", role_arn=f"arn:aws:iam::{n:012d}:role/R")
+def acct(n: int, partition: str = "aws") -> Account:
+    return Account(
+        account_id=f"{n:012d}",
+        role_arn=f"arn:{partition}:iam::{n:012d}:role/R",
+        partition=partition,
+    )
 
 
 def test_all_means_every_snowball_region_minus_exclude() -> None:
@@ -46,23 +52,53 @@ def test_plan_interleaves_accounts() -> None:
     ]
 
 
-def test_static_accounts_merge_sources_and_exclude() -> None:
-    """List entries keep their role, ids get role_name's ARN, excluded ids vanish."""
-    settings = AccountsSettings.model_validate(
+def test_regions_are_per_partition() -> None:
+    """One region list serves every partition: each account gets its own partition's regions."""
+    settings = RegionsSettings(names=("us-east-1", "eu-west-1", "cn-north-1", "us-gov-west-1"))
+    plan = build_plan([acct(1), acct(2, "aws-cn"), acct(3, "aws-us-gov")], settings)
+    by_account: dict[str, set[str]] = {}
+    for p in plan:
+        by_account.setdefault(p.account_id, set()).add(p.region)
+    assert by_account == {
+        "000000000001": {"us-east-1", "eu-west-1"},
+        "000000000002": {"cn-north-1"},
+        "000000000003": {"us-gov-west-1"},
+    }
+
+
+def test_all_expands_within_each_partition() -> None:
+    """`all` means botocore's Snowball regions of the account's own partition."""
+    for partition in ("aws-cn", "aws-us-gov"):
+        plan = build_plan([acct(1, partition)], RegionsSettings(names=("all",)))
+        assert tuple(sorted(p.region for p in plan)) == snowball_regions(partition)
+        assert select_regions(RegionsSettings(), partition) == snowball_regions(partition)
+
+
+def test_us_group_is_commercial_only() -> None:
+    """us_strategy "one" folds the commercial US regions; GovCloud regions stay separate."""
+    settings = RegionsSettings(names=("all",), us_strategy="one")
+    gov = build_plan([acct(1, "aws-us-gov")], settings)
+    assert sorted((p.region, p.fallbacks) for p in gov) == [
+        ("us-gov-east-1", ()),
+        ("us-gov-west-1", ()),
+    ]
+    assert not set(US_REGIONS) & set(snowball_regions("aws-us-gov"))
+
+
+def test_partition_without_selected_regions_is_reported() -> None:
+    """Accounts of a partition none of whose regions is selected get no partitions, and a
+    warning says so."""
+    with capture_logs() as logs:
+        plan = build_plan(
+            [acct(1), acct(2, "aws-cn"), acct(3, "aws-cn")], RegionsSettings(names=("eu-west-1",))
+        )
+    assert [p.key for p in plan] == ["000000000001/eu-west-1"]
+    assert [e for e in logs if e["event"] == "plan.no_regions"] == [
         {
-            "role_name": "Reader",
-            "external_id": "ext",
-            "ids": ("111111111111", "222222222222", "333333333333"),
-            "exclude": ("222222222222",),
-            "list": (
-                {"id": "333333333333", "role_arn": "arn:aws:iam::333333333333:role/Other"},
-                {"id": "444444444444", "role_arn": "arn:aws-cn:iam::444444444444:role/Cn"},
-            ),
+            "event": "plan.no_regions",
+            "log_level": "warning",
+            "partition": "aws-cn",
+            "accounts": 2,
+            "reason": "regions.names selects no region of aws-cn",
         }
-    )
-    accounts = {a.account_id: a for a in static_accounts(settings)}
-    assert set(accounts) == {"111111111111", "333333333333", "444444444444"}
-    assert accounts["111111111111"].role_arn == "arn:aws:iam::111111111111:role/Reader"
-    assert accounts["111111111111"].external_id == "ext"
-    assert accounts["333333333333"].role_arn.endswith(":role/Other")
-    assert accounts["444444444444"].partition == "aws-cn"
+    ]

@@ -1,69 +1,455 @@
-"""Snapshot: the layout of DESIGN.md, sorted lines, a manifest whose sha256 matches."""
+"""Snapshot: the layout of DESIGN.md, atomic writes in order, gzip, reading back, retention."""
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import hashlib
 import os
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
+from aggregator import snapshot
+from aggregator.config import OutputSettings
 from aggregator.errors import OutputError
 from aggregator.records import JobRecord
-from aggregator.snapshot import SnapshotStore, new_snapshot_id
+from aggregator.service import run_once
+from aggregator.snapshot import LocalStore, Store, new_snapshot_id, open_store
+
+from .conftest import SandboxFactory, make_settings
+
+WIRED = "compress" in OutputSettings.model_fields
+needs_wiring = pytest.mark.skipif(not WIRED, reason="needs output.retain wired into service.py")
+A = "111111111111"
+PARTITIONS = [{"account_id": A, "region": "eu-west-1", "status": "ok"}]
 
 
-def record(job_id: str, account_id: str = "111111111111") -> JobRecord:
-    return JobRecord.from_json_dict(
+def sid(n: int) -> str:
+    """Snapshot ids one minute apart, in order."""
+    return f"20261128T{15 + n // 60:02d}{n % 60:02d}00Z-{n:04x}"
+
+
+def record(job_id: str, snapshot_id: str = "20261128T150000Z-abcd", **fields: Any) -> JobRecord:
+    base = JobRecord.from_json_dict(
         {
-            "account_id": account_id,
+            "account_id": A,
             "job_id": job_id,
+            "job_state": "New",
             "regions": ["eu-west-1"],
-            "snapshot_id": "20261128T150000Z-abcd",
+            "snapshot_id": snapshot_id,
             "observed_at": "2026-11-28T15:00:03Z",
         }
     )
+    return replace(base, **fields)
 
 
-def test_layout_manifest_and_latest(tmp_path: Path) -> None:
-    """Data, manifest and LATEST land where DESIGN.md says, with a matching digest."""
-    store = SnapshotStore(tmp_path)
-    written = store.write("20261128T150000Z-abcd", [record("A"), record("B")], {"status": "x"})
-    data = tmp_path / "snapshots" / "date=2026-11-28" / "20261128T150000Z-abcd.jsonl"
-    manifest_path = data.with_name("20261128T150000Z-abcd.manifest.json")
-    assert data.is_file() and manifest_path.is_file()
-    assert (tmp_path / "LATEST").read_text().strip() == written.manifest_path
+def records(snapshot_id: str, states: dict[str, str]) -> list[JobRecord]:
+    return [record(j, snapshot_id, job_state=s) for j, s in sorted(states.items())]
+
+
+async def write(
+    store: Store, snapshot_id: str, states: dict[str, str], **manifest: Any
+) -> snapshot.WrittenSnapshot:
+    """One cycle's write as the service does it: previous = what LATEST names."""
+    previous = await store.latest_manifest()
+    return await store.write(
+        snapshot_id,
+        records(snapshot_id, states),
+        {"status": "complete", "partition_status": PARTITIONS, **manifest},
+        previous=previous,
+    )
+
+
+def tmp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def files_of(root: Path, pattern: str) -> list[Path]:
+    return list(root.glob(pattern))
+
+
+def snapshot_ids(root: Path) -> list[str]:
+    return sorted(
+        p.name.removesuffix(".manifest.json") for p in root.glob("snapshots/*/*.manifest.json")
+    )
+
+
+async def test_layout_manifest_changes_and_latest(tmp_path: Path) -> None:
+    """Data, manifest, change file and LATEST land where DESIGN.md says, with digests."""
+    async with LocalStore(tmp_path) as store:
+        written = await write(store, "20261128T150000Z-abcd", {"A": "New", "B": "New"})
+    folder = tmp_path / "snapshots" / "date=2026-11-28"
+    data = folder / "20261128T150000Z-abcd.jsonl"
+    manifest_path = folder / "20261128T150000Z-abcd.manifest.json"
+    changes = tmp_path / "changes" / "date=2026-11-28" / "20261128T150000Z-abcd.jsonl"
+    assert data.is_file() and manifest_path.is_file() and changes.is_file()
+    assert (tmp_path / "LATEST").read_text() == written.manifest_path + "\n"
     manifest = orjson.loads(manifest_path.read_bytes())
-    assert manifest["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
-    assert manifest["data"]["bytes"] == data.stat().st_size
-    assert manifest["data"]["records"] == 2
+    assert manifest["snapshot_id"] == written.snapshot_id
+    assert manifest["previous_snapshot_id"] is None
+    assert manifest["data"] == {
+        "path": "snapshots/date=2026-11-28/20261128T150000Z-abcd.jsonl",
+        "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+        "bytes": data.stat().st_size,
+        "records": 2,
+        "compression": None,
+    }
+    assert manifest["changes"]["path"] == "changes/date=2026-11-28/20261128T150000Z-abcd.jsonl"
+    assert manifest["changes"]["sha256"] == hashlib.sha256(changes.read_bytes()).hexdigest()
+    assert manifest["changes"]["events"] == 2 == manifest["changes"]["counts"]["job_added"]
     lines = data.read_bytes().splitlines()
     first = orjson.loads(lines[0])
-    assert list(first) == sorted(first)  # keys sorted
-    assert store.latest_manifest() == manifest
-    assert [r.job_id for r in store.read_records(manifest)] == ["A", "B"]
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert list(first) == sorted(first)
+    assert first == records(written.snapshot_id, {"A": "New"})[0].to_json_dict()
+    async with LocalStore(tmp_path) as store:
+        assert await store.latest_manifest() == manifest
+        assert [r.job_id async for r in store.read_records(manifest)] == ["A", "B"]
+    assert not tmp_files(tmp_path)
 
 
-def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
+def test_fast_encoder_is_in_use_and_equals_the_record_dict() -> None:
+    """The batch encoder writes exactly `to_json_dict()` with sorted keys, one per line,
+    whatever the strings hold (quotes, braces that look like a boundary, newlines)."""
+    assert snapshot.FAST_RECORD_ENCODER, "update _RECORD_FIELDS in snapshot.py"
+    tricky = [
+        record("A", description='},{"account_id":"222222222222"}'),
+        record("B", description='line\nbreak "quoted" \\ back\\slash \u2028 \U0001f680'),
+        record("C", job_state=None, job_type=None, is_master=None, creation_date=None),
+        record("D", regions=("us-east-1", "us-west-2"), stale=True, job_state="Brand-New"),
+    ]
+    body = snapshot._encode_records(tricky)
+    expected = b"".join(
+        orjson.dumps(r.to_json_dict(), option=orjson.OPT_SORT_KEYS) + b"\n" for r in tricky
+    )
+    assert body == expected
+    assert [JobRecord.from_json_dict(orjson.loads(line)) for line in body.splitlines()] == tricky
+    assert snapshot._encode_records([]) == b""
+
+
+async def test_gzip_files_round_trip(tmp_path: Path) -> None:
+    """compress="gzip" writes .jsonl.gz data and change files whose digest is of the stored
+    bytes; records read back unchanged."""
+    recs = records("20261128T150000Z-abcd", {f"J{i:05d}": "New" for i in range(20_000)})
+    async with LocalStore(tmp_path, compress="gzip") as store:
+        written = await store.write(
+            "20261128T150000Z-abcd", recs, {"partition_status": PARTITIONS}, previous=None
+        )
+        manifest = await store.latest_manifest()
+        assert manifest is not None
+        assert [r async for r in store.read_records(manifest)] == recs
+    assert written.data_path.endswith(".jsonl.gz") and manifest["data"]["compression"] == "gzip"
+    stored = (tmp_path / written.data_path).read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == manifest["data"]["sha256"]
+    assert len(stored) == manifest["data"]["bytes"] < len(gzip.decompress(stored)) // 5
+    assert gzip.decompress(stored) == snapshot._encode_records(recs)
+    changes = (tmp_path / manifest["changes"]["path"]).read_bytes()
+    assert len(gzip.decompress(changes).splitlines()) == 20_000
+
+
+@pytest.mark.parametrize(("before", "after"), [("none", "gzip"), ("gzip", "none")])
+async def test_previous_snapshot_is_read_whatever_its_compression(
+    tmp_path: Path, before: str, after: str
+) -> None:
+    """Changing `compress` between runs keeps the changes flowing: the manifest's path says
+    how to read the previous data file."""
+    async with open_store(tmp_path, compress=before) as store:
+        await write(store, sid(0), {"A": "New", "B": "New"})
+    async with open_store(tmp_path, compress=after) as store:
+        written = await write(store, sid(1), {"A": "Complete", "C": "New"})
+    manifest = orjson.loads((tmp_path / written.manifest_path).read_bytes())
+    assert manifest["changes"]["counts"] == {
+        "job_added": 1,
+        "job_recovered": 0,
+        "state_changed": 1,
+        "job_went_stale": 0,
+        "job_removed": 1,
+    }
+
+
+async def test_failure_while_writing_data_leaves_the_previous_snapshot(tmp_path: Path) -> None:
+    """An error in the middle of the data file: no new file under a final name, no temp
+    file, LATEST unchanged."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        latest = (tmp_path / "LATEST").read_bytes()
+        bad = records(sid(1), {f"J{i:05d}": "New" for i in range(20_000)})
+        bad[15_000] = replace(bad[15_000], description=object())  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await store.write(sid(1), bad, {"partition_status": PARTITIONS}, previous=None)
+    assert (tmp_path / "LATEST").read_bytes() == latest
+    assert snapshot_ids(tmp_path) == [sid(0)]
+    assert not files_of(tmp_path, f"*/*/{sid(1)}*") and not tmp_files(tmp_path)
+
+
+async def test_failure_before_latest_keeps_latest_and_staged_changes_vanish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the manifest cannot be written, the staged change file is removed and LATEST still
+    names the previous snapshot; the data file left behind is pruned later as incomplete."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        real_put = store._put
+
+        async def failing_put(rel: str, *args: Any, **kwargs: Any) -> Any:
+            if rel.endswith(".manifest.json"):
+                raise OutputError("disk full (simulated)")
+            return await real_put(rel, *args, **kwargs)
+
+        monkeypatch.setattr(store, "_put", failing_put)
+        with pytest.raises(OutputError, match="simulated"):
+            await write(store, sid(1), {"A": "Complete"})
+        monkeypatch.setattr(store, "_put", real_put)
+        assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
+        assert not files_of(tmp_path, f"changes/*/{sid(1)}*") and not tmp_files(tmp_path)
+        assert files_of(tmp_path, f"snapshots/*/{sid(1)}.jsonl")  # debris
+        await write(store, sid(2), {"A": "Complete"})
+        pruned = await store.prune(5)
+    assert pruned.incomplete == (sid(1),)
+    assert not files_of(tmp_path, f"*/*/{sid(1)}*")
+    assert snapshot_ids(tmp_path) == [sid(0), sid(2)]
+
+
+async def test_a_cancelled_write_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelling a write while its writer thread is busy (the shutdown deadline) waits for
+    that chunk, then removes the temporary files; LATEST stays."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        release = threading.Event()
+        real_write = snapshot._LocalSink.write_blocking
+
+        def slow(self: Any, data: bytes) -> None:
+            real_write(self, data)
+            loop.call_soon_threadsafe(started.set)
+            release.wait(timeout=30)
+
+        monkeypatch.setattr(snapshot._LocalSink, "write_blocking", slow)
+        task = asyncio.create_task(write(store, sid(1), {"A": "Complete"}))
+        await started.wait()
+        assert tmp_files(tmp_path), "the data file is being written"
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not tmp_files(tmp_path)
+    assert snapshot_ids(tmp_path) == [sid(0)]
+    assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
+
+
+async def test_unreadable_previous_snapshot_skips_the_change_file(tmp_path: Path) -> None:
+    """If the previous data file is gone, the snapshot is still written, with `changes: null`
+    and a warning, rather than failing every cycle from then on."""
+    async with LocalStore(tmp_path) as store:
+        first = await write(store, sid(0), {"A": "New"})
+    (tmp_path / first.data_path).unlink()
+    async with LocalStore(tmp_path) as store:  # the next run: it must read the file back
+        with capture_logs() as logs:
+            written = await write(store, sid(1), {"A": "Complete"})
+    manifest = orjson.loads((tmp_path / written.manifest_path).read_bytes())
+    assert manifest["changes"] is None and written.changes_path is None
+    assert not files_of(tmp_path, f"changes/*/{sid(1)}*") and not tmp_files(tmp_path)
+    assert [e for e in logs if e["event"] == "changes.skipped"]
+
+
+async def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
     """A directory we cannot write gives OutputError naming it, before any work."""
     if os.geteuid() == 0:
         blocker = tmp_path / "file"
         blocker.write_text("not a directory")
-        store = SnapshotStore(blocker / "out")
+        store = LocalStore(blocker / "out")
     else:  # pragma: no cover - depends on who runs the tests
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        store = SnapshotStore(ro / "out")
-    with pytest.raises(OutputError, match="cannot write"):
-        store.check_writable()
+        store = LocalStore(ro / "out")
+    async with store:
+        with pytest.raises(OutputError, match="cannot write"):
+            await store.check_writable()
 
 
 def test_snapshot_ids_sort_by_time() -> None:
     """Snapshot ids start with the UTC start time, so they sort chronologically."""
-    from datetime import UTC, datetime
-
     a = new_snapshot_id(datetime(2026, 11, 28, 15, 0, 0, tzinfo=UTC))
     b = new_snapshot_id(datetime(2026, 11, 28, 15, 0, 1, tzinfo=UTC))
     assert a.startswith("20261128T150000Z-") and a < b
+    assert snapshot.snapshot_date(a) == "2026-11-28"
+
+
+async def test_a_store_is_entered_once(tmp_path: Path) -> None:
+    """Like every resource here, a store has one owner: entering it twice is an error."""
+    store = LocalStore(tmp_path)
+    async with store:
+        with pytest.raises(RuntimeError, match="already open"):
+            await store.__aenter__()
+
+
+async def test_unknown_snapshot_and_bad_ids_are_output_errors(tmp_path: Path) -> None:
+    """`diff` with an id that is not there, or not an id, says so in one line."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        with pytest.raises(OutputError, match="no snapshot 20261128T160000Z-ffff"):
+            await store.read_manifest("20261128T160000Z-ffff")
+        with pytest.raises(OutputError, match="not a snapshot id"):
+            await store.read_manifest("../../etc/passwd")
+        assert (await store.read_manifest("LATEST"))["snapshot_id"] == sid(0)
+
+
+# --- retention ---------------------------------------------------------------------------
+
+
+async def test_retention_keeps_exactly_the_newest(tmp_path: Path) -> None:
+    """After each write and prune, exactly `retain` snapshots remain, the newest ones, each
+    with its manifest, data and change file; nothing else is left behind."""
+    async with LocalStore(tmp_path) as store:
+        for n in range(7):
+            await write(store, sid(n), {"A": "New", f"J{n}": "New"})
+            pruned = await store.prune(3)
+            assert snapshot_ids(tmp_path) == [sid(i) for i in range(max(0, n - 2), n + 1)]
+            assert pruned.kept == min(n + 1, 3)
+    for n in range(4, 7):
+        assert len(files_of(tmp_path, f"*/*/{sid(n)}*")) == 3  # data, manifest, changes
+    assert not files_of(tmp_path, f"*/*/{sid(3)}*")
+    assert len(files_of(tmp_path, "*/*/*.jsonl")) == 6
+
+
+async def test_retention_after_a_crash_between_write_and_prune(tmp_path: Path) -> None:
+    """Writes whose prune never ran (a crash right after LATEST) are caught up by the next
+    prune, which keeps exactly the newest `retain`, LATEST's among them."""
+    async with LocalStore(tmp_path) as store:
+        for n in range(6):
+            await write(store, sid(n), {"A": "New", f"J{n}": "New"})  # no prune: crashes
+    async with LocalStore(tmp_path) as store:
+        pruned = await store.prune(2)
+    assert pruned.expired == tuple(sid(n) for n in range(4))
+    assert snapshot_ids(tmp_path) == [sid(4), sid(5)]
+    assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(5)}.manifest.json")
+
+
+async def test_retain_one_never_deletes_latest(tmp_path: Path) -> None:
+    """With retain = 1 only LATEST's snapshot stays, even when a newer-looking id exists."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(1), {"A": "New"})
+        latest = (tmp_path / "LATEST").read_bytes()
+        await write(store, sid(2), {"A": "New"})
+        # A write in progress elsewhere (or a clock step back): LATEST names the older one.
+        (tmp_path / "LATEST").write_bytes(latest)
+        await write(store, sid(0), {"A": "New"})
+        (tmp_path / "LATEST").write_bytes(latest)
+        pruned = await store.prune(1)
+    assert sid(1) in snapshot_ids(tmp_path), "LATEST's snapshot is never deleted"
+    assert sid(2) in snapshot_ids(tmp_path), "nothing newer than LATEST is touched"
+    assert pruned.expired == (sid(0),)
+
+
+async def test_unpublished_snapshot_is_removed_and_the_chain_holds(tmp_path: Path) -> None:
+    """A snapshot whose manifest landed but LATEST never named (crash just before LATEST)
+    is not published: the next cycle compares with LATEST's snapshot and prune removes it,
+    so change files never overlap."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        published = (tmp_path / "LATEST").read_bytes()
+        await write(store, sid(1), {"A": "Complete"})
+        (tmp_path / "LATEST").write_bytes(published)  # the crash: LATEST never moved
+        written = await write(store, sid(2), {"A": "Complete"})
+        pruned = await store.prune(10)
+    assert pruned.orphaned == (sid(1),)
+    assert snapshot_ids(tmp_path) == [sid(0), sid(2)]
+    assert not files_of(tmp_path, f"*/*/{sid(1)}*")
+    manifest = orjson.loads((tmp_path / written.manifest_path).read_bytes())
+    assert manifest["previous_snapshot_id"] == sid(0)
+    events = (tmp_path / manifest["changes"]["path"]).read_bytes().splitlines()
+    assert [orjson.loads(e)["event"] for e in events] == ["state_changed"]
+
+
+async def test_snapshots_started_in_the_same_second_are_kept_in_publication_order(
+    tmp_path: Path,
+) -> None:
+    """Ids of runs in the same second sort by their random suffix; retention follows the
+    chain of previous_snapshot_id instead, so it never drops a newer one."""
+    ids = ["20261128T150000Z-ffff", "20261128T150000Z-0000", "20261128T150000Z-8888"]
+    async with LocalStore(tmp_path) as store:
+        for snapshot_id in ids:
+            await write(store, snapshot_id, {"A": "New"})
+        pruned = await store.prune(2)
+    assert pruned.expired == (ids[0],) and not pruned.orphaned
+    assert snapshot_ids(tmp_path) == sorted(ids[1:])
+
+
+async def test_prune_without_latest_does_nothing(tmp_path: Path) -> None:
+    """With no LATEST nothing is known to be published, so nothing is deleted."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        await write(store, sid(1), {"A": "New"})
+        (tmp_path / "LATEST").unlink()
+        assert await store.prune(1) == snapshot.Pruned()
+        with pytest.raises(ValueError, match="retain"):
+            await store.prune(0)
+    assert snapshot_ids(tmp_path) == [sid(0), sid(1)]
+
+
+async def test_orphaned_temporary_files_of_old_runs_are_removed(tmp_path: Path) -> None:
+    """Temporary files a killed process left behind (older than LATEST's) are removed."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(1), {"A": "New"})
+        folder = tmp_path / "snapshots" / "date=2026-11-28"
+        leftover = folder / f".{sid(0)}.jsonl.4242.deadbeef.tmp"
+        leftover.write_bytes(b"partial")
+        newer = folder / f".{sid(2)}.jsonl.4242.deadbeef.tmp"
+        newer.write_bytes(b"in progress elsewhere")
+        pruned = await store.prune(5)
+    assert pruned.incomplete == (sid(0),)
+    assert not leftover.exists() and newer.exists()
+
+
+@needs_wiring
+async def test_the_service_keeps_output_retain_snapshots(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """End to end: cycles with `output.retain = 2` leave exactly the two newest snapshots,
+    LATEST's the newest."""
+    sb = await make_sandbox(accounts=2, seed=3, max_jobs=3, regions=("eu-west-1",))
+    settings = make_settings(
+        sb.account_ids,
+        regions={"names": ["eu-west-1"]},
+        output={"directory": str(tmp_path), "retain": 2},
+    )
+    ids = [(await run_once(settings)).snapshot_id for _ in range(4)]
+    assert snapshot_ids(tmp_path) == sorted(ids[2:])
+    assert (tmp_path / "LATEST").read_text().strip().endswith(f"{ids[3]}.manifest.json")
+    assert len(files_of(tmp_path, "changes/*/*.jsonl")) == 2
+
+
+async def test_a_store_remembers_its_last_snapshot_for_the_next_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing again with the same store compares against what it remembers of its last
+    snapshot instead of reading the data file back, with byte-identical change files."""
+    states = [
+        {f"J{i:04d}": "New" for i in range(3000)},
+        {**{f"J{i:04d}": "New" for i in range(1, 3000)}, "J0007": "Done", "K": "New"},
+        {f"J{i:04d}": "Done" for i in range(0, 3000, 2)},
+    ]
+
+    def unreachable(manifest: Any) -> Any:
+        raise AssertionError("the previous snapshot was read back")
+
+    fresh = []
+    for n, jobs in enumerate(states):  # a new store each time: it reads the previous file
+        async with LocalStore(tmp_path / "fresh") as store:
+            written = await write(store, sid(n), jobs)
+        fresh.append((tmp_path / "fresh" / str(written.changes_path)).read_bytes())
+    kept = []
+    async with LocalStore(tmp_path / "kept") as store:
+        for n, jobs in enumerate(states):
+            written = await write(store, sid(n), jobs)
+            monkeypatch.setattr(store, "_previous_batches", unreachable)
+            kept.append((tmp_path / "kept" / str(written.changes_path)).read_bytes())
+    assert kept == fresh
+    assert [len(body.splitlines()) for body in kept] == [3000, 3, 3001]

@@ -1,0 +1,380 @@
+"""S3: the snapshot layout under a bucket prefix (`output.directory = "s3://bucket/prefix"`).
+
+Same layout, order and guarantees as a directory (see snapshot.py), with S3's own atomicity: an
+object appears whole or not at all. An object up to `multipart_threshold` is one PutObject;
+a larger one goes up as a multipart upload (parts of `part_size`, at most `max_uploads` in
+flight) that is completed only once every part is in, so the data, manifest and change objects
+land first and the LATEST object last. An upload left behind by a crash is aborted by `prune`
+(a bucket lifecycle rule `AbortIncompleteMultipartUpload` is a good backstop).
+
+The client is created the ordinary way from the hub session: credentials follow the standard
+chain, and the endpoint honours `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`) and a profile's
+`services` section. Permissions needed on the prefix: s3:PutObject, s3:GetObject,
+s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload (and, for `prune` to find uploads that
+crashed runs left, s3:ListBucketMultipartUploads; without it that cleanup is skipped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import OutputError
+from .snapshot import ARTIFACT_RE, READ_CHUNK, Pruned, Sink, Store, manifest_path
+
+__all__ = ["S3Store", "parse_s3_url"]
+
+log = structlog.get_logger()
+
+MiB = 1 << 20
+_MIN_PART = 5 * MiB  # S3's minimum size of every part but the last
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix"); ValueError if malformed."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url!r} is not an s3://bucket/prefix URL")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ValueError(
+            f"{bucket!r} in {url!r} is not a valid S3 bucket name "
+            "(3-63 lowercase letters, digits, dots and hyphens)"
+        )
+    prefix = prefix.strip("/")
+    if "//" in prefix:
+        raise ValueError(f"{url!r}: the prefix has an empty path segment")
+    return bucket, prefix
+
+
+class _Errors:
+    """`with _Errors(location, action):` turns botocore and connection errors into
+    OutputError naming the location, the action and the S3 error code."""
+
+    def __init__(self, location: str, action: str) -> None:
+        self.location = location
+        self.action = action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = error.get("Code") or "Unknown"
+            message = " ".join(str(error.get("Message") or "").split())
+            reason = f"{code}: {message}" if message else str(code)
+        elif isinstance(exc, BotoCoreError | aiohttp.ClientError | OSError):
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+        else:
+            return
+        raise OutputError(f"{self.location}: cannot {self.action}: {reason}") from exc
+
+
+def _missing(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code")) in _MISSING
+
+
+class _S3Sink(Sink):
+    """A buffered object: one PutObject at publish, or a multipart upload once the body
+    passes the threshold (parts upload while the rest is still being produced)."""
+
+    def __init__(
+        self, store: S3Store, key: str, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._type = content_type
+        self._metadata = dict(metadata)
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: dict[int, str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._next_part = 1
+
+    async def write(self, data: bytes) -> None:
+        self._buf += data
+        store = self._store
+        if self._upload_id is None and len(self._buf) > store.multipart_threshold:
+            with store.errors("write the snapshot"):
+                answer = await store.client.create_multipart_upload(
+                    Bucket=store.bucket,
+                    Key=self._key,
+                    ContentType=self._type,
+                    Metadata=self._metadata,
+                )
+            self._upload_id = answer["UploadId"]
+        if self._upload_id is not None:
+            while len(self._buf) >= store.part_size:
+                await self._send(bytes(self._buf[: store.part_size]))
+                del self._buf[: store.part_size]
+
+    async def _send(self, body: bytes) -> None:
+        """Upload one part in the background, keeping at most `max_uploads` in flight."""
+        while len(self._tasks) >= self._store.max_uploads:
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                self._tasks.remove(task)
+                task.result()
+        number, self._next_part = self._next_part, self._next_part + 1
+        self._tasks.append(asyncio.create_task(self._upload_part(number, body)))
+
+    async def _upload_part(self, number: int, body: bytes) -> None:
+        store = self._store
+        with store.errors("write the snapshot"):
+            answer = await store.client.upload_part(
+                Bucket=store.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,
+            )
+        self._parts[number] = answer["ETag"]
+
+    async def seal(self) -> None:
+        if self._upload_id is None:
+            return  # one PutObject at publish
+        if self._buf:
+            await self._send(bytes(self._buf))
+            self._buf.clear()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            await task
+
+    async def publish(self) -> None:
+        store = self._store
+        with store.errors("write the snapshot"):
+            if self._upload_id is None:
+                await store.client.put_object(
+                    Bucket=store.bucket,
+                    Key=self._key,
+                    Body=bytes(self._buf),
+                    ContentType=self._type,
+                    Metadata=self._metadata,
+                )
+            else:
+                await store.client.complete_multipart_upload(
+                    Bucket=store.bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={
+                        "Parts": [
+                            {"ETag": e, "PartNumber": n} for n, e in sorted(self._parts.items())
+                        ]
+                    },
+                )
+        self._buf = bytearray()
+
+    async def abort(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._buf = bytearray()
+        if self._upload_id is not None:
+            store = self._store
+            with store.errors("abort an upload"):
+                await store.client.abort_multipart_upload(
+                    Bucket=store.bucket, Key=self._key, UploadId=self._upload_id
+                )
+            self._upload_id = None
+
+
+def _content_type(rel: str) -> str:
+    if rel.endswith(".gz"):
+        return "application/gzip"
+    if rel.endswith(".jsonl"):
+        return "application/x-ndjson"
+    if rel.endswith(".json"):
+        return "application/json"
+    return "text/plain; charset=utf-8"
+
+
+class S3Store(Store):
+    """Snapshots under `s3://bucket/prefix`.
+
+    Keyword options (besides `compress` and `gzip_level`): `session` (an AioSession for the
+    credentials; default: a new one, i.e. the standard chain), `region_name` (default: the
+    session's), `multipart_threshold` (bytes above which an object is uploaded in parts;
+    default 16 MiB), `part_size` (default 8 MiB, at least 5 MiB), `max_uploads` (parts in
+    flight per object; default 4), `max_attempts` (per request, botocore's standard retry
+    mode; default 5).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        session: AioSession | None = None,
+        region_name: str | None = None,
+        multipart_threshold: int = 16 * MiB,
+        part_size: int = 8 * MiB,
+        max_uploads: int = 4,
+        max_attempts: int = 5,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.location = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        if part_size < _MIN_PART:
+            raise ValueError(f"part_size must be at least 5 MiB, got {part_size}")
+        if max_uploads < 1:
+            raise ValueError(f"max_uploads must be >= 1, got {max_uploads}")
+        self.multipart_threshold = max(multipart_threshold, part_size)
+        self.part_size = part_size
+        self.max_uploads = max_uploads
+        self._session = session
+        self._region = region_name
+        self._attempts = max_attempts
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The aiobotocore S3 client (only while the store is open)."""
+        if self._client is None:
+            raise RuntimeError("S3Store is not open (use `async with`)")
+        return self._client
+
+    def errors(self, action: str) -> _Errors:
+        return _Errors(self.location, action)
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _rel(self, key: str) -> str:
+        return key[len(self.prefix) + 1 :] if self.prefix else key
+
+    def locate(self, rel: str) -> str:
+        return f"s3://{self.bucket}/{self._key(rel)}" if rel else self.location
+
+    async def _open_backend(self) -> None:
+        stack = contextlib.AsyncExitStack()
+        session = self._session or AioSession()
+        config = AioConfig(retries={"mode": "standard", "total_max_attempts": self._attempts})
+        with self.errors("connect"):
+            self._client = await stack.enter_async_context(
+                session.create_client("s3", region_name=self._region, config=config)
+            )
+        self._stack = stack
+
+    async def _close_backend(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def check_writable(self) -> None:
+        key = self._key(".write-probe")
+        with self.errors("write to the output location"):
+            await self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
+            await self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def _open(self, rel: str, metadata: Mapping[str, str] | None = None) -> Sink:
+        return _S3Sink(self, self._key(rel), _content_type(rel), metadata or {})
+
+    async def _read_previous_id(self, snapshot_id: str) -> str | None:
+        """From the manifest object's metadata (a HEAD, not the whole manifest), falling back
+        to reading it for manifests written without that metadata."""
+        key = self._key(manifest_path(snapshot_id))
+        with self.errors("read a manifest"):
+            try:
+                head = await self.client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
+        links = head.get("Metadata") or {}
+        if links.get("snapshot-id") == snapshot_id:
+            return links.get("previous-snapshot-id") or None
+        return await super()._read_previous_id(snapshot_id)
+
+    async def _read(self, rel: str) -> bytes | None:
+        with self.errors(f"read {rel}"):
+            try:
+                answer = await self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            except ClientError as exc:
+                if _missing(exc):
+                    return None
+                raise
+            async with answer["Body"] as body:
+                data: bytes = await body.read()
+                return data
+
+    async def _stream(self, rel: str) -> AsyncIterator[bytes]:
+        with self.errors(f"read {rel}"):
+            try:
+                answer = await self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            except ClientError as exc:
+                if _missing(exc):
+                    raise OutputError(f"{self.locate(rel)}: missing") from exc
+                raise
+            async with answer["Body"] as body:
+                while chunk := await body.read(READ_CHUNK):
+                    yield chunk
+
+    async def _list(self) -> list[str]:
+        out: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self.errors("list the output location"):
+            for top in ("snapshots/", "changes/"):
+                async for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(top)):
+                    out.extend(self._rel(o["Key"]) for o in page.get("Contents", ()))
+        return out
+
+    async def _delete(self, rels: Sequence[str]) -> None:
+        for batch in _chunks(list(rels), 1000):
+            with self.errors("delete old snapshots"):
+                answer = await self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self._key(r)} for r in batch], "Quiet": True},
+                )
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise OutputError(
+                    f"{self.location}: cannot delete old snapshots: {first.get('Code')}: "
+                    f"{first.get('Key')} (and {len(errors) - 1} more)"
+                )
+
+    async def prune(self, retain: int) -> Pruned:
+        """As `Store.prune`, and abort multipart uploads that crashed runs left behind."""
+        pruned = await super().prune(retain)
+        latest_rel = await self._latest_rel()
+        found = ARTIFACT_RE.fullmatch(latest_rel or "")
+        if found is not None:
+            try:
+                await self._abort_stale_uploads(found["id"])
+            except OutputError as exc:  # e.g. no s3:ListBucketMultipartUploads: best effort
+                log.info("snapshot.upload_cleanup_skipped", error=str(exc))
+        return pruned
+
+    async def _abort_stale_uploads(self, latest: str) -> None:
+        """Abort the uploads of snapshots older than `latest` (never one in progress)."""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        with self.errors("list multipart uploads"):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key("")):
+                for upload in page.get("Uploads", ()):
+                    m = ARTIFACT_RE.fullmatch(self._rel(upload["Key"]))
+                    if m is None or m["id"] >= latest:
+                        continue
+                    await self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    log.info("snapshot.upload_aborted", key=upload["Key"])
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,648 @@
+"""Shards: split one run's accounts into N stable parts, and merge the N shard snapshots.
+
+A sharded run is N processes (a Kubernetes Indexed Job, or N shells) that share a run id. Shard
+`I/N` (0-based, like `JOB_COMPLETION_INDEX`: `0/4` .. `3/4`) inventories the accounts whose id
+hashes to I (`shard_of`: SHA-256 of the id, so every process and every Python agrees, and an
+account joining the organization never moves the others). It writes an ordinary snapshot into
+its own folder, whose manifest says which shard it is:
+
+```
+<dir>/shards/run=<run_id>/shard=<I>-of-<N>/snapshots/date=YYYY-MM-DD/<id>.jsonl
+<dir>/shards/run=<run_id>/shard=<I>-of-<N>/snapshots/date=YYYY-MM-DD/<id>.manifest.json
+<dir>/shards/run=<run_id>/shard=<I>-of-<N>/LATEST
+```
+(`<dir>` is a directory or an `s3://bucket/prefix`; the stores of snapshot.py read and write
+both.)
+
+`merge_run` (the `merge` command) waits, if asked, until all N shard snapshots of the run exist,
+checks them (same run id and count; data digest, size and record count as each manifest says;
+records sorted, of that snapshot, and each in the shard its account hashes to; one schema
+version) and writes one snapshot with the normal layout under `<dir>` (moving `<dir>/LATEST`),
+records sorted by (account_id, job_id) and re-stamped with the merged snapshot id, so they are
+byte for byte what one unsharded run writes. An incomplete or mismatched set is refused with a
+`ShardError` naming what is missing or wrong, and nothing is written. The merged snapshot id is
+derived from the run (start of the earliest shard, digest of the run id), so merging the same
+shard snapshots again changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .accounts import Account
+from .errors import AggregatorError, ConfigError, OutputError
+from .records import JobRecord, iso_seconds
+from .snapshot import Store, WrittenSnapshot, open_store, snapshot_date
+
+__all__ = [
+    "RUN_ID_ENV",
+    "SHARD_COUNT_ENV",
+    "SHARD_INDEX_ENV",
+    "MergeResult",
+    "MergedRun",
+    "Shard",
+    "ShardError",
+    "check_run_id",
+    "merge_run",
+    "merge_shards",
+    "parse_shard",
+    "resolve_shard",
+    "run_location",
+    "select_shard",
+    "shard_location",
+    "shard_manifest",
+    "shard_of",
+    "wait_for_shards",
+]
+
+log = structlog.get_logger()
+
+SHARD_INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in the pods of an Indexed Job
+SHARD_COUNT_ENV = "SNOWBALL_SHARD_COUNT"
+RUN_ID_ENV = "SNOWBALL_RUN_ID"
+MAX_SHARDS = 1000
+# Safe as one path segment and as a Kubernetes label value.
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_SHARD_DIR_RE = re.compile(r"^shard=(\d+)-of-(\d+)$")
+
+
+class ShardError(AggregatorError):
+    """A set of shard snapshots cannot be merged: some are missing, or they do not belong
+    together; `str()` is one line naming the run and what is missing or mismatched."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard `index` (0-based) of `count`, of the sharded run `run_id`."""
+
+    index: int
+    count: int
+    run_id: str
+
+    @property
+    def label(self) -> str:
+        """`I/N`, as `--shard` takes it."""
+        return f"{self.index}/{self.count}"
+
+
+def shard_of(account_id: str, count: int) -> int:
+    """The shard (0..count-1) of an account: the first 8 bytes of SHA-256(id) modulo count."""
+    digest = hashlib.sha256(account_id.encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def select_shard(accounts: Iterable[Account], index: int, count: int) -> tuple[Account, ...]:
+    """The accounts of shard `index` of `count`, in their original order."""
+    return tuple(a for a in accounts if shard_of(a.account_id, count) == index)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"I/N"` -> (I, N) with 0 <= I < N <= 10000; `ValueError` with a readable message."""
+    m = _SHARD_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is not I/N (for example 0/4: the first of 4 shards)")
+    index, count = int(m.group(1)), int(m.group(2))
+    _check_index(index, count)
+    return index, count
+
+
+def _check_index(index: int, count: int) -> None:
+    if not 1 <= count <= MAX_SHARDS:
+        raise ValueError(f"the shard count must be between 1 and {MAX_SHARDS}, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(
+            f"shard index {index} is out of range: shards are numbered 0 to {count - 1} "
+            "(0-based, like JOB_COMPLETION_INDEX)"
+        )
+
+
+def check_run_id(value: str) -> str:
+    """`value` if it is a valid run id (letters, digits, `.`, `_`, `-`; at most 64), else
+    `ValueError`."""
+    if not _RUN_ID_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a run id (1 to 64 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit)"
+        )
+    return value
+
+
+def resolve_shard(
+    cli_value: str | None, run_id: str | None, env: Mapping[str, str]
+) -> Shard | None:
+    """The shard this process runs, or None for an unsharded run.
+
+    `--shard I/N` (`cli_value`) wins; without it, `JOB_COMPLETION_INDEX` and
+    `SNOWBALL_SHARD_COUNT` from `env` are used when both are set (`JOB_COMPLETION_INDEX` alone,
+    as in an Indexed Job that is not a sharded run, is ignored). The run id is `run_id`
+    (`--run-id`) or `SNOWBALL_RUN_ID`; a sharded run must have one. Raises `ConfigError` (exit
+    code 2) naming the option or variable that is wrong.
+    """
+    if cli_value is not None:
+        source = "--shard"
+        try:
+            index, count = parse_shard(cli_value)
+        except ValueError as exc:
+            raise ConfigError(source, "", str(exc)) from None
+    else:
+        raw_count = (env.get(SHARD_COUNT_ENV) or "").strip()
+        raw_index = (env.get(SHARD_INDEX_ENV) or "").strip()
+        if not raw_count:
+            if raw_index:
+                log.info("shard.not_sharded", reason=f"{SHARD_INDEX_ENV} without {SHARD_COUNT_ENV}")
+            return None
+        source = f"{SHARD_COUNT_ENV} (environment)"
+        if not raw_index:
+            raise ConfigError(
+                source,
+                "",
+                f"is set but {SHARD_INDEX_ENV} is not (outside an Indexed Job use --shard I/N)",
+            )
+        if not raw_count.isdigit():
+            raise ConfigError(source, "", f"{raw_count!r} is not a whole number")
+        if not raw_index.isdigit():
+            raise ConfigError(
+                f"{SHARD_INDEX_ENV} (environment)", "", f"{raw_index!r} is not a whole number"
+            )
+        try:
+            index, count = int(raw_index), int(raw_count)
+            _check_index(index, count)
+        except ValueError as exc:
+            raise ConfigError(source, "", str(exc)) from None
+    run_id = run_id if run_id is not None else env.get(RUN_ID_ENV) or None
+    if not run_id:
+        raise ConfigError(
+            source,
+            "",
+            f"a sharded run needs the run id its shards share: --run-id ID or {RUN_ID_ENV}",
+        )
+    try:
+        check_run_id(run_id)
+    except ValueError as exc:
+        raise ConfigError("--run-id" if source == "--shard" else source, "", str(exc)) from None
+    return Shard(index=index, count=count, run_id=run_id)
+
+
+def _join(output: str | os.PathLike[str], *parts: str) -> str:
+    base = os.fspath(output)
+    if base.startswith("s3://"):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def run_location(output: str | os.PathLike[str], run_id: str) -> str:
+    """`<output>/shards/run=<run_id>`: the folder (or S3 prefix) of one sharded run."""
+    return _join(output, "shards", f"run={check_run_id(run_id)}")
+
+
+def shard_location(output: str | os.PathLike[str], shard: Shard) -> str:
+    """`<output>/shards/run=<run_id>/shard=<I>-of-<N>`: where shard `shard` writes its
+    snapshot (a normal snapshot layout with its own LATEST; open it with `open_store`)."""
+    return _join(run_location(output, shard.run_id), f"shard={shard.index}-of-{shard.count}")
+
+
+def shard_manifest(shard: Shard, universe: Sequence[Account]) -> dict[str, Any]:
+    """The manifest's `shard` entry of a shard snapshot: index, count and run id, and the size
+    and digest of the whole account list before selection (shards that disagree on it saw
+    different organizations; `merge` reports that)."""
+    digest = hashlib.sha256()
+    for account_id in sorted(a.account_id for a in universe):
+        digest.update(account_id.encode("ascii") + b"\n")
+    return {
+        "index": shard.index,
+        "count": shard.count,
+        "run_id": shard.run_id,
+        "accounts_total": len(universe),
+        "accounts_sha256": digest.hexdigest(),
+    }
+
+
+# --- merge ------------------------------------------------------------------------------------
+
+
+async def _latest(location: str, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    async with open_store(location, **options) as store:
+        return await store.latest_manifest()
+
+
+async def _missing(
+    output: str | os.PathLike[str], run_id: str, count: int, options: Mapping[str, Any]
+) -> list[int]:
+    missing = []
+    for i in range(count):
+        try:
+            manifest = await _latest(shard_location(output, Shard(i, count, run_id)), options)
+        except OutputError:
+            manifest = {}  # there, but unreadable: merge_shards says what is wrong with it
+        if manifest is None:
+            missing.append(i)
+    return missing
+
+
+def _other_splits(output: str | os.PathLike[str], run_id: str, count: int) -> list[str]:
+    """Shards of this run written for another shard count (local directories only)."""
+    folder = Path(run_location(output, run_id))
+    found: list[tuple[int, int]] = []
+    if not os.fspath(output).startswith("s3://") and folder.is_dir():
+        for entry in folder.iterdir():
+            m = _SHARD_DIR_RE.fullmatch(entry.name)
+            if m and int(m.group(2)) != count and (entry / "LATEST").is_file():
+                found.append((int(m.group(2)), int(m.group(1))))
+    return [f"{i}/{n}" for n, i in sorted(found)]
+
+
+def _missing_error(
+    output: str | os.PathLike[str], run_id: str, count: int, missing: Sequence[int], why: str
+) -> ShardError:
+    names = ", ".join(f"{i}/{count}" for i in missing)
+    text = f"run {run_id}: {len(missing)} of {count} shard snapshots missing{why}: {names}"
+    others = _other_splits(output, run_id, count)
+    if others:
+        text += (
+            f" (found shards of another split: {', '.join(others)}; --shards must equal the "
+            f"shard count of the run, {SHARD_COUNT_ENV})"
+        )
+    return ShardError(f"{text}; looked in {run_location(output, run_id)}")
+
+
+async def wait_for_shards(
+    output: str | os.PathLike[str],
+    run_id: str,
+    count: int,
+    *,
+    wait: float = 0.0,
+    poll: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    store_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Return once all `count` shard snapshots of `run_id` exist under `output`.
+
+    Keyword options: `wait=0.0` s (how long missing shards are waited for; 0 checks once),
+    `poll=5.0` s between checks, `clock=time.monotonic`, `sleep=asyncio.sleep`,
+    `store_options` (passed to `open_store`, e.g. the S3 session).
+    Raises `ShardError` naming the shards still missing when the wait is over.
+    """
+    check_run_id(run_id)
+    options = dict(store_options or {})
+    deadline = clock() + wait
+    while True:
+        missing = await _missing(output, run_id, count, options)
+        if not missing:
+            return
+        left = deadline - clock()
+        if left <= 0:
+            why = f" after waiting {wait:g} s" if wait > 0 else ""
+            raise _missing_error(output, run_id, count, missing, why)
+        log.info("merge.waiting", run_id=run_id, missing=len(missing), seconds_left=round(left))
+        await sleep(min(poll, left))
+
+
+@dataclass(frozen=True, slots=True)
+class MergedRun:
+    """The checked shard snapshots of one run, merged and ready to be written.
+
+    `snapshot_id` is the merged snapshot's id; `records` are every shard's records sorted by
+    (account_id, job_id) and re-stamped with it; `manifest` holds the merged manifest fields
+    (`Store.write` adds `snapshot_id`, `previous_snapshot_id`, `data` and `changes`);
+    `shard_snapshot_ids` the snapshot id of each shard, in shard order.
+    """
+
+    run_id: str
+    count: int
+    snapshot_id: str
+    records: list[JobRecord]
+    manifest: dict[str, Any]
+    shard_snapshot_ids: tuple[str, ...]
+
+
+def merged_snapshot_id(run_id: str, started_at: str) -> str:
+    """`<start of the earliest shard>-<4 hex digits of SHA-256(run_id)>`: the same id however
+    often the same run is merged."""
+    when = datetime.strptime(started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    suffix = hashlib.sha256(run_id.encode()).hexdigest()[:4]
+    return f"{when:%Y%m%dT%H%M%SZ}-{suffix}"
+
+
+async def _load(
+    store: Store, output: str | os.PathLike[str], run_id: str, index: int, count: int
+) -> dict[str, Any]:
+    label = f"run {run_id}: shard {index}/{count}"
+    try:
+        manifest = await store.latest_manifest()
+    except OutputError as exc:
+        raise ShardError(f"{label}: {exc}") from exc
+    if manifest is None:
+        raise _missing_error(output, run_id, count, [index], "")
+    want = {"index": index, "count": count, "run_id": run_id}
+    got = manifest.get("shard")
+    if not isinstance(got, dict) or {k: got.get(k) for k in want} != want:
+        shown = {k: got.get(k) for k in want} if isinstance(got, dict) else got
+        raise ShardError(
+            f"{label}: its snapshot {manifest.get('snapshot_id')} is not that shard "
+            f"(its manifest says shard {shown})"
+        )
+    return manifest
+
+
+async def _check_digest(store: Store, label: str, manifest: Mapping[str, Any]) -> None:
+    data = manifest.get("data") or {}
+    rel = str(data.get("path"))
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        # The stored bytes (compressed or not), as the manifest's digest covers them.
+        async for chunk in store._stream(rel):
+            digest.update(chunk)
+            size += len(chunk)
+    except OutputError as exc:
+        raise ShardError(f"{label}: {exc}") from exc
+    if digest.hexdigest() != data.get("sha256") or size != data.get("bytes"):
+        raise ShardError(
+            f"{label}: {store.locate(rel)} does not match the sha256 and size in its manifest"
+        )
+
+
+async def _read_shard(
+    store: Store,
+    label: str,
+    manifest: Mapping[str, Any],
+    index: int,
+    count: int,
+    into: list[JobRecord],
+    snapshot_id: str,
+) -> None:
+    """Append the shard's records, re-stamped, to `into`, checking each one on the way."""
+    rel = str((manifest.get("data") or {}).get("path"))
+    own_id = manifest.get("snapshot_id")
+    start = len(into)
+    previous: tuple[str, str] | None = None
+    account, account_ok = "", True
+    try:
+        async for record in store.read_records(manifest):
+            key = (record.account_id, record.job_id)
+            if previous is not None and key <= previous:
+                raise ShardError(
+                    f"{label}: {store.locate(rel)} is not sorted by (account_id, job_id)"
+                )
+            previous = key
+            if key[0] != account:
+                account = key[0]
+                account_ok = shard_of(account, count) == index
+            if not account_ok:
+                owner = shard_of(account, count)
+                raise ShardError(f"{label}: account {account} belongs to shard {owner}/{count}")
+            if record.snapshot_id != own_id:
+                raise ShardError(f"{label}: {store.locate(rel)} holds records of another snapshot")
+            into.append(dataclasses.replace(record, snapshot_id=snapshot_id))
+    except OutputError as exc:
+        raise ShardError(f"{label}: {exc}") from exc
+    records = len(into) - start
+    if records != (manifest.get("data") or {}).get("records"):
+        raise ShardError(
+            f"{label}: {store.locate(rel)} has {records} records, its manifest says "
+            f"{(manifest.get('data') or {}).get('records')}"
+        )
+
+
+_SPECIAL = frozenset(
+    {
+        "snapshot_id",
+        "previous_snapshot_id",
+        "data",
+        "changes",
+        "shard",
+        "status",
+        "started_at",
+        "finished_at",
+        "schema_version",
+        "tool_version",
+    }
+)
+_PARTITION_LISTS = frozenset({"failed_partitions", "partition_status"})
+
+
+def _combine(values: list[Any]) -> Any:
+    """Numbers add up, tables add up key by key, lists join, equal values stay."""
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return sum(values)
+    if all(isinstance(v, dict) for v in values):
+        keys = dict.fromkeys(k for v in values for k in v)
+        return {k: _combine([v[k] for v in values if k in v]) for k in keys}
+    if all(isinstance(v, list) for v in values):
+        return [item for v in values for item in v]
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _status(statuses: Sequence[str]) -> str:
+    if all(s == "complete" for s in statuses):
+        return "complete"
+    if all(s == "failed" for s in statuses):
+        return "failed"
+    return "partial"
+
+
+def _merged_manifest(
+    run_id: str, count: int, manifests: Sequence[dict[str, Any]], now: datetime
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key in dict.fromkeys(k for m in manifests for k in m):
+        if key in _SPECIAL:
+            continue
+        combined = _combine([m[key] for m in manifests if key in m])
+        if key in _PARTITION_LISTS and isinstance(combined, list):
+            # The order of an unsharded run: by "account_id/region".
+            combined.sort(key=lambda p: f"{p.get('account_id')}/{p.get('region')}")
+        fields[key] = combined
+    universes = {
+        (m["shard"].get("accounts_total"), m["shard"].get("accounts_sha256")) for m in manifests
+    }
+    if len(universes) > 1:
+        log.warning(
+            "merge.accounts_differ",
+            run_id=run_id,
+            reason="the shards listed different accounts (the organization changed during the run)",
+        )
+    tool_versions = sorted({str(m.get("tool_version")) for m in manifests})
+    return {
+        **fields,
+        "schema_version": manifests[0].get("schema_version"),
+        "tool_version": tool_versions[0] if len(tool_versions) == 1 else tool_versions,
+        "started_at": min(str(m["started_at"]) for m in manifests),
+        "finished_at": max(str(m["finished_at"]) for m in manifests),
+        "status": _status([str(m.get("status")) for m in manifests]),
+        "sharded": {
+            "run_id": run_id,
+            "count": count,
+            "merged_at": iso_seconds(now),
+            "accounts_consistent": len(universes) == 1,
+            "shards": [
+                {
+                    "index": i,
+                    "snapshot_id": m["snapshot_id"],
+                    "status": m.get("status"),
+                    "records": m["data"]["records"],
+                    "sha256": m["data"]["sha256"],
+                }
+                for i, m in enumerate(manifests)
+            ],
+        },
+    }
+
+
+async def merge_shards(
+    output: str | os.PathLike[str],
+    run_id: str,
+    count: int,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    store_options: Mapping[str, Any] | None = None,
+) -> MergedRun:
+    """Load, check and merge the `count` shard snapshots of `run_id` under `output`.
+
+    Raises `ShardError` when one is missing, belongs to another run or split, or its data does
+    not match its manifest (digest, size, record count, order, snapshot id, or an account that
+    hashes to another shard). Nothing is written.
+    """
+    check_run_id(run_id)
+    if not 1 <= count <= MAX_SHARDS:
+        raise ShardError(f"run {run_id}: the shard count must be between 1 and {MAX_SHARDS}")
+    options = dict(store_options or {})
+    missing = await _missing(output, run_id, count, options)
+    if missing:
+        raise _missing_error(output, run_id, count, missing, "")
+    manifests: list[dict[str, Any]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        stores: list[Store] = []
+        for i in range(count):
+            store = await stack.enter_async_context(
+                open_store(shard_location(output, Shard(i, count, run_id)), **options)
+            )
+            stores.append(store)
+            manifests.append(await _load(store, output, run_id, i, count))
+        versions = sorted({str(m.get("schema_version")) for m in manifests})
+        if len(versions) > 1:
+            raise ShardError(f"run {run_id}: the shards have different schema versions {versions}")
+        snapshot_id = merged_snapshot_id(run_id, min(str(m["started_at"]) for m in manifests))
+        records: list[JobRecord] = []
+        for i, (store, manifest) in enumerate(zip(stores, manifests, strict=True)):
+            label = f"run {run_id}: shard {i}/{count}"
+            await _check_digest(store, label, manifest)
+            await _read_shard(store, label, manifest, i, count, records, snapshot_id)
+    # Each shard is sorted and the shards hold disjoint accounts: the sort merges N runs.
+    records.sort(key=lambda r: (r.account_id, r.job_id))
+    return MergedRun(
+        run_id=run_id,
+        count=count,
+        snapshot_id=snapshot_id,
+        records=records,
+        manifest=_merged_manifest(run_id, count, manifests, now()),
+        shard_snapshot_ids=tuple(str(m["snapshot_id"]) for m in manifests),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """What `merge_run` did: the merged snapshot (`written`), its `status` (complete, partial,
+    failed) and `already_merged` (these shard snapshots were merged before: nothing written)."""
+
+    written: WrittenSnapshot
+    status: str
+    already_merged: bool
+
+    @property
+    def exit_code(self) -> int:
+        """0 complete, 1 partial or failed (as for `run`)."""
+        return 0 if self.status == "complete" else 1
+
+
+async def _merged_before(store: Store, merged: MergedRun) -> WrittenSnapshot | None:
+    try:
+        manifest = await store.read_manifest(merged.snapshot_id)
+    except OutputError:
+        return None
+    shards = (manifest.get("sharded") or {}).get("shards") or []
+    if tuple(s.get("snapshot_id") for s in shards) != merged.shard_snapshot_ids:
+        return None
+    data = manifest["data"]
+    changes = manifest.get("changes") or {}
+    return WrittenSnapshot(
+        snapshot_id=merged.snapshot_id,
+        data_path=data["path"],
+        manifest_path=f"snapshots/date={snapshot_date(merged.snapshot_id)}/"
+        f"{merged.snapshot_id}.manifest.json",
+        sha256=data["sha256"],
+        bytes=data["bytes"],
+        records=data["records"],
+        changes_path=changes.get("path"),
+        events=changes.get("events"),
+    )
+
+
+async def merge_run(
+    output: str | os.PathLike[str],
+    run_id: str,
+    count: int,
+    *,
+    wait: float = 0.0,
+    poll: float = 5.0,
+    retain: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    store_options: Mapping[str, Any] | None = None,
+) -> MergeResult:
+    """`snowball-aggregator merge`: wait for the shards (`wait_for_shards`), check and merge
+    them (`merge_shards`), and write the merged snapshot under `output` with the normal layout
+    (change file against the snapshot LATEST named before, LATEST moved, then `prune(retain)`
+    when `retain` is given).
+
+    Keyword options as for `wait_for_shards` and `merge_shards`, plus `retain=None`.
+    Raises `ShardError` (missing or mismatched shards: nothing written) or `OutputError`.
+    """
+    options = dict(store_options or {})
+    await wait_for_shards(
+        output, run_id, count, wait=wait, poll=poll, clock=clock, sleep=sleep, store_options=options
+    )
+    merged = await merge_shards(output, run_id, count, now=now, store_options=options)
+    status = str(merged.manifest["status"])
+    async with open_store(output, **options) as store:
+        before = await _merged_before(store, merged)
+        if before is not None:
+            log.info("merge.already_merged", run_id=run_id, snapshot_id=merged.snapshot_id)
+            return MergeResult(written=before, status=status, already_merged=True)
+        await store.check_writable()
+        previous = await store.latest_manifest()
+        if previous is not None and previous.get("snapshot_id") == merged.snapshot_id:
+            # This run was merged from other shard snapshots before: diff against what it
+            # replaced, not against itself.
+            old = previous.get("previous_snapshot_id")
+            previous = await store.read_manifest(old) if old else None
+        written = await store.write(
+            merged.snapshot_id, merged.records, merged.manifest, previous=previous
+        )
+        if retain is not None:
+            await store.prune(retain)
+    log.info(
+        "merge.finished",
+        run_id=run_id,
+        shards=count,
+        snapshot_id=merged.snapshot_id,
+        records=written.records,
+        status=status,
+    )
+    return MergeResult(written=written, status=status, already_merged=False)

@@ -1,0 +1,1 @@
+"""Benchmarks (issue 7): `python -m tests.benchmarks` (`make bench`), not part of `make test`."""

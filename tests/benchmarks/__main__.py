@@ -1,0 +1,5 @@
+"""`python -m tests.benchmarks`: run the suite and print the table (see suite.py)."""
+
+from .suite import main
+
+raise SystemExit(main())

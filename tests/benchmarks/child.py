@@ -1,0 +1,187 @@
+"""One (scenario, tool) run in a fresh process, so that peak RSS and CPU are its own.
+
+`python -m tests.benchmarks.child SPEC_JSON` with the sandbox's variables in the environment;
+prints one JSON line: wall and CPU seconds of the run, peak RSS, and where the output went.
+Tools: `ours` (run_once), `stock` (run_once with stock=True), `user` (the boto3 script),
+`floor` (raw aiohttp + orjson), `snapshot` (SnapshotStore.write of generated records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+ROLE_NAME = "SnowballInventoryReader"
+
+
+def _quiet() -> None:
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _ours(spec: dict[str, Any], *, stock: bool) -> dict[str, Any]:
+    from aggregator.config import settings_from_mapping
+    from aggregator.service import run_once
+
+    settings = settings_from_mapping(
+        {
+            "accounts": {"ids": spec["accounts"], "role_name": ROLE_NAME},
+            "regions": {"names": spec["regions"]},
+            "limits": {
+                "max_concurrency": spec["max_concurrency"],
+                "requests_per_second": spec["requests_per_second"],
+                "timeout_seconds": 60,
+            },
+        },
+        source="<bench>",
+        env={},
+    )
+    summary = asyncio.run(run_once(settings, stock=stock, output=spec["output"]))
+    return {"data_path": str(summary.data_path), "status": summary.status}
+
+
+def _user(spec: dict[str, Any]) -> dict[str, Any]:
+    from .userscript import run
+
+    regions = spec["regions"]
+    if regions == ["all"]:
+        import boto3
+
+        regions = boto3.session.Session().get_available_regions("snowball")
+    path = Path(spec["output"]) / "user.jsonl"
+    run(spec["accounts"], regions, path, role_name=ROLE_NAME, workers=spec["threads"])
+    return {"data_path": str(path), "status": "complete"}
+
+
+def _floor(spec: dict[str, Any], clock: dict[str, float]) -> dict[str, Any]:
+    from aggregator.config import snowball_regions
+
+    from .floor import Floor
+
+    regions = list(snowball_regions()) if spec["regions"] == ["all"] else spec["regions"]
+
+    async def main() -> dict[str, Any]:
+        async with Floor(
+            url=os.environ["AWS_ENDPOINT_URL"],
+            hub_keys=(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]),
+            role_name=ROLE_NAME,
+            max_concurrency=spec["max_concurrency"],
+            requests_per_second=spec["requests_per_second"],
+        ) as floor:
+            account_id, region, n = spec["calibrate"]
+            rtt = max(0.0, await floor.round_trip(account_id, region, n) - spec["latency"])
+            await asyncio.sleep(1.1)  # let the sandbox's token bucket refill
+            floor.requests = 0
+            clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
+            await floor.run(spec["accounts"], regions)
+            return {
+                "round_trip": rtt,
+                "jobs": len(floor.jobs),
+                "tool_requests": floor.requests,
+                "tool_pages": floor.pages,
+                "status": "complete",
+            }
+
+    return asyncio.run(main())
+
+
+def _records(n: int) -> list[Any]:
+    from aggregator.records import JobRecord
+
+    states = ("New", "InProgress", "WithCustomer", "Complete", "Cancelled", "FutureState")
+    out = []
+    for i in range(n):
+        account = f"{200000000000 + i // 500}"
+        out.append(
+            JobRecord(
+                account_id=account,
+                job_id=f"JID{i:08x}-4b0c-4d2e-8f3a-{i * 7919 % 10**12:012d}",
+                job_state=states[i % len(states)],
+                job_type="IMPORT" if i % 3 else "EXPORT",
+                snowball_type="EDGE",
+                is_master=bool(i % 2),
+                creation_date=f"2024-0{1 + i % 9}-1{i % 10}T12:34:56.{i % 1000:03d}Z",
+                description=None if i % 4 == 0 else f"Import Logs {i % 997}",
+                regions=("eu-west-1",) if i % 5 else ("us-east-1", "us-east-2"),
+                snapshot_id="20261128T150000Z-3f9c",
+                observed_at="2026-11-28T15:00:03Z",
+                last_seen="2026-11-28T15:00:03Z",
+                stale=False,
+            )
+        )
+    return out
+
+
+def _preload(tool: str) -> None:
+    """Import what the tool needs before the clock starts: interpreter start and module
+    imports are not part of any tool's run (they cost the same every run)."""
+    if tool in ("ours", "stock"):
+        import aggregator.config
+        import aggregator.service
+    elif tool == "user":
+        import boto3  # noqa: F401
+    elif tool == "floor":
+        import aiohttp  # noqa: F401
+
+        import aggregator.config  # noqa: F401
+
+        from . import floor  # noqa: F401
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). ru_maxrss would do, except that Linux carries
+    it over from the parent across fork and exec, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str]) -> int:
+    spec: dict[str, Any] = orjson.loads(argv[0])
+    _quiet()
+    tool = spec["tool"]
+    Path(spec["output"]).mkdir(parents=True, exist_ok=True)
+    clock: dict[str, float] = {}
+    if tool == "snapshot":
+        from aggregator.snapshot import SnapshotStore
+
+        records = _records(spec["records"])
+        clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
+        written = SnapshotStore(spec["output"]).write("20261128T150000Z-3f9c", records, {})
+        result: dict[str, Any] = {"jobs": written.records, "status": "complete"}
+    else:
+        _preload(tool)
+        clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
+        if tool in ("ours", "stock"):
+            result = _ours(spec, stock=tool == "stock")
+        elif tool == "user":
+            result = _user(spec)
+        elif tool == "floor":
+            result = _floor(spec, clock)
+        else:
+            raise SystemExit(f"unknown tool {tool!r}")
+    result["wall"] = time.perf_counter() - clock["wall"]
+    result["cpu"] = time.process_time() - clock["cpu"]
+    result["rss_mb"] = peak_rss_mb()
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,171 @@
+"""DuckDB reads the output directly: hive-partitioned snapshots and change files through
+`read_json` globs give the sandbox truth, and the README's queries run."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pytest
+
+from aggregator.config import OutputSettings
+from aggregator.service import run_once
+
+from .conftest import SandboxFactory, make_settings
+
+WIRED = "compress" in OutputSettings.model_fields
+needs_wiring = pytest.mark.skipif(
+    not WIRED, reason="needs output.compress wired into config.py/service.py"
+)
+ROOT = Path(__file__).resolve().parent.parent
+REGIONS = ("eu-west-1", "us-east-1", "us-west-2")
+
+# The README's DuckDB queries, for an output directory `var/demo/` (the tests substitute theirs).
+LATEST = """
+SET VARIABLE manifest = 'var/demo/' || trim((SELECT content FROM read_text('var/demo/LATEST')), chr(10));
+SET VARIABLE latest = (SELECT 'var/demo/' || data.path FROM read_json(getvariable('manifest')));
+"""  # noqa: E501
+BY_STATE_PER_ACCOUNT = """
+SELECT account_id, job_state, count(*) AS jobs
+FROM read_json(getvariable('latest'))
+GROUP BY ALL ORDER BY account_id, jobs DESC;
+"""
+PER_DEVICE_TYPE = """
+SELECT snowball_type, count(*) AS jobs
+FROM read_json(getvariable('latest'))
+GROUP BY ALL ORDER BY jobs DESC;
+"""
+CREATED_PER_MONTH = """
+SELECT date_trunc('month', creation_date::TIMESTAMP) AS month, count(*) AS jobs
+FROM read_json(getvariable('latest'))
+GROUP BY ALL ORDER BY month;
+"""
+HISTORY = """
+SELECT date, snapshot_id, job_state, count(*) AS jobs
+FROM read_json('var/demo/snapshots/*/*.jsonl*', hive_partitioning = true)
+GROUP BY ALL ORDER BY snapshot_id, jobs DESC;
+"""
+TIME_IN_STATE = """
+WITH transitions AS (
+  SELECT account_id, job_id, to_state AS state, observed_at::TIMESTAMP AS since
+  FROM read_json('var/demo/changes/*/*.jsonl*', hive_partitioning = true)
+  WHERE event IN ('job_added', 'state_changed', 'job_removed')
+), spans AS (
+  SELECT state, since,
+         lead(since) OVER (PARTITION BY account_id, job_id ORDER BY since) AS until
+  FROM transitions
+)
+SELECT state, count(*) AS spans, avg(until - since) AS mean_time, max(until - since) AS longest
+FROM spans
+WHERE state IS NOT NULL AND until IS NOT NULL
+GROUP BY state ORDER BY mean_time DESC;
+"""
+
+
+def plain_files(root: Path) -> list[Path]:
+    return list(root.glob("*/*/*.jsonl"))
+
+
+def sql(query: str, root: Path) -> str:
+    return query.replace("var/demo/", f"{root.as_posix()}/")
+
+
+def run(con: duckdb.DuckDBPyConnection, script: str, root: Path) -> list[tuple[Any, ...]]:
+    """Execute each statement of `script` (for `root`); rows of the last one."""
+    rows: list[tuple[Any, ...]] = []
+    for statement in sql(script, root).split(";\n"):
+        if statement.strip():
+            rows = con.execute(statement).fetchall()
+    return rows
+
+
+async def three_runs(make_sandbox: SandboxFactory, section: dict[str, Any], **kw: Any) -> Any:
+    """Three runs with state changes, an addition and a removal between them; `section` is
+    the `[output]` table, `kw` go to run_once."""
+    sb = await make_sandbox(accounts=4, seed=19, max_jobs=15, regions=REGIONS)
+    settings = make_settings(sb.account_ids, regions={"names": list(REGIONS)}, output=section)
+    for n in range(3):
+        if n:
+            jobs = sorted(j["job_id"] for j in sb.truth() if j["account_id"] == sb.account_ids[0])
+            sb.set_job_state(sb.account_ids[0], jobs[0], f"State{n}")
+            sb.remove_job(sb.account_ids[0], jobs[-1])
+            sb.add_job(sb.account_ids[1], "us-west-2", job_state="New")
+        summary = await run_once(settings, **kw)
+        assert summary.status == "complete"
+    return sb, summary
+
+
+def check_against_truth(root: Path, truth: list[dict[str, Any]], summary: Any) -> None:
+    con = duckdb.connect()
+    run(con, LATEST, root)
+    by_state = Counter({(a, s): n for a, s, n in run(con, BY_STATE_PER_ACCOUNT, root)})
+    assert by_state == Counter((j["account_id"], j["job_state"]) for j in truth)
+    by_account = con.execute(
+        "SELECT account_id, count(*) FROM read_json(getvariable('latest')) GROUP BY ALL"
+    ).fetchall()
+    assert dict(by_account) == Counter(j["account_id"] for j in truth)
+    devices = dict(run(con, PER_DEVICE_TYPE, root))
+    assert devices == Counter(j["snowball_type"] for j in truth)
+    months = run(con, CREATED_PER_MONTH, root)
+    assert sum(n for _, n in months) == len(truth)
+    assert [m for m, _ in months] == sorted(m for m, _ in months)
+
+    # Every retained snapshot through one hive-partitioned glob: the `date` column is the
+    # partition, and the newest snapshot's counts are the truth's.
+    history = run(con, HISTORY, root)
+    assert {str(d) for d, *_ in history} == {f"{s[0:4]}-{s[4:6]}-{s[6:8]}" for _, s, *_ in history}
+    assert len({s for _, s, *_ in history}) == 3
+    newest = Counter({st: n for _, s, st, n in history if s == summary.snapshot_id})
+    assert newest == Counter(j["job_state"] for j in truth)
+
+    # The change files: one glob, counts equal to what the manifests say.
+    events = dict(
+        con.execute(
+            sql(
+                "SELECT event, count(*) FROM read_json('var/demo/changes/*/*.jsonl*', "
+                "hive_partitioning = true) GROUP BY ALL",
+                root,
+            )
+        ).fetchall()
+    )
+    expected: Counter[str] = Counter()
+    for manifest in root.glob("snapshots/*/*.manifest.json"):
+        expected.update(orjson.loads(manifest.read_bytes())["changes"]["counts"])
+    assert events == {k: n for k, n in expected.items() if n}
+    spans = run(con, TIME_IN_STATE, root)
+    assert {state for state, *_ in spans} >= {"State1"}
+    assert all(count > 0 for _, count, *_ in spans)
+
+
+async def test_duckdb_counts_equal_the_sandbox_truth(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Jobs by state and by account (newest snapshot), per device type, per month, the
+    history across snapshots and the change events all agree with the sandbox."""
+    sb, summary = await three_runs(make_sandbox, {}, output=tmp_path)
+    check_against_truth(tmp_path, sb.truth(), summary)
+
+
+@needs_wiring
+async def test_duckdb_reads_gzip_output_the_same_way(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """With `output.compress = "gzip"` the same globs and queries give the same answers."""
+    sb, summary = await three_runs(make_sandbox, {"directory": str(tmp_path), "compress": "gzip"})
+    assert not plain_files(tmp_path)
+    check_against_truth(tmp_path, sb.truth(), summary)
+
+
+async def test_the_readme_duckdb_queries_run(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """Every ```sql block of the README that reads the output runs against a real output."""
+    await three_runs(make_sandbox, {}, output=tmp_path)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```sql\n(.*?)```", readme, flags=re.S) if "read_" in b]
+    assert blocks, "the README shows DuckDB queries"
+    con = duckdb.connect()
+    for block in blocks:
+        run(con, block, tmp_path)

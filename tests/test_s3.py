@@ -1,0 +1,302 @@
+"""S3: the same layout, order and retention in a bucket, against moto's S3 server on loopback
+(real aiobotocore clients over HTTP; no AWS account)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiobotocore.session import AioSession
+
+from aggregator.config import OutputSettings
+from aggregator.errors import OutputError
+from aggregator.records import JobRecord
+from aggregator.s3 import S3Store, parse_s3_url
+from aggregator.snapshot import Store, diff_command, open_store
+
+from .conftest import SandboxFactory, make_settings
+
+WIRED = "compress" in OutputSettings.model_fields
+needs_wiring = pytest.mark.skipif(
+    not WIRED, reason="needs output.compress and s3:// output wired into config.py/service.py"
+)
+MiB = 1 << 20
+A = "111111111111"
+PARTITIONS = [{"account_id": A, "region": "eu-west-1", "status": "ok"}]
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """moto's S3 (and friends) on 127.0.0.1, a free port, for this module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def bucket(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """A fresh bucket; S3 clients reach moto through the standard AWS_ENDPOINT_URL_S3."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_url)
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(name, value)
+    name = f"inventory-{secrets.token_hex(4)}"
+    async with AioSession().create_client("s3") as s3:
+        await s3.create_bucket(Bucket=name)
+    yield name
+
+
+async def objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every object under `prefix`, by key relative to it."""
+    out: dict[str, bytes] = {}
+    async with AioSession().create_client("s3") as s3:
+        async for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
+            for item in page.get("Contents", ()):
+                answer = await s3.get_object(Bucket=bucket, Key=item["Key"])
+                async with answer["Body"] as body:
+                    out[item["Key"][len(prefix) :]] = await body.read()
+    return out
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def sid(n: int) -> str:
+    return f"20261128T{15 + n // 60:02d}{n % 60:02d}00Z-{n:04x}"
+
+
+def records(snapshot_id: str, states: dict[str, str], description: str = "") -> list[JobRecord]:
+    return [
+        JobRecord.from_json_dict(
+            {
+                "account_id": A,
+                "job_id": job_id,
+                "job_state": state,
+                "description": description or None,
+                "regions": ["eu-west-1"],
+                "snapshot_id": snapshot_id,
+                "observed_at": "2026-11-28T15:00:03Z",
+            }
+        )
+        for job_id, state in sorted(states.items())
+    ]
+
+
+async def write(store: Store, snapshot_id: str, states: dict[str, str], **kw: Any) -> Any:
+    previous = await store.latest_manifest()
+    return await store.write(
+        snapshot_id,
+        records(snapshot_id, states, **kw),
+        {"status": "complete", "partition_status": PARTITIONS},
+        previous=previous,
+    )
+
+
+def snapshot_ids(keys: Any) -> list[str]:
+    return sorted(
+        k.rsplit("/", 1)[1].removesuffix(".manifest.json")
+        for k in keys
+        if k.endswith(".manifest.json")
+    )
+
+
+def test_s3_urls_are_checked() -> None:
+    """A bucket name S3 would refuse is reported before any request."""
+    assert parse_s3_url("s3://my-bucket") == ("my-bucket", "")
+    assert parse_s3_url("s3://my.bucket/a/b/") == ("my.bucket", "a/b")
+    for bad in ("s3://", "s3://UPPER/x", "s3://ab", "s3://a..b/x", "s3://ok-bucket/a//b"):
+        with pytest.raises(ValueError):
+            parse_s3_url(bad)
+
+
+async def test_layout_and_write_order_match_a_directory(bucket: str, tmp_path: Path) -> None:
+    """The same objects as the local layout under the prefix; data, manifest and change file
+    land before LATEST, which is written last."""
+    landed: list[tuple[str, str]] = []
+
+    def note(params: dict[str, Any], model: Any, **_: Any) -> None:
+        if model.name in ("PutObject", "CompleteMultipartUpload"):
+            landed.append((model.name, params["Key"]))
+
+    async with open_store(f"s3://{bucket}/inv/prod") as store:
+        assert isinstance(store, S3Store)
+        store.client.meta.events.register("provide-client-params.s3.*", note)
+        await store.check_writable()
+        first = await write(store, sid(0), {"A": "New", "B": "New"})
+        landed.clear()
+        second = await write(store, sid(1), {"A": "Complete", "C": "New"})
+        assert store.locate(second.data_path) == f"s3://{bucket}/inv/prod/{second.data_path}"
+    async with open_store(tmp_path) as local:
+        await write(local, sid(0), {"A": "New", "B": "New"})
+        await write(local, sid(1), {"A": "Complete", "C": "New"})
+    stored = await objects(bucket, "inv/prod/")
+    on_disk = tree(tmp_path)
+    assert stored.keys() == on_disk.keys()
+    for key in stored:
+        if not key.endswith(".manifest.json"):
+            assert stored[key] == on_disk[key], key
+    assert [k for _, k in landed] == [
+        f"inv/prod/{second.data_path}",
+        f"inv/prod/{second.manifest_path}",
+        f"inv/prod/{second.changes_path}",
+        "inv/prod/LATEST",
+    ]
+    assert stored["LATEST"] == second.manifest_path.encode() + b"\n"
+    async with AioSession().create_client("s3") as s3:
+        head = await s3.head_object(Bucket=bucket, Key=f"inv/prod/{second.manifest_path}")
+    assert head["Metadata"] == {
+        "snapshot-id": second.snapshot_id,
+        "previous-snapshot-id": first.snapshot_id,
+    }, "prune reads a manifest's links with a HEAD"
+    manifest = orjson.loads(stored[second.manifest_path])
+    assert manifest["previous_snapshot_id"] == first.snapshot_id
+    assert manifest["changes"]["counts"]["job_removed"] == 1
+
+
+async def test_large_objects_go_up_in_parts(bucket: str) -> None:
+    """Above the threshold the data file is a multipart upload (several parts in flight),
+    completed only at the end; its digest and records read back intact."""
+    calls: list[str] = []
+    states = {f"J{i:06d}": "New" for i in range(14_000)}
+    async with S3Store(
+        f"s3://{bucket}/big", multipart_threshold=5 * MiB, part_size=5 * MiB, max_uploads=2
+    ) as store:
+        store.client.meta.events.register(
+            "provide-client-params.s3.*", lambda model, **_: calls.append(model.name)
+        )
+        written = await write(store, sid(0), states, description="x" * 600)
+        manifest = await store.latest_manifest()
+        assert manifest is not None
+        back = [r.job_id async for r in store.read_records(manifest)]
+    assert back == sorted(states)
+    assert written.bytes > 10 * MiB
+    assert calls.count("CreateMultipartUpload") == 1 and calls.count("UploadPart") >= 2
+    assert calls.count("CompleteMultipartUpload") == 1
+    stored = await objects(bucket, "big/")
+    assert hashlib.sha256(stored[written.data_path]).hexdigest() == written.sha256
+
+
+async def test_gzip_and_previous_snapshot_read_back_from_s3(bucket: str) -> None:
+    """A second store (a second run) reads the previous snapshot back from S3, gzip or not,
+    and computes the changes from it."""
+    async with open_store(f"s3://{bucket}/gz", compress="gzip") as store:
+        await write(store, sid(0), {"A": "New", "B": "New"})
+    async with open_store(f"s3://{bucket}/gz", compress="gzip") as store:
+        previous = await store.latest_manifest()
+        assert previous is not None and previous["data"]["path"].endswith(".jsonl.gz")
+        assert [r.job_id async for r in store.read_records(previous)] == ["A", "B"]
+        second = await write(store, sid(1), {"A": "Complete"})
+    stored = await objects(bucket, "gz/")
+    events = gzip.decompress(stored[second.changes_path]).splitlines()
+    assert [orjson.loads(e)["event"] for e in events] == ["state_changed", "job_removed"]
+    assert gzip.decompress(stored[second.data_path]).count(b"\n") == 1
+
+
+async def test_retention_on_s3(bucket: str) -> None:
+    """Exactly `retain` snapshots stay, the newest; an unpublished snapshot and uploads that
+    crashed runs left are cleaned up; LATEST's snapshot and newer uploads are kept."""
+    url = f"s3://{bucket}/keep"
+    async with open_store(url) as store:
+        for n in range(4):
+            await write(store, sid(n), {"A": "New", f"J{n}": "New"})  # a crash before prune
+    async with open_store(url) as store:
+        pruned = await store.prune(2)
+    assert pruned.expired == (sid(0), sid(1))
+    assert snapshot_ids(await objects(bucket, "keep/")) == [sid(2), sid(3)]
+
+    async with AioSession().create_client("s3") as s3:
+        old = await s3.create_multipart_upload(
+            Bucket=bucket, Key=f"keep/snapshots/date=2026-11-28/{sid(1)}.jsonl"
+        )
+        new = await s3.create_multipart_upload(
+            Bucket=bucket, Key=f"keep/snapshots/date=2026-11-28/{sid(9)}.jsonl"
+        )
+        async with open_store(url) as store:
+            latest = (await objects(bucket, "keep/"))["LATEST"]
+            await write(store, sid(4), {"A": "Complete"})
+            await s3.put_object(Bucket=bucket, Key="keep/LATEST", Body=latest)  # crash
+            await write(store, sid(5), {"A": "Complete"})
+            pruned = await store.prune(2)
+        uploads = await s3.list_multipart_uploads(Bucket=bucket, Prefix="keep/")
+    assert pruned.orphaned == (sid(4),)
+    assert snapshot_ids(await objects(bucket, "keep/")) == [sid(3), sid(5)]
+    left = {u["UploadId"] for u in uploads.get("Uploads", ())}
+    assert old["UploadId"] not in left and new["UploadId"] in left
+
+
+async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
+    """Writing to a bucket that does not exist fails early with the S3 error code."""
+    async with open_store(f"s3://{bucket}-missing/x") as store:
+        with pytest.raises(OutputError, match=r"s3://.*-missing/x: cannot write.*NoSuchBucket"):
+            await store.check_writable()
+        with pytest.raises(OutputError, match="cannot read LATEST: NoSuchBucket"):
+            await store.latest_manifest()
+    with pytest.raises(RuntimeError, match="not open"):
+        _ = S3Store(f"s3://{bucket}/x").client
+
+
+@needs_wiring
+async def test_two_runs_to_s3_read_the_previous_snapshot_back(
+    make_sandbox: SandboxFactory, bucket: str
+) -> None:
+    """End to end: the aggregator writes to s3://, and the second run, with a failed account,
+    carries that account's jobs forward as stale from the snapshot it reads back from S3."""
+    from aggregator.sandbox import Faults
+    from aggregator.service import run_once
+
+    from .test_schemas import validate_location
+
+    sb = await make_sandbox(accounts=3, seed=8, max_jobs=10, regions=("eu-west-1", "us-east-1"))
+    settings = make_settings(
+        sb.account_ids,
+        regions={"names": ["eu-west-1", "us-east-1"]},
+        output={"directory": f"s3://{bucket}/runs", "compress": "gzip", "retain": 2},
+    )
+    first = await run_once(settings)
+    assert first.status == "complete" and str(first.data_path).startswith(f"s3://{bucket}/runs/")
+    failing = sb.account_ids[1]
+    sb.faults = dataclasses.replace(Faults(), deny_list_jobs=frozenset({failing}))
+    second = await run_once(settings)
+    assert second.status == "partial"
+    expected_stale = [j for j in sb.truth() if j["account_id"] == failing]
+    assert second.stale == len(expected_stale) > 0
+    stored = await objects(bucket, "runs/")
+    manifest = orjson.loads(stored[stored["LATEST"].decode().strip()])
+    assert manifest["previous_snapshot_id"] == first.snapshot_id
+    lines = gzip.decompress(stored[manifest["data"]["path"]]).splitlines()
+    got = sorted((r["account_id"], r["job_id"], r["stale"]) for r in map(orjson.loads, lines))
+    want = sorted((j["account_id"], j["job_id"], j["account_id"] == failing) for j in sb.truth())
+    assert got == want
+    counts = manifest["changes"]["counts"]
+    assert counts["job_went_stale"] == len(expected_stale) and counts["job_removed"] == 0
+    sb.faults = Faults()
+    third = await run_once(settings)
+    assert third.status == "complete"
+    assert snapshot_ids(await objects(bucket, "runs/")) == sorted(
+        [second.snapshot_id, third.snapshot_id]
+    )
+    validate_location(await objects(bucket, "runs/"))
+    out = io.BytesIO()
+    await diff_command(f"s3://{bucket}/runs", second.snapshot_id, third.snapshot_id, out=out)
+    kinds = {orjson.loads(line)["event"] for line in out.getvalue().splitlines()}
+    assert kinds == {"job_recovered"}

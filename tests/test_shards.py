@@ -1,0 +1,445 @@
+"""Shards: stable account split, shard selection from CLI or Indexed Job environment, and the
+merge of N shard snapshots into one snapshot equal to an unsharded run's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from aggregator.accounts import Account
+from aggregator.config import Settings
+from aggregator.errors import ConfigError
+from aggregator.sandbox import Faults
+from aggregator.service import run_once
+from aggregator.shards import (
+    Shard,
+    ShardError,
+    merge_run,
+    parse_shard,
+    resolve_shard,
+    run_location,
+    select_shard,
+    shard_location,
+    shard_manifest,
+    shard_of,
+)
+from aggregator.snapshot import open_store
+
+from .conftest import SandboxFactory, make_settings
+
+REGIONS = {"names": ["us-east-1", "us-east-2", "eu-west-1", "ap-southeast-2"]}
+
+
+def acct(account_id: str) -> Account:
+    return Account(account_id, f"arn:aws:iam::{account_id}:role/R")
+
+
+# --- the split ------------------------------------------------------------------------------
+
+
+def test_shard_of_is_pinned() -> None:
+    """The split is SHA-256 of the id: the same in every process, Python and release."""
+    ids = ["111111111111", "222222222222", "333333333333", "200000000000"]
+    assert [shard_of(i, 4) for i in ids] == [2, 3, 0, 0]
+    assert all(shard_of(i, 1) == 0 for i in ids)
+
+
+def test_split_is_complete_disjoint_and_balanced() -> None:
+    """Every account lands in exactly one of N shards, and shards are about equal."""
+    universe = [acct(str(200_000_000_000 + i)) for i in range(10_000)]
+    parts = [select_shard(universe, i, 4) for i in range(4)]
+    seen = [a.account_id for p in parts for a in p]
+    assert sorted(seen) == sorted(a.account_id for a in universe)
+    assert len(seen) == len(set(seen))
+    assert all(2300 < len(p) < 2700 for p in parts)
+
+
+def test_a_new_account_moves_no_other() -> None:
+    """Adding an account to the organization leaves every other account in its shard."""
+    universe = [acct(str(200_000_000_000 + i)) for i in range(500)]
+    before = {a.account_id: i for i in range(8) for a in select_shard(universe, i, 8)}
+    grown = [*universe, acct("999999999999")]
+    after = {a.account_id: i for i in range(8) for a in select_shard(grown, i, 8)}
+    assert {k: after[k] for k in before} == before
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("0/4", (0, 4)), ("3/4", (3, 4)), (" 0 / 1 ", (0, 1))]
+)
+def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
+    """I/N is 0-based, like JOB_COMPLETION_INDEX."""
+    assert parse_shard(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("4/4", "numbered 0 to 3"),
+        ("1/0", "between 1 and"),
+        ("-1/4", "is not I/N"),
+        ("1of4", "is not I/N"),
+        ("", "is not I/N"),
+    ],
+)
+def test_parse_shard_rejects(text: str, problem: str) -> None:
+    """Malformed or out-of-range shard specs are rejected with a readable reason."""
+    with pytest.raises(ValueError, match=problem):
+        parse_shard(text)
+
+
+def test_resolve_shard_from_cli_and_environment() -> None:
+    """--shard wins over the Indexed Job variables; the run id comes from --run-id or env."""
+    env = {
+        "JOB_COMPLETION_INDEX": "2",
+        "SNOWBALL_SHARD_COUNT": "4",
+        "SNOWBALL_RUN_ID": "run-0001",
+    }
+    assert resolve_shard(None, None, env) == Shard(2, 4, "run-0001")
+    assert resolve_shard("1/3", None, env) == Shard(1, 3, "run-0001")
+    assert resolve_shard("1/3", "cli-run", env) == Shard(1, 3, "cli-run")
+    assert resolve_shard(None, None, {}) is None
+    # An Indexed Job that is not a sharded run: the index alone means nothing.
+    assert resolve_shard(None, None, {"JOB_COMPLETION_INDEX": "0"}) is None
+
+
+@pytest.mark.parametrize(
+    ("cli", "run_id", "env", "message"),
+    [
+        ("5/4", "r", {}, "--shard: shard index 5 is out of range"),
+        ("0/4", None, {}, "--shard: a sharded run needs the run id"),
+        ("0/4", "../x", {}, "--run-id: '../x' is not a run id"),
+        (
+            None,
+            None,
+            {"SNOWBALL_SHARD_COUNT": "4", "SNOWBALL_RUN_ID": "r"},
+            "SNOWBALL_SHARD_COUNT (environment): is set but JOB_COMPLETION_INDEX is not",
+        ),
+        (
+            None,
+            None,
+            {"SNOWBALL_SHARD_COUNT": "four", "JOB_COMPLETION_INDEX": "0"},
+            "SNOWBALL_SHARD_COUNT (environment): 'four' is not a whole number",
+        ),
+        (
+            None,
+            None,
+            {"SNOWBALL_SHARD_COUNT": "4", "JOB_COMPLETION_INDEX": "4", "SNOWBALL_RUN_ID": "r"},
+            "shard index 4 is out of range",
+        ),
+        (
+            None,
+            None,
+            {"SNOWBALL_SHARD_COUNT": "4", "JOB_COMPLETION_INDEX": "1", "SNOWBALL_RUN_ID": "a/b"},
+            "SNOWBALL_SHARD_COUNT (environment): 'a/b' is not a run id",
+        ),
+    ],
+)
+def test_resolve_shard_errors(
+    cli: str | None, run_id: str | None, env: dict[str, str], message: str
+) -> None:
+    """Every wrong shard setting is one ConfigError line naming the option or variable."""
+    with pytest.raises(ConfigError) as info:
+        resolve_shard(cli, run_id, env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_locations() -> None:
+    """Shard snapshots live under <output>/shards/run=<id>/shard=<I>-of-<N>, local or S3."""
+    shard = Shard(1, 4, "run-7")
+    assert shard_location("out", shard) == str(Path("out/shards/run=run-7/shard=1-of-4"))
+    assert shard_location("s3://b/p/", shard) == "s3://b/p/shards/run=run-7/shard=1-of-4"
+    assert run_location("s3://b", "run-7") == "s3://b/shards/run=run-7"
+
+
+def test_shard_manifest_entry() -> None:
+    """The manifest says which shard it is and digests the whole account list."""
+    universe = [acct("111111111111"), acct("222222222222")]
+    entry = shard_manifest(Shard(0, 2, "r"), universe)
+    assert entry["index"] == 0 and entry["count"] == 2 and entry["run_id"] == "r"
+    assert entry["accounts_total"] == 2
+    assert entry == shard_manifest(Shard(0, 2, "r"), list(reversed(universe)))
+    assert (
+        entry["accounts_sha256"]
+        != shard_manifest(Shard(0, 2, "r"), universe[:1])["accounts_sha256"]
+    )
+
+
+# --- running shards and merging them ---------------------------------------------------------
+
+async def run_shard(settings: Settings, output: Path, shard: Shard) -> None:
+    await run_once(settings, output=output, shard=shard)
+
+
+_VOLATILE = re.compile(rb'"(snapshot_id|observed_at|last_seen)":"[^"]*"')
+
+
+def normalised(path: Path) -> list[bytes]:
+    """The data file's lines with the run-specific id and timestamps blanked, bytes kept."""
+    return [_VOLATILE.sub(rb'"\1":"-"', line) for line in path.read_bytes().split(b"\n")]
+
+
+def manifest_of(output: Path, written_rel: str) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((output / written_rel).read_bytes())
+    return data
+
+
+async def test_four_shards_merge_to_the_unsharded_snapshot(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """4 shard runs plus merge write the same records, byte for byte, as one unsharded run
+    (snapshot id and observation times aside), and the same partition accounting."""
+    sb = await make_sandbox(
+        accounts=40,
+        seed=21,
+        regions=("us-east-1", "us-east-2", "eu-west-1", "ap-southeast-2"),
+        faults=Faults(deny_list_jobs=frozenset({"200000000007"})),
+    )
+    settings = make_settings(sb.account_ids, regions=REGIONS)
+    single = await run_once(settings, output=tmp_path / "single")
+    assert single.status == "partial"  # one account denies ListJobs: a realistic mix
+
+    sharded = tmp_path / "sharded"
+    for i in range(4):
+        await run_shard(settings, sharded, Shard(i, 4, "run-0001"))
+    result = await merge_run(sharded, "run-0001", 4)
+
+    assert not result.already_merged and result.status == "partial" and result.exit_code == 1
+    merged_data = sharded / result.written.data_path
+    assert normalised(merged_data) == normalised(single.data_path)
+    lines = merged_data.read_bytes().splitlines()
+    assert len(lines) == single.jobs > 300
+    assert all(f'"snapshot_id":"{result.written.snapshot_id}"'.encode() in x for x in lines)
+    assert (sharded / "LATEST").read_text().strip() == result.written.manifest_path
+
+    one = orjson.loads(single.manifest_path.read_bytes())
+    merged = manifest_of(sharded, result.written.manifest_path)
+    for key in (
+        "accounts",
+        "partitions",
+        "failed_partitions",
+        "partition_status",
+        "jobs",
+        "stale_jobs",
+        "duplicates_removed",
+        "requests",
+        "schema_version",
+        "status",
+    ):
+        assert merged[key] == one[key], key
+    assert merged["data"]["records"] == single.jobs
+    assert merged["sharded"]["run_id"] == "run-0001" and merged["sharded"]["count"] == 4
+    assert merged["sharded"]["accounts_consistent"] is True
+    assert sum(s["records"] for s in merged["sharded"]["shards"]) == single.jobs
+    assert "shard" not in merged
+
+
+async def test_merging_again_is_a_no_op(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """The merged snapshot id comes from the run: a second merge writes nothing."""
+    sb = await make_sandbox(accounts=8, seed=2, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    for i in range(2):
+        await run_shard(settings, tmp_path, Shard(i, 2, "r1"))
+    first = await merge_run(tmp_path, "r1", 2)
+    before = (tmp_path / first.written.data_path).stat().st_mtime_ns
+    again = await merge_run(tmp_path, "r1", 2)
+    assert again.already_merged and again.written == first.written
+    assert (tmp_path / first.written.data_path).stat().st_mtime_ns == before
+    assert again.status == first.status == "complete"
+
+
+async def test_merge_refuses_a_missing_shard(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """With shard 2 of 4 absent the merge names it and writes nothing."""
+    sb = await make_sandbox(accounts=12, seed=3, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    for i in (0, 1, 3):
+        await run_shard(settings, tmp_path, Shard(i, 4, "run-9"))
+    with pytest.raises(ShardError) as info:
+        await merge_run(tmp_path, "run-9", 4)
+    message = str(info.value)
+    assert message.startswith("run run-9: 1 of 4 shard snapshots missing: 2/4; looked in ")
+    assert not (tmp_path / "LATEST").exists()
+    assert not (tmp_path / "snapshots").exists()
+
+
+async def test_merge_waits_for_late_shards(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """--wait polls until the last shard lands, on an injected clock (no real sleeping)."""
+    sb = await make_sandbox(accounts=6, seed=4, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    await run_shard(settings, tmp_path, Shard(0, 2, "late"))
+    now = [0.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+        if len(waits) == 3:  # the last shard finishes while the merge waits
+            await run_shard(settings, tmp_path, Shard(1, 2, "late"))
+
+    result = await merge_run(
+        tmp_path, "late", 2, wait=60.0, poll=5.0, clock=lambda: now[0], sleep=sleep
+    )
+    assert waits == [5.0, 5.0, 5.0]
+    assert result.status == "complete"
+
+
+async def test_merge_wait_runs_out(tmp_path: Path) -> None:
+    """When the wait is over the error names every shard still missing."""
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(ShardError) as info:
+        await merge_run(tmp_path, "gone", 3, wait=12.0, poll=5.0, clock=lambda: now[0], sleep=sleep)
+    assert "3 of 3 shard snapshots missing after waiting 12 s: 0/3, 1/3, 2/3" in str(info.value)
+    assert now[0] == 12.0
+
+
+async def test_merge_refuses_another_split(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """Shards written for 3 cannot be merged as 4: the error says which split it found."""
+    sb = await make_sandbox(accounts=6, seed=5, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    for i in range(3):
+        await run_shard(settings, tmp_path, Shard(i, 3, "r3"))
+    with pytest.raises(ShardError) as info:
+        await merge_run(tmp_path, "r3", 4)
+    message = str(info.value)
+    assert "4 of 4 shard snapshots missing: 0/4, 1/4, 2/4, 3/4" in message
+    assert "found shards of another split: 0/3, 1/3, 2/3" in message
+
+
+async def _written_shards(
+    make_sandbox: SandboxFactory, tmp_path: Path, run_id: str, count: int = 2
+) -> None:
+    sb = await make_sandbox(accounts=10, seed=6, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    for i in range(count):
+        await run_shard(settings, tmp_path, Shard(i, count, run_id))
+
+
+async def _latest(location: str) -> dict[str, Any]:
+    async with open_store(location) as store:
+        manifest = await store.latest_manifest()
+    assert manifest is not None
+    return manifest
+
+
+async def test_merge_refuses_altered_data(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
+    """A shard data file that no longer matches its manifest's sha256 is refused."""
+    await _written_shards(make_sandbox, tmp_path, "tamper")
+    location = shard_location(tmp_path, Shard(1, 2, "tamper"))
+    data = Path(location) / (await _latest(location))["data"]["path"]
+    data.write_bytes(data.read_bytes().replace(b'"stale":false', b'"stale":true ', 1))
+    with pytest.raises(ShardError, match=r"shard 1/2: .* does not match the sha256"):
+        await merge_run(tmp_path, "tamper", 2)
+    assert not (tmp_path / "LATEST").exists()
+
+
+async def test_merge_refuses_a_shard_of_another_run(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A snapshot whose manifest names another run or index is not taken for the shard."""
+    await _written_shards(make_sandbox, tmp_path, "mine")
+    location = shard_location(tmp_path, Shard(0, 2, "mine"))
+    manifest = await _latest(location)
+    manifest_path = Path(location) / (Path(location) / "LATEST").read_text().strip()
+    manifest["shard"]["run_id"] = "theirs"
+    manifest_path.write_bytes(orjson.dumps(manifest))
+    with pytest.raises(ShardError, match=r"shard 0/2: its snapshot .* is not that shard"):
+        await merge_run(tmp_path, "mine", 2)
+
+
+async def test_merge_refuses_accounts_of_another_shard(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Records of an account that hashes elsewhere (a shard run with the wrong count, say)
+    are refused: they could duplicate another shard's."""
+    sb = await make_sandbox(accounts=10, seed=7, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    await run_shard(settings, tmp_path, Shard(1, 2, "wrong"))
+    # Shard 0's folder gets a snapshot of *every* account, labelled as shard 0.
+    full = await run_once(settings, output=tmp_path / "full")
+    async with (
+        open_store(tmp_path / "full") as src,
+        open_store(shard_location(tmp_path, Shard(0, 2, "wrong"))) as dst,
+    ):
+        manifest = await src.latest_manifest()
+        assert manifest is not None
+        records = [r async for r in src.read_records(manifest)]
+        fields = {"started_at": manifest["started_at"], "finished_at": manifest["finished_at"]}
+        fields["shard"] = shard_manifest(Shard(0, 2, "wrong"), [])
+        await dst.write(full.snapshot_id, records, fields, previous=None)
+    with pytest.raises(ShardError, match=r"shard 0/2: account \d{12} belongs to shard 1/2"):
+        await merge_run(tmp_path, "wrong", 2)
+
+
+def test_merged_requests_add_up_per_operation() -> None:
+    """Counters of the shard manifests add up key by key (a sanity check on the combiner)."""
+    from aggregator.shards import _combine
+
+    combined = _combine(
+        [{"total": 3, "list_jobs": 2, "assume_role": 1}, {"total": 5, "list_jobs": 4}]
+    )
+    assert combined == {"total": 8, "list_jobs": 6, "assume_role": 1}
+    assert _combine([[1], [2, 3]]) == [1, 2, 3]
+    assert _combine(["x", "x"]) == "x"
+
+
+# --- the command line (`run --shard`, `merge`) ------------------------------------------------
+
+async def test_cli_sharded_run_with_discovery_equals_unsharded(
+    make_sandbox: SandboxFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`run --shard I/4` (or the Indexed Job variables) over discovered accounts, then
+    `merge --shards 4`, equals one `run`; a missing shard makes `merge` exit 1 naming it."""
+    import asyncio
+
+    from aggregator.cli import main
+
+    sb = await make_sandbox(accounts=30, suspended=4, seed=8, regions=("us-east-1", "eu-west-1"))
+    out = tmp_path / "out"
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        "[accounts.organizations]\nenabled = true\n"
+        '[regions]\nnames = ["us-east-1", "eu-west-1"]\n'
+        "[limits]\nrequests_per_second = 1000.0\ntimeout_seconds = 5\n"
+        f'[output]\ndirectory = "{out}"\n'
+        '[logging]\nformat = "json"\nlevel = "warning"\n'
+    )
+
+    def cli(*args: str) -> int:
+        return main([*args[:1], "--config", str(cfg), *args[1:]])
+
+    assert await asyncio.to_thread(cli, "run", "--output", str(tmp_path / "single")) == 0
+    capsys.readouterr()
+    for i in (0, 1, 2):
+        assert await asyncio.to_thread(cli, "run", "--shard", f"{i}/4", "--run-id", "r1") == 0
+    assert await asyncio.to_thread(cli, "merge", "--run-id", "r1", "--shards", "4") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 4 shard snapshots missing: 3/4" in err
+
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    monkeypatch.setenv("SNOWBALL_SHARD_COUNT", "4")
+    monkeypatch.setenv("SNOWBALL_RUN_ID", "r1")
+    assert await asyncio.to_thread(cli, "run") == 0
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli, "merge", "--run-id", "r1", "--shards", "4", "--json") == 0
+    result = orjson.loads(capsys.readouterr().out)
+    single = orjson.loads(
+        ((tmp_path / "single") / (tmp_path / "single/LATEST").read_text().strip()).read_bytes()
+    )
+    assert normalised(out / result["data"]) == normalised(
+        tmp_path / "single" / single["data"]["path"]
+    )
+    merged = manifest_of(out, result["manifest"])
+    assert merged["accounts"] == single["accounts"] == len(sb.active_account_ids)
+    assert merged["requests"] != single["requests"]  # each shard discovered the organization
+    assert merged["requests"]["organizations"] == 4 * single["requests"]["organizations"]
