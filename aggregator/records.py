@@ -21,9 +21,10 @@ SCHEMA_VERSION = "1.0"
 
 def iso_millis(value: datetime) -> str:
     """`2016-04-14T23:56:26.003Z`: UTC, milliseconds, `Z` suffix."""
-    if value.tzinfo is not None:
+    if value.tzinfo is not None and value.tzinfo is not UTC:
         value = value.astimezone(UTC)
-    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+    # isoformat is twice as fast as strftime; [:23] drops the "+00:00" of aware values.
+    return value.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def iso_seconds(value: datetime) -> str:
