@@ -41,6 +41,8 @@ async def test_gov_partition_uses_its_profile(
     assert summary.accounts == len(sb.active_account_ids) == 4
     assert summary.jobs == len(sb.truth())
 
-    without = make_settings([], accounts={"partition": "aws-us-gov", "organizations": {"enabled": True}})
+    without = make_settings(
+        [], accounts={"partition": "aws-us-gov", "organizations": {"enabled": True}}
+    )
     with pytest.raises(DiscoveryError, match="no valid hub credentials for partition aws-us-gov"):
         await run_once(without, output=tmp_path / "out")
