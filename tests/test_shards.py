@@ -171,6 +171,7 @@ def test_shard_manifest_entry() -> None:
 
 # --- running shards and merging them ---------------------------------------------------------
 
+
 async def run_shard(settings: Settings, output: Path, shard: Shard) -> None:
     await run_once(settings, output=output, shard=shard)
 
@@ -391,6 +392,7 @@ def test_merged_requests_add_up_per_operation() -> None:
 
 
 # --- the command line (`run --shard`, `merge`) ------------------------------------------------
+
 
 async def test_cli_sharded_run_with_discovery_equals_unsharded(
     make_sandbox: SandboxFactory,
