@@ -468,6 +468,11 @@ class Store(ABC):
     def _stream(self, rel: str) -> AsyncIterator[bytes]:
         """The object's bytes in chunks; `OutputError` if it is missing."""
 
+    def stream(self, rel: str) -> AsyncIterator[bytes]:
+        """The stored bytes of `rel` (a path relative to the location, compressed as stored:
+        what a manifest's `sha256` and `bytes` cover), in chunks; `OutputError` if missing."""
+        return self._stream(rel)
+
     @abstractmethod
     async def _list(self) -> list[str]:
         """Every object under `snapshots/` and `changes/` (temporary ones included)."""
@@ -509,6 +514,7 @@ class Store(ABC):
         manifest: Mapping[str, Any],
         *,
         previous: Mapping[str, Any] | None = None,
+        changes: bool = True,
     ) -> WrittenSnapshot:
         """Write a snapshot: data, manifest, change file (events since `previous`), LATEST.
 
@@ -518,11 +524,12 @@ class Store(ABC):
         store fills in `snapshot_id`, `previous_snapshot_id`, `data` and `changes` (and
         `schema_version` if missing) of the manifest. If the previous snapshot's data cannot be
         read back, the snapshot is written without change file (`changes: null`) and a warning
-        is logged. Raises `OutputError` if the location cannot be written; the previous
+        is logged; `changes=False` skips it on purpose (a shard's snapshot, whose run's changes
+        `merge` computes). Raises `OutputError` if the location cannot be written; the previous
         snapshot then stays LATEST.
         """
         with _gc_paused():
-            return await self._write(snapshot_id, records, manifest, previous)
+            return await self._write(snapshot_id, records, manifest, previous, changes)
 
     async def _write(
         self,
@@ -530,6 +537,7 @@ class Store(ABC):
         records: Sequence[JobRecord],
         manifest: Mapping[str, Any],
         previous: Mapping[str, Any] | None,
+        with_changes: bool,
     ) -> WrittenSnapshot:
         gz = self.compress == "gzip"
         data_rel = data_path(snapshot_id, gz)
@@ -550,16 +558,22 @@ class Store(ABC):
                 "compression": "gzip" if gz else None,
             },
         }
-        kept: list[Batch] | None = [] if self._remember else None
+        kept: list[Batch] | None = [] if self._remember and with_changes else None
         sink = await self._open(changes_rel)
         try:
-            changes = await self._stage_changes(sink, changes_rel, records, full, previous, kept)
+            changes = (
+                await self._stage_changes(sink, changes_rel, records, full, previous, kept)
+                if with_changes
+                else None
+            )
             full["changes"] = changes
             body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
             links = {"snapshot-id": snapshot_id, "previous-snapshot-id": previous_id or ""}
             await self._put(manifest_rel, [body], metadata=links)
             if changes is not None:
                 await sink.publish()
+            else:
+                await _abort(sink)  # nothing staged (or already aborted): leave nothing
         except BaseException:
             await _abort(sink)
             raise

@@ -259,6 +259,20 @@ async def test_unreadable_previous_snapshot_skips_the_change_file(tmp_path: Path
     assert [e for e in logs if e["event"] == "changes.skipped"]
 
 
+async def test_a_snapshot_can_be_written_without_change_file(tmp_path: Path) -> None:
+    """`changes=False` (a shard's snapshot) writes no change file and says so; the stored
+    bytes of any file can be streamed back for checking its digest."""
+    async with LocalStore(tmp_path) as store:
+        written = await store.write(
+            sid(0), records(sid(0), {"A": "New"}), {"partition_status": PARTITIONS}, changes=False
+        )
+        manifest = await store.latest_manifest()
+        assert manifest is not None and manifest["changes"] is None
+        stored = b"".join([chunk async for chunk in store.stream(written.data_path)])
+    assert hashlib.sha256(stored).hexdigest() == written.sha256
+    assert not files_of(tmp_path, "changes/*/*") and not tmp_files(tmp_path)
+
+
 async def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
     """A directory we cannot write gives OutputError naming it, before any work."""
     if os.geteuid() == 0:
