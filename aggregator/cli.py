@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     sandbox = sub.add_parser("sandbox", help="serve the fake AWS endpoint")
     sandbox_command.add_arguments(sandbox)
 
+    diff = sub.add_parser("diff", help="print the change events between two snapshots")
+    diff.add_argument("old", help="older snapshot id, or 'latest'")
+    diff.add_argument("new", help="newer snapshot id, or 'latest'")
+    where = diff.add_mutually_exclusive_group()
+    where.add_argument("--config", help="TOML configuration file (uses its output.directory)")
+    where.add_argument(
+        "--output", help="output directory or s3://bucket/prefix (default var/snapshots)"
+    )
+
     validate = sub.add_parser("validate", help="check a configuration file and exit")
     validate.add_argument("--config", required=True, help="TOML configuration file")
     return parser
@@ -169,6 +178,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             args.shards,
             wait=wait,
             retain=settings.output.retain,
+            store_options={"compress": settings.output.compress},
         )
     )
     written = result.written
@@ -195,6 +205,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             f"{written.snapshot_id}, {written.records} jobs; {written.data_path}{again}"
         )
     return result.exit_code
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .snapshot import diff_command
+
+    location = args.output or (
+        load_settings(args.config).output.directory if args.config else "var/snapshots"
+    )
+    configure_logging(level="warning", fmt="auto")
+    return asyncio.run(diff_command(location, args.old, args.new, out=sys.stdout.buffer))
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -291,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _cmd_demo,
         "merge": _cmd_merge,
         "validate": _cmd_validate,
+        "diff": _cmd_diff,
     }
     try:
         if args.command == "sandbox":

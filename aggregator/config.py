@@ -199,11 +199,23 @@ class LimitsSettings(_Model):
     partition_deadline_seconds: float = Field(default=1800.0, gt=0)
 
 
-class OutputSettings(_Model):
-    """`[output]`: where snapshots go and how many are kept."""
+def _output_location(value: str) -> str:
+    if value.startswith("s3://"):
+        from .s3 import parse_s3_url
 
-    directory: str = Field(default="var/snapshots", min_length=1)
+        parse_s3_url(value)  # its ValueError names the problem
+    return value
+
+
+class OutputSettings(_Model):
+    """`[output]`: where snapshots go (a directory or `s3://bucket/prefix`), how many are kept,
+    and whether data and change files are gzip-compressed."""
+
+    directory: Annotated[str, AfterValidator(_output_location)] = Field(
+        default="var/snapshots", min_length=1
+    )
     retain: int = Field(default=96, ge=1)
+    compress: Literal["none", "gzip"] = "none"
 
 
 class DaemonSettings(_Model):

@@ -30,7 +30,7 @@ from .accounts import resolve_accounts
 from .clients import ClientPool
 from .config import Settings
 from .credentials import CredentialBroker
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .fetch import PartitionResult
 from .health import HealthState
 from .merge import Merger
@@ -39,7 +39,7 @@ from .records import SCHEMA_VERSION, JobRecord, iso_seconds
 from .retry import RetryPolicy
 from .scheduler import Limits, run_plan
 from .shards import Shard, select_shard, shard_location, shard_manifest
-from .snapshot import SnapshotStore, new_snapshot_id
+from .snapshot import Store, new_snapshot_id, open_store
 from .transport import SharedPool, shared_session_class
 
 __all__ = ["Aggregator", "CycleObserver", "RunSummary", "run_forever", "run_once"]
@@ -61,9 +61,9 @@ class RunSummary:
 
     snapshot_id: str
     status: RunStatus
-    output: Path
-    manifest_path: Path
-    data_path: Path
+    output: Path | str
+    manifest_path: Path | str
+    data_path: Path | str
     accounts: int
     partitions: dict[str, int]
     jobs: int
@@ -136,6 +136,8 @@ class Aggregator:
         self._stack: contextlib.AsyncExitStack | None = None
         self._broker: CredentialBroker | None = None
         self._pool: ClientPool | None = None
+        self._store: Store | None = None  # the output location (holds the previous snapshot)
+        self._shard_store: Store | None = None  # a shard's own folder below it
         self._gate = asyncio.Semaphore(settings.limits.max_concurrency)
 
     def _limits(self) -> Limits:
@@ -182,6 +184,14 @@ class Aggregator:
                     http_session_cls=session_cls,
                 )
             )
+            output = self.settings.output
+            location = self._output if self._output is not None else output.directory
+            options = {"compress": output.compress, "session": self._hub_session}
+            self._store = await stack.enter_async_context(open_store(location, **options))
+            if self._shard is not None:
+                self._shard_store = await stack.enter_async_context(
+                    open_store(shard_location(location, self._shard), **options)
+                )
         except BaseException:
             await stack.aclose()
             raise
@@ -195,7 +205,7 @@ class Aggregator:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
-        self._broker = self._pool = None
+        self._broker = self._pool = self._store = self._shard_store = None
         if stack is not None:
             await asyncio.shield(stack.aclose())
 
@@ -213,21 +223,19 @@ class Aggregator:
         Raises `OutputError` if the output directory is not writable (before any AWS call).
         Partition failures are not errors: they make the snapshot partial.
         """
-        if self._broker is None or self._pool is None:
+        if self._broker is None or self._pool is None or self._store is None:
             raise RuntimeError("Aggregator is not open")
-        broker, pool = self._broker, self._pool
+        broker, pool, base = self._broker, self._pool, self._store
         settings = self.settings
         now = self._now
         started_at = now()
         started = time.monotonic()
         snapshot_id = new_snapshot_id(started_at)
-        output = self._output if self._output is not None else settings.output.directory
         # `base` holds the run's previous snapshot (stale carry-forward reads it); a shard
         # writes into its own folder below it, which `merge` combines.
-        base = SnapshotStore(output)
         shard = self._shard
-        store = base if shard is None else SnapshotStore(shard_location(output, shard))
-        store.check_writable()
+        store = self._shard_store or base
+        await store.check_writable()
         limits = self._limits()
         policy = self._policy_for()
         organizations: collections.Counter[str] = collections.Counter()
@@ -282,10 +290,10 @@ class Aggregator:
             )
             assume_calls = broker.assume_role_calls - assume_before
             organizations_calls = sum(organizations.values())
-            previous_manifest = base.latest_manifest()
+            previous_manifest = await base.latest_manifest()
             previous: list[JobRecord] = []
             if previous_manifest is not None and any(r.status == "failed" for r in results):
-                previous = list(base.read_records(previous_manifest))
+                previous = [r async for r in base.read_records(previous_manifest)]
             records, stats = merger.records(snapshot_id=snapshot_id, previous=previous)
 
             counts = {"planned": len(plan), "ok": 0, "failed": 0, "skipped": 0}
@@ -349,7 +357,16 @@ class Aggregator:
             }
             if shard is not None:
                 manifest["shard"] = shard_manifest(shard, universe)
-            written = store.write(snapshot_id, records, manifest)
+            if shard is not None:  # `merge` writes the run's change file and prunes
+                written = await store.write(snapshot_id, records, manifest, changes=False)
+            else:
+                written = await store.write(
+                    snapshot_id, records, manifest, previous=previous_manifest
+                )
+                try:
+                    await store.prune(settings.output.retain)
+                except OutputError as exc:  # the snapshot is complete; the next cycle retries
+                    log.warning("snapshot.prune_failed", error=str(exc))
             wall = time.monotonic() - started
             log.info(
                 "run.finished",
@@ -362,9 +379,9 @@ class Aggregator:
         summary = RunSummary(
             snapshot_id=snapshot_id,
             status=status,
-            output=store.root,
-            manifest_path=store.root / written.manifest_path,
-            data_path=store.root / written.data_path,
+            output=store.locate(""),
+            manifest_path=store.locate(written.manifest_path),
+            data_path=store.locate(written.data_path),
             accounts=len(accounts),
             partitions=counts,
             jobs=stats.jobs,

@@ -23,15 +23,12 @@ from aggregator.changes import (
     diff,
     encode_events,
 )
-from aggregator.config import OutputSettings
 from aggregator.sandbox import Faults
 from aggregator.service import run_once
 from aggregator.snapshot import diff_command
 
 from .conftest import SandboxFactory, make_settings
 
-WIRED = "compress" in OutputSettings.model_fields
-needs_wiring = pytest.mark.skipif(not WIRED, reason="needs the `diff` command wired into cli.py")
 A = "111111111111"
 B = "222222222222"
 OLD_ID = "20261128T150000Z-aaaa"
@@ -612,7 +609,6 @@ async def test_a_failed_first_partition_then_recovery_adds_its_jobs(
     assert len(change_file(second)) == len(truth)
 
 
-@needs_wiring
 async def test_diff_command_line(
     make_sandbox: SandboxFactory, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

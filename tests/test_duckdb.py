@@ -11,17 +11,11 @@ from typing import Any
 
 import duckdb
 import orjson
-import pytest
 
-from aggregator.config import OutputSettings
 from aggregator.service import run_once
 
 from .conftest import SandboxFactory, make_settings
 
-WIRED = "compress" in OutputSettings.model_fields
-needs_wiring = pytest.mark.skipif(
-    not WIRED, reason="needs output.compress wired into config.py/service.py"
-)
 ROOT = Path(__file__).resolve().parent.parent
 REGIONS = ("eu-west-1", "us-east-1", "us-west-2")
 
@@ -169,7 +163,6 @@ async def test_duckdb_counts_equal_the_sandbox_truth(
     check_against_truth(tmp_path, sb.truth(), summary)
 
 
-@needs_wiring
 async def test_duckdb_reads_gzip_output_the_same_way(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:

@@ -16,7 +16,6 @@ import orjson
 import pytest
 from aiobotocore.session import AioSession
 
-from aggregator.config import OutputSettings
 from aggregator.errors import OutputError
 from aggregator.records import JobRecord
 from aggregator.s3 import S3Store, parse_s3_url
@@ -24,10 +23,6 @@ from aggregator.snapshot import Store, diff_command, open_store
 
 from .conftest import SandboxFactory, make_settings
 
-WIRED = "compress" in OutputSettings.model_fields
-needs_wiring = pytest.mark.skipif(
-    not WIRED, reason="needs output.compress and s3:// output wired into config.py/service.py"
-)
 MiB = 1 << 20
 A = "111111111111"
 PARTITIONS = [{"account_id": A, "region": "eu-west-1", "status": "ok"}]
@@ -255,7 +250,6 @@ async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
         _ = S3Store(f"s3://{bucket}/x").client
 
 
-@needs_wiring
 async def test_two_runs_to_s3_read_the_previous_snapshot_back(
     make_sandbox: SandboxFactory, bucket: str
 ) -> None:

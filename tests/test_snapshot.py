@@ -17,7 +17,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from aggregator import snapshot
-from aggregator.config import OutputSettings
 from aggregator.errors import OutputError
 from aggregator.records import JobRecord
 from aggregator.service import run_once
@@ -25,8 +24,6 @@ from aggregator.snapshot import LocalStore, Store, new_snapshot_id, open_store
 
 from .conftest import SandboxFactory, make_settings
 
-WIRED = "compress" in OutputSettings.model_fields
-needs_wiring = pytest.mark.skipif(not WIRED, reason="needs output.retain wired into service.py")
 A = "111111111111"
 PARTITIONS = [{"account_id": A, "region": "eu-west-1", "status": "ok"}]
 
@@ -422,7 +419,6 @@ async def test_orphaned_temporary_files_of_old_runs_are_removed(tmp_path: Path) 
     assert not leftover.exists() and newer.exists()
 
 
-@needs_wiring
 async def test_the_service_keeps_output_retain_snapshots(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
