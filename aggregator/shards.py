@@ -366,7 +366,7 @@ async def _check_digest(store: Store, label: str, manifest: Mapping[str, Any]) -
     size = 0
     try:
         # The stored bytes (compressed or not), as the manifest's digest covers them.
-        async for chunk in store._stream(rel):
+        async for chunk in store.stream(rel):
             digest.update(chunk)
             size += len(chunk)
     except OutputError as exc:
