@@ -1,8 +1,15 @@
-"""Clients: a bounded pool of Snowball clients, one per (account, region), reused across cycles.
+"""Clients: a bounded pool of Snowball clients, reused across cycles.
 
-Clients are created the ordinary way from the member account's aiobotocore session (see
-credentials.py), so endpoint settings follow the SDK conventions: `AWS_ENDPOINT_URL`,
-`AWS_ENDPOINT_URL_SNOWBALL` and the profile's `services` section all apply. botocore's own
+By default (`shared=True` in the service) there is one client per (partition, region), made
+from the broker's member session, and every account's requests go through it: the account is
+chosen per request by the credentials bound to the calling task (see credentials.py). Making a
+botocore client costs milliseconds of CPU and a hundred KB; a large organisation would need
+one per (account, region), tens of thousands per cycle. The stock switch keeps the plain way:
+one client per (account, region) from the account's own session.
+
+Clients are created the ordinary way from an aiobotocore session, so endpoint settings follow
+the SDK conventions: `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_SNOWBALL` and the profile's
+`services` section all apply. botocore's own
 retries are off (see retry.py).
 
 The pool keeps at most `capacity` clients; beyond that the least recently used idle client is
@@ -19,7 +26,12 @@ from types import TracebackType
 from typing import Any
 
 from .accounts import Account
-from .credentials import CredentialBroker, client_config
+from .credentials import (
+    CredentialBroker,
+    bound_credentials,
+    client_config,
+    last_signed_credentials,
+)
 from .plan import Partition
 
 __all__ = ["ClientPool", "PartitionClients"]
@@ -41,7 +53,10 @@ class ClientPool:
 
     Keyword options: `broker` (the CredentialBroker that gives account sessions), `timeout`
     (connect and read timeout per request, seconds), `capacity=256` (clients kept open),
-    `http_session_cls=None` (aiobotocore's default, or the shared pool's class).
+    `http_session_cls=None` (aiobotocore's default, or the shared pool's class),
+    `shared=False` (True: one client per (partition, region) serves every account, each
+    request signed with its account's credentials through `bound_credentials`; False: one
+    client per (account, region), each from its account's own session, as stock usage does).
     """
 
     def __init__(
@@ -51,7 +66,9 @@ class ClientPool:
         timeout: float,
         capacity: int = 256,
         http_session_cls: Any = None,
+        shared: bool = False,
     ) -> None:
+        self.shared = shared
         self._http_session_cls = http_session_cls
         self._broker = broker
         self._timeout = timeout
@@ -86,15 +103,26 @@ class ClientPool:
         """Borrow the client for (account, region), creating it (and the session) if needed."""
         if not self._open:
             raise RuntimeError("ClientPool is not open")
-        key = (account.account_id, region)
+        credentials = None
+        if self.shared:
+            # Assumes the role on first use, so a denied role fails here as AssumeRole.
+            credentials = await self._broker.credentials_for(account)
+            key = (account.partition, region)
+        else:
+            key = (account.account_id, region)
         slot = self._slots.get(key)
         if slot is None:
-            session = await self._broker.session_for(account)
+            if self.shared:
+                session = self._broker.member_session
+            else:
+                session = await self._broker.session_for(account)
             context = session.create_client(
                 "snowball",
                 region_name=region,
                 config=client_config(
-                    timeout=self._timeout, http_session_cls=self._http_session_cls
+                    timeout=self._timeout,
+                    http_session_cls=self._http_session_cls,
+                    fixed_user_agent=self.shared,
                 ),
             )
             client = await context.__aenter__()
@@ -107,7 +135,12 @@ class ClientPool:
         self._slots.move_to_end(key)
         slot.users += 1
         try:
-            yield slot.client
+            if credentials is None:
+                yield slot.client
+            else:
+                broker, fallback = self._broker, credentials
+                with bound_credentials(lambda: broker.current_credentials(account, fallback)):
+                    yield slot.client
         finally:
             slot.users -= 1
             if slot.doomed and slot.users == 0:
@@ -157,8 +190,13 @@ class PartitionClients:
         """`client` met expired credentials: assume the role again, once per account.
 
         Partitions of the same account that hit the expiry together renew only once: the
-        session is dropped only if it is still the one `client` was made from.
+        session is dropped only if it is still the one `client` was made from (with shared
+        clients: the credentials are dropped only if they are still the ones this task's last
+        request was signed with).
         """
+        if self._pool.shared:
+            self._broker.forget_credentials(partition.account, last_signed_credentials())
+            return
         session = self._pool.session_of(client)
         if session is None:
             return  # another partition already renewed this account

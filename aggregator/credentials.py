@@ -15,22 +15,40 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
+import platform
 import random
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any
 
+import aiobotocore
+import botocore
 import structlog
 from aiobotocore.config import AioConfig
-from aiobotocore.credentials import AioCredentialResolver, AioRefreshableCredentials
+from aiobotocore.credentials import (
+    AioCredentialResolver,
+    AioCredentials,
+    AioRefreshableCredentials,
+)
 from aiobotocore.session import AioSession
-from botocore.credentials import CredentialProvider
+from botocore.credentials import CredentialProvider, ReadOnlyCredentials
+from botocore.exceptions import NoCredentialsError
 
 from .accounts import Account
 from .errors import RetryableError, translate
 from .retry import RetryPolicy
 
-__all__ = ["CredentialBroker", "client_config"]
+__all__ = [
+    "CredentialBroker",
+    "bound_credentials",
+    "bound_frozen_credentials",
+    "client_config",
+    "last_signed_credentials",
+]
 
 log = structlog.get_logger()
 
@@ -38,19 +56,137 @@ log = structlog.get_logger()
 _STS_REGION = {"aws": "us-east-1", "aws-cn": "cn-north-1", "aws-us-gov": "us-gov-west-1"}
 
 
-def client_config(*, timeout: float, http_session_cls: Any = None) -> AioConfig:
-    """The botocore config of every client: no botocore retries (we own the budget), and the
-    shared connection pool when one is given (see transport.py)."""
+def _user_agent() -> str:
+    try:
+        ours = version("snowball-aggregator")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        ours = "0+unknown"
+    return (
+        f"snowball-aggregator/{ours} aiobotocore/{aiobotocore.__version__} "
+        f"botocore/{botocore.__version__} Python/{platform.python_version()}"
+    )
+
+
+# A fixed User-Agent (botocore's documented `Config(user_agent=...)`): botocore otherwise
+# rebuilds its default one (features, config, platform...) on every request, about a sixth of
+# the CPU of a ListJobs call.
+USER_AGENT = _user_agent()
+
+
+def client_config(
+    *, timeout: float, http_session_cls: Any = None, fixed_user_agent: bool = False
+) -> AioConfig:
+    """The botocore config of every client: no botocore retries (we own the budget), the
+    shared connection pool when one is given (see transport.py), and with `fixed_user_agent`
+    our fixed User-Agent instead of botocore's per-request one."""
     extra: dict[str, Any] = {}
     if http_session_cls is not None:
         extra["http_session_cls"] = http_session_cls
+    if fixed_user_agent:
+        extra["user_agent"] = USER_AGENT
+    else:
+        extra["user_agent_extra"] = "snowball-aggregator"
     return AioConfig(
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=timeout,
         read_timeout=timeout,
-        user_agent_extra="snowball-aggregator",
         **extra,
     )
+
+
+Current = Callable[[], AioRefreshableCredentials]
+_bound: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
+    "snowball_aggregator_bound_credentials", default=None
+)
+_signed: contextvars.ContextVar[AioRefreshableCredentials | None] = contextvars.ContextVar(
+    "snowball_aggregator_signed_credentials", default=None
+)
+
+
+@contextlib.contextmanager
+def bound_credentials(current: Current) -> Iterator[None]:
+    """Requests that this task makes meanwhile through a client of the shared member session
+    are signed with `current()` (asked at signing time, so a renewal made by another task
+    while this one waited for its turn is used)."""
+    token = _bound.set(current)
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+def last_signed_credentials() -> AioRefreshableCredentials | None:
+    """The account credentials that this task's last request was signed with."""
+    return _signed.get()
+
+
+async def bound_frozen_credentials() -> ReadOnlyCredentials | None:
+    """The frozen account credentials bound to the calling task (refreshed first if they are
+    about to expire); None when nothing is bound."""
+    current = _bound.get()
+    if current is None:
+        return None
+    credentials = current()
+    _signed.set(credentials)
+    frozen: ReadOnlyCredentials = await credentials.get_frozen_credentials()
+    return frozen
+
+
+class _BoundCredentials(AioCredentials):  # type: ignore[misc]
+    """The credentials of the shared member session (see `CredentialBroker.member_session`).
+
+    botocore's signer asks its credentials object for frozen credentials on every request;
+    this one answers with the account credentials bound to the calling task, so one client per
+    (partition, region) serves every account. A request made with nothing bound fails with
+    botocore's NoCredentialsError rather than being signed as someone else.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("", "", None, method="assume-role")
+
+    async def get_frozen_credentials(self) -> ReadOnlyCredentials:
+        frozen = await bound_frozen_credentials()
+        if frozen is None:
+            raise NoCredentialsError()
+        return frozen
+
+
+# botocore refreshes assumed credentials from 15 minutes before they expire; we leave its
+# check out until a minute before that, and re-run it at least once a minute regardless.
+_REFRESH_LEAD = 16 * 60.0
+_RECHECK = 60.0
+
+
+class _AssumedCredentials(AioRefreshableCredentials):  # type: ignore[misc]
+    """AssumeRole credentials whose expiry check is cheap while they are far from expiring.
+
+    botocore checks the expiry on every request, reading the clock in the local time zone
+    through dateutil (a fifth of the CPU of the direct send path). While the credentials are
+    more than 16 minutes from expiry, the last frozen copy is handed out for up to a minute
+    without that check; nearer to expiry every call goes through botocore's refresh logic.
+    """
+
+    _expires_at = 0.0  # monotonic seconds
+    _checked_at = -_RECHECK
+    _frozen: ReadOnlyCredentials | None = None
+
+    def expires_in(self, seconds: float) -> None:
+        """Record that the newest assumed keys expire `seconds` from now."""
+        self._expires_at = time.monotonic() + seconds
+        self._frozen = None
+
+    async def get_frozen_credentials(self) -> ReadOnlyCredentials:
+        now = time.monotonic()
+        frozen = self._frozen
+        if (
+            frozen is not None
+            and now - self._checked_at < _RECHECK
+            and now < self._expires_at - _REFRESH_LEAD
+        ):
+            return frozen
+        frozen = await super().get_frozen_credentials()
+        self._frozen, self._checked_at = frozen, now
+        return frozen
 
 
 class _StaticProvider(CredentialProvider):  # type: ignore[misc]
@@ -59,11 +195,11 @@ class _StaticProvider(CredentialProvider):  # type: ignore[misc]
     METHOD = "assume-role"
     CANONICAL_NAME = None
 
-    def __init__(self, credentials: AioRefreshableCredentials) -> None:
+    def __init__(self, credentials: AioCredentials) -> None:
         super().__init__()
         self._credentials = credentials
 
-    async def load(self) -> AioRefreshableCredentials:
+    async def load(self) -> AioCredentials:
         return self._credentials
 
 
@@ -113,6 +249,8 @@ class CredentialBroker:
         self._sts: dict[str, Any] = {}
         self._sts_lock = asyncio.Lock()
         self._sessions: dict[str, asyncio.Task[AioSession]] = {}
+        self._credentials: dict[str, asyncio.Task[AioRefreshableCredentials]] = {}
+        self._member: AioSession | None = None
         self.assume_role_calls = 0
         self.outcomes: collections.Counter[str] = collections.Counter()
 
@@ -131,9 +269,11 @@ class CredentialBroker:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
-        for task in self._sessions.values():
+        for task in [*self._sessions.values(), *self._credentials.values()]:
             task.cancel()
         self._sessions.clear()
+        self._credentials.clear()
+        self._member = None
         self._sts.clear()
         self._hubs.clear()
         if stack is not None:
@@ -180,8 +320,9 @@ class CredentialBroker:
                 self._sts[partition] = client
             return client
 
-    async def _assume(self, account: Account) -> dict[str, Any]:
-        """One AssumeRole with retries; returns botocore refresh metadata."""
+    async def _assume(self, account: Account) -> tuple[dict[str, Any], float]:
+        """One AssumeRole with retries; returns botocore refresh metadata and the seconds
+        until the keys expire."""
         sts = await self._sts_client(account.partition)
         kwargs: dict[str, Any] = {
             "RoleArn": account.role_arn,
@@ -208,20 +349,36 @@ class CredentialBroker:
                 await self._sleep(self._policy.backoff(attempt, self._rng))
         creds = response["Credentials"]
         log.debug("credentials.assumed", account_id=account.account_id)
-        return {
+        expiration: datetime = creds["Expiration"]
+        metadata = {
             "access_key": creds["AccessKeyId"],
             "secret_key": creds["SecretAccessKey"],
             "token": creds["SessionToken"],
-            "expiry_time": creds["Expiration"].isoformat(),
+            "expiry_time": expiration.isoformat(),
         }
+        return metadata, (expiration - datetime.now(UTC)).total_seconds()
+
+    async def _open_credentials(self, account: Account) -> AioRefreshableCredentials:
+        made: list[_AssumedCredentials] = []
+
+        async def refresh() -> dict[str, Any]:
+            metadata, expires_in = await self._assume(account)
+            for credentials in made:
+                credentials.expires_in(expires_in)
+            return metadata
+
+        metadata, expires_in = await self._assume(account)
+        credentials: _AssumedCredentials = _AssumedCredentials.create_from_metadata(
+            metadata=metadata, refresh_using=refresh, method="assume-role"
+        )
+        credentials.expires_in(expires_in)
+        made.append(credentials)
+        return credentials
 
     async def _open_session(self, account: Account) -> AioSession:
-        async def refresh() -> dict[str, Any]:
-            return await self._assume(account)
+        return self._new_session(await self._open_credentials(account))
 
-        credentials = AioRefreshableCredentials.create_from_metadata(
-            metadata=await refresh(), refresh_using=refresh, method="assume-role"
-        )
+    def _new_session(self, credentials: AioCredentials) -> AioSession:
         template = self._member_template()
         # Account sessions share the template's event emitter (its builtin handlers are
         # registered once, not once per account: that costs 9 ms and 130 KB per session) and
@@ -259,11 +416,51 @@ class CredentialBroker:
             self._sessions[account.account_id] = task
         return await asyncio.shield(task)
 
+    @property
+    def member_session(self) -> AioSession:
+        """The one session that clients serving every account come from: it signs each
+        request with the account credentials bound to the calling task (`bound_credentials`).
+        """
+        if self._member is None:
+            self._member = self._new_session(_BoundCredentials())
+        return self._member
+
+    async def credentials_for(self, account: Account) -> AioRefreshableCredentials:
+        """The account's refreshable credentials; the first call assumes the role, later calls
+        share them.
+
+        Raises the translated `AwsError` of AssumeRole (the same one for every caller).
+        """
+        task = self._credentials.get(account.account_id)
+        if task is None:
+            task = asyncio.ensure_future(self._open_credentials(account))
+            self._credentials[account.account_id] = task
+        return await asyncio.shield(task)
+
+    def current_credentials(
+        self, account: Account, fallback: AioRefreshableCredentials
+    ) -> AioRefreshableCredentials:
+        """The account's newest assumed credentials, or `fallback` while none is ready."""
+        task = self._credentials.get(account.account_id)
+        if task is not None and task.done() and not task.cancelled() and not task.exception():
+            return task.result()
+        return fallback
+
+    def forget_credentials(
+        self, account: Account, credentials: AioRefreshableCredentials | None
+    ) -> None:
+        """Drop the account's credentials if they are still `credentials` (the ones that just
+        expired), so partitions that met the expiry together assume the role once."""
+        task = self._credentials.get(account.account_id)
+        if task is None or not task.done() or task.cancelled() or task.exception():
+            return
+        if credentials is None or task.result() is credentials:
+            del self._credentials[account.account_id]
+
     def reset_failures(self) -> None:
         """Forget failed AssumeRoles, so a new cycle tries those accounts again."""
-        for account_id, task in list(self._sessions.items()):
-            if task.done() and (task.cancelled() or task.exception() is not None):
-                del self._sessions[account_id]
+        _drop_failed(self._sessions)
+        _drop_failed(self._credentials)
 
     def forget(self, account: Account, session: AioSession | None = None) -> None:
         """Drop the account's session so the next `session_for` assumes the role again.
@@ -284,6 +481,12 @@ class CredentialBroker:
         del self._sessions[account.account_id]
         if not task.done():
             task.cancel()
+
+
+def _drop_failed(tasks: dict[str, asyncio.Task[Any]]) -> None:
+    for account_id, task in list(tasks.items()):
+        if task.done() and (task.cancelled() or task.exception() is not None):
+            del tasks[account_id]
 
 
 def _region_in_partition(region: str, partition: str) -> bool:

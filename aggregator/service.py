@@ -30,6 +30,7 @@ from .accounts import resolve_accounts
 from .clients import ClientPool
 from .config import Settings
 from .credentials import CredentialBroker
+from .direct import DirectSender
 from .errors import ConfigError, OutputError
 from .fetch import PartitionResult
 from .health import HealthState
@@ -99,7 +100,9 @@ class Aggregator:
     open at once; default 4 x max_concurrency), `pool_capacity` (Snowball clients kept open
     across partitions and cycles; default 2 x workers), `observers` (CycleObserver objects told
     about each cycle, partition and summary), `stock=False` (True: plain aiobotocore clients
-    with none of our optimisations, the baseline the benchmarks compare against), `shard=None`
+    with none of our optimisations, the baseline the benchmarks compare against), `direct=True`
+    (False: botocore signs and sends ListJobs itself instead of the direct path, see
+    direct.py; to measure what that path buys, or to rule it out), `shard=None`
     (a `Shard`: inventory only the accounts of that shard and write the snapshot to the shard's
     folder, see shards.py).
     """
@@ -118,9 +121,11 @@ class Aggregator:
         pool_capacity: int | None = None,
         observers: Sequence[CycleObserver] = (),
         stock: bool = False,
+        direct: bool = True,
         shard: Shard | None = None,
     ) -> None:
         self.settings = settings
+        self._direct = direct and not stock
         self._shard = shard
         self._session_cls: Any = None
         self._stock = stock
@@ -160,6 +165,16 @@ class Aggregator:
             shared = await stack.enter_async_context(SharedPool(limit=limits.max_concurrency + 8))
             session_cls = None if self._stock else shared_session_class(shared)
             self._session_cls = session_cls
+            hooks: Callable[[AioSession], None] | None = None if self._stock else wire.install
+            if self._direct:
+                sender = await stack.enter_async_context(
+                    DirectSender(timeout=limits.timeout, limit=limits.max_concurrency + 8)
+                )
+
+                def hooks(session: AioSession) -> None:
+                    wire.install(session)
+                    sender.install(session)
+
             self._broker = await stack.enter_async_context(
                 CredentialBroker(
                     timeout=limits.timeout,
@@ -169,7 +184,7 @@ class Aggregator:
                     rng=self._rng,
                     hub_session=self._hub_session,
                     http_session_cls=session_cls,
-                    session_hooks=None if self._stock else wire.install,
+                    session_hooks=hooks,
                     hub_profiles={
                         name: p.profile for name, p in self.settings.partitions.items() if p.profile
                     },
@@ -182,6 +197,7 @@ class Aggregator:
                     timeout=limits.timeout,
                     capacity=self._pool_capacity or 2 * workers,
                     http_session_cls=session_cls,
+                    shared=not self._stock,
                 )
             )
             output = self.settings.output

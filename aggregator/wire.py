@@ -37,11 +37,12 @@ from typing import Any
 
 import cbor2
 import orjson
+from aiobotocore.parsers import AioResponseParserFactory
 from aiobotocore.session import AioSession
 from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp
 
-__all__ = ["install", "parse_timestamp_fast"]
+__all__ = ["install", "parse_success", "parse_timestamp_fast", "parser_for"]
 
 HANDLER_ID = "snowball-aggregator.wire.list-jobs"
 
@@ -210,23 +211,19 @@ def _decode_cbor(body: bytes) -> Any:
 _DECODERS = {"json": (_decode_json, _json_time), "smithy-rpc-v2-cbor": (_decode_cbor, _cbor_time)}
 
 
-def _before_parse(
-    operation_model: Any,
-    response_dict: dict[str, Any],
-    customized_response_dict: dict[str, Any],
-    **_: Any,
-) -> None:
-    """Decode a successful ListJobs body with a C decoder; leave anything else to botocore."""
-    if response_dict.get("status_code") != 200:
-        return  # errors go through botocore's error parsing and modeled exceptions
+def parse_success(operation_model: Any, body: Any) -> dict[str, Any] | None:
+    """The parsed result of a 200 `body`, as botocore's parser would return it (without
+    `ResponseMetadata`); None when the fast path cannot vouch for it (botocore parses).
+
+    Raises botocore's `ResponseParserError` for a body that does not decode at all.
+    """
     protocol = operation_model.service_model.resolved_protocol
     codec = _DECODERS.get(protocol)
-    body = response_dict.get("body")
     if codec is None or type(body) is not bytes:
-        return
+        return None
     plan = _cached_plan(operation_model.output_shape)
     if plan is None:
-        return
+        return None
     decode, to_time = codec
     try:
         data = decode(body)
@@ -236,11 +233,36 @@ def _before_parse(
         raise ResponseParserError(
             f"unparseable {operation_model.name} response body ({len(body)} bytes)"
         ) from exc
-    parsed = _shape_result(data, plan, to_time)
+    return _shape_result(data, plan, to_time)
+
+
+_parsers: dict[str, Any] = {}
+
+
+def parser_for(protocol: str) -> Any:
+    """botocore's (aiobotocore's) response parser for `protocol`, with our timestamp parser."""
+    parser = _parsers.get(protocol)
+    if parser is None:
+        factory = AioResponseParserFactory()
+        factory.set_parser_defaults(timestamp_parser=parse_timestamp_fast)
+        parser = _parsers[protocol] = factory.create_parser(protocol)
+    return parser
+
+
+def _before_parse(
+    operation_model: Any,
+    response_dict: dict[str, Any],
+    customized_response_dict: dict[str, Any],
+    **_: Any,
+) -> None:
+    """Decode a successful ListJobs body with a C decoder; leave anything else to botocore."""
+    if response_dict.get("status_code") != 200:
+        return  # errors go through botocore's error parsing and modeled exceptions
+    parsed = parse_success(operation_model, response_dict.get("body"))
     if parsed is None:
         return
     customized_response_dict.update(parsed)
-    response_dict["body"] = _EMPTY_BODY[protocol]
+    response_dict["body"] = _EMPTY_BODY[operation_model.service_model.resolved_protocol]
 
 
 def install(session: AioSession) -> None:

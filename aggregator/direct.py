@@ -1,0 +1,197 @@
+"""Direct: ListJobs signed and sent by us, through botocore's public `before-call` hook.
+
+Design. botocore does four things per request: build it (parameter validation, endpoint rules,
+serialisation, User-Agent), sign it, send it, parse the answer. Building stays botocore's.
+What costs most after `wire.py` is the middle: its SigV4 walks an email-style header
+object, and its send path emits a dozen events and wraps the request and response twice.
+That is most of a page's CPU. So a `before-call.snowball.ListJobs` handler takes the
+request botocore has built, at its resolved endpoint (so `AWS_ENDPOINT_URL*`, profiles and
+FIPS/dual-stack rules apply as before), and:
+
+1. signs it with SigV4 (`sigv4.py`), with the account credentials bound to the calling task
+   (`credentials.bound_frozen_credentials`);
+2. sends it through one aiohttp session (shared connection pool, the clients' timeouts,
+   `HTTPS_PROXY`/`NO_PROXY` from the environment, read once per host, TLS verified against
+   botocore's CA bundle or `AWS_CA_BUNDLE`; no cookies, no `.netrc`);
+3. parses a 200 with `wire.py`'s C-decoder path, and anything else (errors, bodies that path
+   does not vouch for) with botocore's own response parser for the protocol, so error codes,
+   messages and modeled exceptions are exactly botocore's: botocore raises them from the
+   returned `(http, parsed)` pair just as after its own send.
+
+`before-call` is the hook botocore's own `Stubber` answers requests through: a handler's
+`(http_response, parsed)` stands for the response. The handler answers only what it can do
+exactly (ListJobs, SigV4, a POST with no query string, a client of the shared member session
+whose credentials are bound) and returns None for anything else, and botocore then sends as
+usual. Transport errors are aiohttp's, which `errors.translate` maps like botocore's.
+The stock switch, and `direct=False` on the service, leave the hook unregistered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+import urllib.request
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiobotocore.session import AioSession
+from botocore.awsrequest import AWSResponse
+from botocore.httpsession import get_cert_path
+
+from . import wire
+from .credentials import bound_frozen_credentials
+from .sigv4 import sign
+
+__all__ = ["DirectSender"]
+
+HANDLER_ID = "snowball-aggregator.direct.list-jobs"
+_SIGV4 = frozenset({"v4", "sigv4"})
+
+
+class DirectSender:
+    """The aiohttp session and the `before-call` handler of the direct path.
+
+    Keyword options: `timeout` (seconds to connect and between reads, like the clients'),
+    `limit` (connections open at once). An async context manager: closing it closes the
+    connections. `install(session)` registers the handler on an aiobotocore session before
+    any client is made from it.
+    """
+
+    def __init__(self, *, timeout: float, limit: int = 100) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        self._limit = limit
+        self._http: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()
+        self._ca_bundle: str | None = None
+        self._open = False
+        self.requests = 0
+        self.fallbacks = 0
+
+    async def __aenter__(self) -> DirectSender:
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
+
+    def install(self, session: AioSession) -> None:
+        """Answer ListJobs of clients made from `session` (and sessions sharing its
+        emitter) on the direct path."""
+        self._ca_bundle = session.get_config_variable("ca_bundle")
+        session.register("before-call.snowball.ListJobs", self._before_call, unique_id=HANDLER_ID)
+
+    async def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            async with self._lock:
+                if self._http is None:
+                    if not self._open:
+                        raise RuntimeError("DirectSender is not open")
+                    context = ssl.create_default_context(cafile=get_cert_path(True))
+                    if self._ca_bundle:
+                        context = ssl.create_default_context(cafile=self._ca_bundle)
+                    self._http = aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=self._limit, ssl=context),
+                        timeout=self._timeout,
+                        cookie_jar=aiohttp.DummyCookieJar(),
+                        skip_auto_headers={"Content-Type"},
+                    )
+        return self._http
+
+    async def _before_call(
+        self,
+        model: Any,
+        params: dict[str, Any],
+        request_signer: Any,
+        context: dict[str, Any],
+        **_: Any,
+    ) -> tuple[AWSResponse, dict[str, Any]] | None:
+        signing = context.get("signing") or {}
+        if (
+            (context.get("auth_type") or request_signer.signature_version) not in _SIGV4
+            or params.get("method") != "POST"
+            or params.get("query_string")
+            or type(params.get("body")) is not bytes
+        ):
+            self.fallbacks += 1
+            return None
+        credentials = await bound_frozen_credentials()
+        if credentials is None:
+            self.fallbacks += 1
+            return None
+        url: str = params["url"]
+        split = urlsplit(url)
+        headers = sign(
+            method="POST",
+            host=split.netloc,
+            path=split.path,
+            headers=params["headers"],
+            body=params["body"],
+            access_key=credentials.access_key,
+            secret_key=credentials.secret_key,
+            token=credentials.token,
+            region=signing.get("region") or request_signer.region_name,
+            service=signing.get("signing_name") or request_signer.signing_name,
+            now=datetime.now(UTC),
+        )
+        http = await self._session()
+        self.requests += 1
+        proxy = _proxy_for(split.scheme, split.hostname or "")
+        async with http.post(url, data=params["body"], headers=headers, proxy=proxy) as response:
+            body = await response.read()
+            status = response.status
+            response_headers = {k.lower(): v for k, v in response.headers.items()}
+        parsed = None
+        if status == 200:
+            parsed = wire.parse_success(model, body)
+        if parsed is None:
+            parsed = await _botocore_parse(model, status, response_headers, body)
+        metadata = parsed.setdefault("ResponseMetadata", {})
+        metadata.setdefault("RequestId", response_headers.get("x-amzn-requestid", ""))
+        metadata["HTTPStatusCode"] = status
+        metadata["HTTPHeaders"] = response_headers
+        metadata["RetryAttempts"] = 0
+        retries = getattr(context.get("client_config"), "retries", None) or {}
+        if retries.get("total_max_attempts") == 1:
+            # What botocore's retry handler notes when a client has no retries (errors read
+            # "... (reached max retries: 0): ...", as without the direct path).
+            metadata["MaxAttemptsReached"] = True
+        return AWSResponse(url, status, response_headers, None), parsed
+
+
+@functools.cache
+def _proxy_for(scheme: str, host: str) -> str | None:
+    """The proxy of `HTTPS_PROXY`/`HTTP_PROXY` for a host that `NO_PROXY` does not exempt,
+    read once per (scheme, host): aiohttp's own `trust_env` reads them, and `.netrc`, in a
+    thread on every request."""
+    proxy = urllib.request.getproxies_environment().get(scheme)
+    if proxy is None or urllib.request.proxy_bypass_environment(host):  # type: ignore[attr-defined]
+        return None
+    return proxy
+
+
+async def _botocore_parse(
+    model: Any, status: int, headers: dict[str, str], body: bytes
+) -> dict[str, Any]:
+    """What botocore's parser for the service's protocol makes of the response."""
+    protocol = model.service_model.resolved_protocol
+    parser = wire.parser_for(protocol)
+    response = {
+        "status_code": status,
+        "headers": headers,
+        "body": body,
+        "context": {"operation_name": model.name},
+    }
+    parsed: dict[str, Any] = await parser.parse(response, model.output_shape)
+    return parsed

@@ -1,0 +1,299 @@
+"""The direct send path: our SigV4 equals botocore's, and ListJobs answered through the
+`before-call` hook gives exactly what botocore's own send gives (pages, errors, faults), on
+JSON 1.1 and Smithy RPC v2 CBOR, over real aiobotocore clients and the sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+import botocore.parsers
+import pytest
+from aiobotocore.session import AioSession
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from aggregator import credentials, direct, wire
+from aggregator.accounts import Account, role_arn
+from aggregator.clients import ClientPool
+from aggregator.credentials import CredentialBroker
+from aggregator.direct import DirectSender
+from aggregator.sandbox import Faults, cbor_model_path
+from aggregator.sigv4 import sign
+
+from .conftest import SandboxFactory
+
+ACCOUNT = Account("200000000001", role_arn("200000000001", "SnowballInventoryReader"))
+BIG = (ACCOUNT.account_id, "eu-west-1")
+PROTOCOLS = ("json", "cbor")
+
+
+# --- SigV4 against botocore's ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "FwoGZXIvYXdzEJr//////////wEaD"])
+@pytest.mark.parametrize("port", ["", ":8443"])
+def test_signature_equals_botocores(token: str | None, port: str) -> None:
+    """Same request, keys and instant: the same Authorization header as botocore's SigV4Auth
+    (with and without a session token, with and without a port in the host)."""
+    body = b'{"MaxResults": 100, "NextToken": "a b  c"}'
+    headers = {
+        "X-Amz-Target": "AWSIESnowballJobManagementService.ListJobs",
+        "Content-Type": "application/x-amz-json-1.1",
+        "User-Agent": "snowball-aggregator/1 (not signed)",
+    }
+    url = f"https://snowball.eu-west-1.amazonaws.com{port}/"
+    keys = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    request = AWSRequest(method="POST", url=url, data=body, headers=dict(headers))
+    SigV4Auth(keys, "snowball", "eu-west-1").add_auth(request)
+    # Sign at the instant botocore signed at.
+    now = datetime.strptime(request.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    ours = sign(
+        method="POST",
+        host=f"snowball.eu-west-1.amazonaws.com{port}",
+        path="/",
+        headers=headers,
+        body=body,
+        access_key=keys.access_key,
+        secret_key=keys.secret_key,
+        token=token,
+        region="eu-west-1",
+        service="snowball",
+        now=now,
+    )
+    assert ours["Authorization"] == request.headers["Authorization"]
+    assert ours["X-Amz-Date"] == request.headers["X-Amz-Date"]
+    assert ours.get("X-Amz-Security-Token") == request.headers.get("X-Amz-Security-Token")
+
+
+def test_a_different_body_or_key_changes_the_signature() -> None:
+    """The signature covers the body and the secret (the check above is not vacuous)."""
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+
+    def auth(body: bytes, secret: str) -> str:
+        return sign(
+            method="POST",
+            host="h",
+            path="/",
+            headers={},
+            body=body,
+            access_key="AKID",
+            secret_key=secret,
+            token=None,
+            region="eu-west-1",
+            service="snowball",
+            now=now,
+        )["Authorization"]
+
+    assert len({auth(b"{}", "s1"), auth(b"{ }", "s1"), auth(b"{}", "s2")}) == 3
+
+
+# --- the hook over the wire ------------------------------------------------------------
+
+
+class Stack:
+    """A broker and a shared client pool, with or without the direct path installed."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, models: Path) -> None:
+        self.stack = stack
+        self.models = models
+
+    async def open(self, protocol: str, *, direct_path: bool) -> tuple[ClientPool, DirectSender]:
+        hub = AioSession()
+        if protocol == "cbor":
+            hub.set_config_variable("data_path", str(self.models))
+        sender = await self.stack.enter_async_context(DirectSender(timeout=2))
+
+        def hooks(session: AioSession) -> None:
+            wire.install(session)
+            if direct_path:
+                sender.install(session)
+
+        broker = await self.stack.enter_async_context(
+            CredentialBroker(hub_session=hub, session_hooks=hooks, timeout=2)
+        )
+        pool = await self.stack.enter_async_context(
+            ClientPool(broker=broker, timeout=2, shared=True)
+        )
+        return pool, sender
+
+
+@pytest.fixture
+async def stacks(make_sandbox: SandboxFactory, tmp_path: Path) -> AsyncIterator[tuple[Any, Stack]]:
+    sb = await make_sandbox(
+        accounts=3, seed=23, regions=("eu-west-1", "us-east-1", "ap-south-1"), jobs={BIG: 250}
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        yield sb, Stack(stack, cbor_model_path(tmp_path / "models"))
+
+
+async def pages(pool: ClientPool, region: str = "eu-west-1") -> list[dict[str, Any]]:
+    out = []
+    kwargs: dict[str, Any] = {"MaxResults": 100}
+    while True:
+        async with pool.lease(ACCOUNT, region) as client:
+            page = await client.list_jobs(**kwargs)
+        del page["ResponseMetadata"]
+        out.append({**page, "NextToken": "NextToken" in page})  # tokens carry a clock
+        if not page.get("NextToken"):
+            return out
+        kwargs["NextToken"] = page["NextToken"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_pages_equal_botocores_send(stacks: tuple[Any, Stack], protocol: str) -> None:
+    """Every page through the direct path equals botocore's own send and parse, and the
+    direct path answered every request (none fell back to botocore)."""
+    sb, stack = stacks
+    plain_pool, _ = await stack.open(protocol, direct_path=False)
+    pool, sender = await stack.open(protocol, direct_path=True)
+    plain = await pages(plain_pool)
+    ours = await pages(pool)
+    assert len(ours) == 3
+    assert ours == plain
+    assert sum(len(p["JobListEntries"]) for p in ours) == 250
+    assert (sender.requests, sender.fallbacks) == (3, 0)
+    assert sb.stats().snowball_protocols == {protocol: 6}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(
+    ("faults", "code", "status"),
+    [
+        (Faults(deny_list_jobs=frozenset({ACCOUNT.account_id})), "AccessDeniedException", 400),
+        (Faults(throttle_rps=0.001, throttle_burst=1), "ThrottlingException", 400),
+        (Faults(p_500=1.0), "InternalFailure", 500),
+        (Faults(p_503=1.0), "ServiceUnavailable", 503),
+    ],
+    ids=["denied", "throttled", "500", "503"],
+)
+async def test_errors_raise_botocores_client_error(
+    stacks: tuple[Any, Stack], protocol: str, faults: Faults, code: str, status: int
+) -> None:
+    """Error answers are parsed by botocore's parser and raised by botocore: the same class,
+    code, message and status as after botocore's own send."""
+    sb, stack = stacks
+    seen = []
+    for direct_path, region in ((False, "eu-west-1"), (True, "ap-south-1")):
+        pool, sender = await stack.open(protocol, direct_path=direct_path)
+        sb.faults = Faults()
+        async with pool.lease(ACCOUNT, region) as client:
+            await client.list_jobs()  # assume the role before the faults start
+        sb.faults = faults
+        async with pool.lease(ACCOUNT, region) as client:
+            if faults.throttle_rps is not None:
+                await client.list_jobs()  # the one request the bucket allows
+            with pytest.raises(botocore.exceptions.ClientError) as excinfo:
+                await client.list_jobs()
+        error = excinfo.value.response
+        assert error["ResponseMetadata"]["HTTPStatusCode"] == status
+        seen.append((type(excinfo.value).__name__, error["Error"]["Code"], str(excinfo.value)))
+    assert seen[0][1] == code
+    assert seen[1] == seen[0]
+    assert sender.fallbacks == 0 and sender.requests > 0
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_torn_and_truncated_bodies_raise(stacks: tuple[Any, Stack], protocol: str) -> None:
+    """A cut-off 200 body is botocore's ResponseParserError; a body shorter than its
+    Content-Length is aiohttp's payload error (both retried by fetch as transient)."""
+    sb, stack = stacks
+    pool, _ = await stack.open(protocol, direct_path=True)
+    async with pool.lease(ACCOUNT, "eu-west-1") as client:
+        await client.list_jobs()
+        sb.faults = Faults(p_malformed=1.0)
+        with pytest.raises(botocore.parsers.ResponseParserError):
+            await client.list_jobs()
+        sb.faults = Faults(p_truncated=1.0)
+        with pytest.raises(Exception) as excinfo:
+            await client.list_jobs()
+    from aggregator.errors import TransientError, translate
+
+    err = translate(excinfo.value, account_id="1", region="eu-west-1", operation="ListJobs")
+    assert isinstance(err, TransientError)
+
+
+async def test_a_client_without_bound_credentials_falls_back(
+    stacks: tuple[Any, Stack],
+) -> None:
+    """A client of a session with the hook but whose credentials are its own (not bound)
+    goes through botocore's send: the hook answers only what it can sign."""
+    sb, _ = stacks
+    async with DirectSender(timeout=2) as sender:
+        session = AioSession()
+        sender.install(session)
+        async with session.create_client(
+            "snowball",
+            region_name="eu-west-1",
+            aws_access_key_id=sb.hub_access_key_id,
+            aws_secret_access_key=sb.hub_secret_access_key,
+        ) as client:
+            page = await client.list_jobs()
+    assert "JobListEntries" in page
+    assert (sender.requests, sender.fallbacks) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "host", "expected"),
+    [
+        ({}, "snowball.eu-west-1.amazonaws.com", None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "snowball.eu-west-1.amazonaws.com", "http"),
+        (
+            {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": ".amazonaws.com"},
+            "snowball.eu-west-1.amazonaws.com",
+            None,
+        ),
+    ],
+)
+def test_proxies_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], host: str, expected: str | None
+) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    direct._proxy_for.cache_clear()
+    proxy: Callable[[str, str], str | None] = direct._proxy_for
+    got = proxy("https", host)
+    direct._proxy_for.cache_clear()
+    assert (got and got.split(":")[0]) == expected
+
+
+def _metadata(seconds: float, n: int) -> dict[str, str]:
+    expiry = datetime.now(UTC) + timedelta(seconds=seconds)
+    return {
+        "access_key": f"ASIA{n}",
+        "secret_key": f"secret-{n}",
+        "token": f"token-{n}",
+        "expiry_time": expiry.isoformat(),
+    }
+
+
+@pytest.mark.parametrize(("lifetime", "refreshes"), [(3600.0, 0), (300.0, 4)])
+async def test_assumed_credentials_skip_the_expiry_check_only_far_from_expiry(
+    lifetime: float, refreshes: int
+) -> None:
+    """An hour from expiry the frozen keys are reused without botocore's check; five
+    minutes from expiry (inside botocore's refresh window) every call goes to botocore,
+    which refreshes."""
+    calls: list[int] = []
+
+    async def refresh() -> dict[str, str]:
+        calls.append(1)
+        return _metadata(lifetime, len(calls))
+
+    keys = credentials._AssumedCredentials.create_from_metadata(
+        metadata=_metadata(lifetime, 0), refresh_using=refresh, method="assume-role"
+    )
+    keys.expires_in(lifetime)
+    frozen = [await keys.get_frozen_credentials() for _ in range(4)]
+    assert len(calls) == refreshes
+    if refreshes:
+        assert frozen[-1].access_key == f"ASIA{refreshes}"
+    else:
+        assert all(f is frozen[0] for f in frozen)
