@@ -40,6 +40,7 @@ from botocore.exceptions import NoCredentialsError
 
 from .accounts import Account
 from .errors import RetryableError, translate
+from .gate import Gate
 from .retry import RetryPolicy
 
 __all__ = [
@@ -208,7 +209,7 @@ class CredentialBroker:
 
     Keyword options: `session_name="snowball-aggregator"` (RoleSessionName, visible in the
     member account's CloudTrail), `duration_seconds=3600`, `timeout=30.0` s per STS call,
-    `policy=RetryPolicy()`, `gate=None` (an asyncio.Semaphore shared with ListJobs so STS calls
+    `policy=RetryPolicy()`, `gate=None` (the run's Gate, shared with ListJobs so STS calls
     count against the global concurrency cap), `sleep=asyncio.sleep`, `rng=random.Random()`,
     `hub_session=None` (a fresh AioSession from the standard chain), `http_session_cls=None`
     (aiobotocore's default, or the shared pool's class from transport.py), `session_hooks=None`
@@ -224,7 +225,7 @@ class CredentialBroker:
         duration_seconds: int = 3600,
         timeout: float = 30.0,
         policy: RetryPolicy | None = None,
-        gate: asyncio.Semaphore | None = None,
+        gate: Gate | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         hub_session: AioSession | None = None,
@@ -240,7 +241,7 @@ class CredentialBroker:
         self._duration = duration_seconds
         self._timeout = timeout
         self._policy = policy or RetryPolicy()
-        self._gate = gate or asyncio.Semaphore(1_000_000)
+        self._gate = gate or Gate(1_000_000)
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._hub = hub_session

