@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -274,7 +275,10 @@ class Aggregator:
             build_plan(accounts, settings.regions), expected_pages(previous_manifest)
         )
         merger = Merger()
+        # Results without their entries (the merger holds the jobs, deduplicated), so memory
+        # grows with unique jobs only; `jobs` keeps each partition's entry count.
         results: list[PartitionResult] = []
+        jobs: dict[str, int] = {}
         broker.reset_failures()
         assume_before = broker.assume_role_calls
         outcomes_before = collections.Counter(broker.outcomes)
@@ -282,10 +286,11 @@ class Aggregator:
             observer.cycle_started(snapshot_id, len(plan))
 
         def on_result(result: PartitionResult) -> None:
-            results.append(result)
             merger.add(result)
             for observer in self.observers:
                 observer.partition_done(result)
+            jobs[result.partition.key] = len(result.entries)
+            results.append(dataclasses.replace(result, entries=()))
             event = "partition.done" if result.status == "ok" else f"partition.{result.status}"
             log.info(
                 event,
@@ -355,7 +360,7 @@ class Aggregator:
                         "account_id": r.partition.account_id,
                         "region": r.region,
                         "status": r.status,
-                        "jobs": len(r.entries),
+                        "jobs": jobs[r.partition.key],
                         "requests": r.requests,
                         "error_code": r.error_code,
                         "message": r.error_message,
