@@ -1,4 +1,4 @@
-"""Wire formats: SigV4 credential scopes, JSON 1.1, Smithy RPC v2 CBOR and STS query XML.
+"""Wire formats: JSON 1.1, Smithy RPC v2 CBOR and STS query XML (SigV4 is in sigv4.py).
 
 Everything here is checked against botocore's own serializers and parsers
 (``botocore/serialize.py``, ``botocore/parsers.py``): JSON 1.1 errors are
@@ -13,7 +13,6 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 import cbor2
@@ -28,7 +27,6 @@ __all__ = [
     "STS_NAMESPACE",
     "XML_CONTENT_TYPE",
     "ApiError",
-    "CredentialScope",
     "assume_role_xml",
     "caller_identity_xml",
     "cbor_error",
@@ -39,7 +37,6 @@ __all__ = [
     "list_accounts_json",
     "list_jobs_cbor",
     "list_jobs_json",
-    "parse_authorization",
     "sts_error",
 ]
 
@@ -51,32 +48,6 @@ ORGANIZATIONS_TARGET_PREFIX = "AWSOrganizationsV20161128."
 CBOR_PATH_PREFIX = "/service/AWSIESnowballJobManagementService/operation/"
 STS_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
 _SMITHY_NAMESPACE = "com.amazonaws.snowball#"
-
-
-class CredentialScope(NamedTuple):
-    """The parts of a SigV4 ``Credential=AKID/date/region/service/aws4_request``."""
-
-    access_key_id: str
-    region: str
-    service: str
-
-
-def parse_authorization(header: str | None) -> CredentialScope | None:
-    """The credential scope of an ``Authorization`` header, None if there is none.
-
-    Plain string operations: this runs once per request.
-    """
-    if not header:
-        return None
-    start = header.find("Credential=")
-    if start < 0:
-        return None
-    start += len("Credential=")
-    end = header.find(",", start)
-    parts = header[start : end if end >= 0 else len(header)].strip().split("/")
-    if len(parts) != 5 or parts[4] != "aws4_request" or not parts[0]:
-        return None
-    return CredentialScope(parts[0], parts[2], parts[3])
 
 
 class ApiError(Exception):

@@ -4,8 +4,10 @@ Real, unmodified botocore clients talk to it with ``endpoint_url=sandbox.url``. 
 routed by what the protocols put on the wire: ``X-Amz-Target`` (JSON 1.1: Snowball and
 Organizations), ``/service/<service>/operation/<op>`` (Smithy RPC v2 CBOR: Snowball) and
 form-encoded ``Action=`` (STS query). The caller is the access key in the SigV4
-``Authorization`` header: keys that AssumeRole issued map to their account, any other key is the
-hub principal. Signatures are not verified.
+``Authorization`` header: the hub's key is the hub principal, keys that AssumeRole issued map to
+their account, any other key is refused. Every request's signature is verified against the
+secret of its key (see sigv4.py) and a mismatch is refused as AWS refuses it; with
+``verify_signatures=False`` nothing is verified and any unknown key is the hub principal.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import collections
 import contextlib
 import datetime as dt
 import enum
+import hashlib
 import itertools
 import random
+import re
 import secrets
 import socket
 import struct
@@ -40,7 +44,6 @@ from .protocols import (
     SNOWBALL_TARGET_PREFIX,
     XML_CONTENT_TYPE,
     ApiError,
-    CredentialScope,
     assume_role_xml,
     caller_identity_xml,
     cbor_error,
@@ -50,8 +53,18 @@ from .protocols import (
     list_accounts_json,
     list_jobs_cbor,
     list_jobs_json,
-    parse_authorization,
     sts_error,
+)
+from .sigv4 import (
+    ALGORITHM,
+    Authorization,
+    SigningKeys,
+    canonical_request,
+    parse_authorization,
+    request_timestamp,
+    sign,
+    signatures_match,
+    string_to_sign,
 )
 from .tokens import PageToken, TokenSigner
 
@@ -67,6 +80,11 @@ _ORG_MAX_PAGE = 20
 _ORG_LIST_KEY = "organizations"
 _INVALID_TOKEN = "The security token included in the request is invalid."
 _EXPIRED_TOKEN = "The security token included in the request is expired"
+_REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_SIGNATURE_MISMATCH = (
+    "The request signature we calculated does not match the signature you provided. Check your "
+    "AWS Secret Access Key and signing method. Consult the service documentation for details."
+)
 
 
 class _Wire(enum.Enum):
@@ -85,6 +103,7 @@ class _Principal:
 @dataclass(frozen=True, slots=True)
 class _Issued:
     principal: _Principal
+    secret_access_key: str
     session_token: str
     issued_at: float
 
@@ -107,6 +126,9 @@ class Stats:
         ``sts_reset``).
       errors: error answers by error code.
       snowball_protocols: Snowball requests by wire protocol (``json``, ``cbor``).
+      signature_mismatch: requests refused because their SigV4 signature did not check out
+        (``InvalidSignatureException`` / ``SignatureDoesNotMatch``: wrong signature, tampered
+        body or signed header, credential scope of another date, region or service).
       cpu_seconds: ``time.process_time()`` of the serving process when taken.
     """
 
@@ -119,6 +141,7 @@ class Stats:
     faults: Mapping[str, int]
     errors: Mapping[str, int]
     snowball_protocols: Mapping[str, int]
+    signature_mismatch: int
     cpu_seconds: float
 
     @property
@@ -143,6 +166,7 @@ class Stats:
             "faults": dict(sorted(self.faults.items())),
             "errors": dict(sorted(self.errors.items())),
             "snowball_protocols": dict(sorted(self.snowball_protocols.items())),
+            "signature_mismatch": self.signature_mismatch,
             "cpu_seconds": self.cpu_seconds,
         }
 
@@ -168,6 +192,10 @@ class Sandbox:
       port: TCP port (default 0: a free port, see ``url``).
       clock: seconds, for token TTL, credential expiry, throttling and rate windows (default
         ``time.monotonic``); inject one so tests never sleep.
+      verify_signatures: check every request's SigV4 signature against the secret of its
+        access key and refuse unknown keys, as AWS does (default True). False is the old
+        trusting mode: the access key alone says who calls, unknown keys are the hub, nothing
+        is verified. The signed date is never compared with the clock (no skew check).
 
     The world (``truth``, ``add_job``...) can be used before the server starts. A sandbox is
     entered once; entering it again is an error.
@@ -183,6 +211,7 @@ class Sandbox:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        verify_signatures: bool = True,
     ) -> None:
         spec = fleet if fleet is not None else FleetSpec()
         self._fleet = Fleet(spec)
@@ -190,6 +219,8 @@ class Sandbox:
         self._host = host
         self._port = port
         self._clock = clock
+        self._verify = verify_signatures
+        self._signing_keys = SigningKeys()
         self._signer = TokenSigner()
         self._rng = random.Random(f"{spec.seed}:faults")
         self._credentials: dict[str, _Issued] = {}
@@ -288,6 +319,7 @@ class Sandbox:
             faults=dict(self._fault_counts),
             errors=dict(self._errors),
             snowball_protocols=dict(self._protocols),
+            signature_mismatch=self._signature_mismatch,
             cpu_seconds=time.process_time(),
         )
 
@@ -308,6 +340,7 @@ class Sandbox:
         self._fault_counts: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
         self._protocols: collections.Counter[str] = collections.Counter()
+        self._signature_mismatch = 0
 
     def add_job(
         self,
@@ -448,29 +481,105 @@ class Sandbox:
         return response
 
     def _authenticate(
-        self, request: web.BaseRequest, service: str
-    ) -> tuple[_Principal, CredentialScope]:
+        self, request: web.BaseRequest, body: bytes, service: str
+    ) -> tuple[_Principal, Authorization]:
+        """Who signed ``request``, and its ``Authorization``; ApiError (AWS's) if refused."""
         sts = service == "sts"
-        scope = parse_authorization(request.headers.get("Authorization"))
-        if scope is None:
+        auth = parse_authorization(request.headers.get("Authorization"))
+        if auth is None:
             code = "MissingAuthenticationToken" if sts else "MissingAuthenticationTokenException"
             raise ApiError(code, "Missing Authentication Token", 403)
-        if scope.service != service:
-            code = "SignatureDoesNotMatch" if sts else "InvalidSignatureException"
+        if auth.service != service:
             message = f"Credential should be scoped to correct service: '{service}'."
-            raise ApiError(code, message, 403)
-        issued = self._credentials.get(scope.access_key_id)
+            raise self._bad_signature(sts, message, 403)
+        token = request.headers.get("X-Amz-Security-Token")
+        issued = self._credentials.get(auth.access_key_id)
         if issued is None:
-            return self._hub, scope
-        if request.headers.get("X-Amz-Security-Token") != issued.session_token:
-            code = "InvalidClientTokenId" if sts else "UnrecognizedClientException"
-            raise ApiError(code, _INVALID_TOKEN, 403)
-        ttl = self._faults.credential_ttl
-        if ttl is not None and self._clock() - issued.issued_at >= ttl:
-            self._fault_counts["credential_expired"] += 1
-            code = "ExpiredToken" if sts else "ExpiredTokenException"
-            raise ApiError(code, _EXPIRED_TOKEN, 400)
-        return issued.principal, scope
+            if self._verify and (auth.access_key_id != self.hub_access_key_id or token):
+                code = "InvalidClientTokenId" if sts else "UnrecognizedClientException"
+                raise ApiError(code, _INVALID_TOKEN, 403)
+            principal, secret = self._hub, self.hub_secret_access_key
+        else:
+            if token != issued.session_token:
+                code = "InvalidClientTokenId" if sts else "UnrecognizedClientException"
+                raise ApiError(code, _INVALID_TOKEN, 403)
+            principal, secret = issued.principal, issued.secret_access_key
+        if self._verify:
+            self._verify_signature(request, body, auth, secret, sts)
+        if issued is not None:
+            ttl = self._faults.credential_ttl
+            if ttl is not None and self._clock() - issued.issued_at >= ttl:
+                self._fault_counts["credential_expired"] += 1
+                code = "ExpiredToken" if sts else "ExpiredTokenException"
+                raise ApiError(code, _EXPIRED_TOKEN, 400)
+        return principal, auth
+
+    def _bad_signature(self, sts: bool, message: str, status: int | None = None) -> ApiError:
+        """The refusal of a request whose signature does not check out, counted."""
+        self._signature_mismatch += 1
+        if sts:
+            return ApiError("SignatureDoesNotMatch", message, status or 403)
+        return ApiError("InvalidSignatureException", message, status or 400)
+
+    def _verify_signature(
+        self, request: web.BaseRequest, body: bytes, auth: Authorization, secret: str, sts: bool
+    ) -> None:
+        """Recompute the SigV4 signature of ``request`` from what was received; raise if it is
+        not the one the client sent. Neither the secret nor the expected signature is ever part
+        of the error."""
+        headers = request.headers
+        incomplete = "IncompleteSignature" if sts else "IncompleteSignatureException"
+        if auth.algorithm != ALGORITHM:
+            raise ApiError(incomplete, f"Unsupported AWS 'algorithm': '{auth.algorithm}'.")
+        missing = [
+            f"Authorization header requires '{name}' parameter."
+            for name, value in (
+                ("Signature", auth.signature),
+                ("SignedHeaders", auth.signed_headers),
+            )
+            if not value
+        ]
+        timestamp = request_timestamp(headers.get("X-Amz-Date"), headers.get("Date"))
+        if timestamp is None:
+            missing.append(
+                "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' "
+                "header (ISO 8601 basic format for X-Amz-Date)."
+            )
+        if missing or timestamp is None:
+            raise ApiError(incomplete, " ".join(missing))
+        if auth.date != timestamp[:8]:
+            raise self._bad_signature(
+                sts,
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date "
+                f"from HTTP: '{auth.date}' != '{timestamp[:8]}', from '{timestamp}'.",
+            )
+        # One endpoint serves every region, so any well-formed region is "this" region.
+        if _REGION.fullmatch(auth.region) is None:
+            raise self._bad_signature(sts, "Credential should be scoped to a valid region.")
+        names = {name.lower() for name in auth.signed_headers}
+        if "host" not in names:
+            raise self._bad_signature(
+                sts, "'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization."
+            )
+        body_hash = hashlib.sha256(body).hexdigest()
+        # What the client signed; these services always sign the payload, so anything but the
+        # body's hash (UNSIGNED-PAYLOAD included) is a body that is not the one signed.
+        claimed = headers.get("X-Amz-Content-SHA256")
+        payload_hash = body_hash if claimed is None else claimed
+        path, _, query = request.raw_path.partition("?")
+        canonical = canonical_request(
+            method=request.method,
+            raw_path=path,
+            raw_query=query.partition("#")[0],
+            signed_headers=names,
+            header_values={name: headers.getall(name, ()) for name in names},
+            payload_hash=payload_hash,
+        )
+        scope = f"{auth.date}/{auth.region}/{auth.service}/aws4_request"
+        key = self._signing_keys.get(secret, auth.date, auth.region, auth.service)
+        expected = sign(key, string_to_sign(timestamp, scope, canonical))
+        if not signatures_match(expected, auth.signature) or payload_hash != body_hash:
+            raise self._bad_signature(sts, _SIGNATURE_MISMATCH)
 
     # --- routing --------------------------------------------------------------------------
 
@@ -526,12 +635,12 @@ class Sandbox:
         self._protocols[wire.value] += 1
         body = await request.read()
         try:
-            principal, scope = self._authenticate(request, "snowball")
+            principal, auth = self._authenticate(request, body, "snowball")
             if operation != "ListJobs":
                 raise ApiError("UnknownOperationException", f"{operation} is not supported")
         except ApiError as err:
             return self._error(err, wire)
-        key = (principal.account_id, scope.region)
+        key = (principal.account_id, auth.region)
         in_flight = self._key_in_flight
         in_flight[key] += 1
         if in_flight[key] > self._key_peak.get(key, 0):
@@ -697,7 +806,7 @@ class Sandbox:
         self._requests["organizations:" + operation] += 1
         body = await request.read()
         try:
-            principal, _ = self._authenticate(request, "organizations")
+            principal, _ = self._authenticate(request, body, "organizations")
             if operation != "ListAccounts":
                 raise ApiError("UnknownOperationException", f"{operation} is not supported")
             if not principal.is_hub:
@@ -763,7 +872,7 @@ class Sandbox:
             if fault is FaultKind.HTTP_500:
                 self._fault_counts["sts_500"] += 1
                 raise ApiError("InternalFailure", "An internal error occurred.", 500, sender=False)
-            principal, _ = self._authenticate(request, "sts")
+            principal, _ = self._authenticate(request, body, "sts")
             if action == "AssumeRole":
                 payload = self._assume_role(principal, form, request_id)
             elif action == "GetCallerIdentity":
@@ -852,7 +961,9 @@ class Sandbox:
         role_id = "AROA" + _key_chars(17)
         arn = f"arn:{partition}:sts::{account_id}:assumed-role/{role_name}/{session_name}"
         assumed = _Principal(account_id, arn, f"{role_id}:{session_name}", is_hub=False)
-        self._credentials[access_key_id] = _Issued(assumed, session_token, self._clock())
+        self._credentials[access_key_id] = _Issued(
+            assumed, secret_access_key, session_token, self._clock()
+        )
         self._issued_secrets.extend((secret_access_key, session_token))
         lifetime = faults.advertised_credential_ttl
         if duration is not None:
