@@ -48,9 +48,7 @@ def _ours(spec: dict[str, Any], *, stock: bool, direct: bool = True) -> dict[str
         source="<bench>",
         env={},
     )
-    summary = asyncio.run(
-        run_once(settings, stock=stock, direct=direct, output=spec["output"])
-    )
+    summary = asyncio.run(run_once(settings, stock=stock, direct=direct, output=spec["output"]))
     return {"data_path": str(summary.data_path), "status": summary.status}
 
 
