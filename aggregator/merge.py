@@ -10,6 +10,7 @@ looks like a deleted job.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,63 +32,73 @@ class MergeStats:
     stale: int
 
 
+_RECORD_KEY = operator.attrgetter("account_id", "job_id")
+
+
 class Merger:
     """Accumulates partition results; `records()` produces the sorted snapshot records."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], tuple[JobEntry, set[str], str]] = {}
+        # account_id -> job_id -> (latest entry, regions that returned it, observed_at). Every
+        # entry of a result is of the result's account, so the inner key is the job id alone;
+        # regions are small tuples (one shared 1-tuple per region for the common case).
+        self._accounts: dict[str, dict[str, tuple[JobEntry, tuple[str, ...], str]]] = {}
         self._failed: set[tuple[str, str]] = set()
         self._ok: set[tuple[str, str]] = set()
+        self._one_region: dict[str, tuple[str]] = {}
         self.duplicates = 0
 
     def add(self, result: PartitionResult) -> None:
         """Fold one finished partition in (later results win on field values)."""
+        account_id = result.partition.account_id
         if result.status != "ok":
             if result.status == "failed":
-                self._failed.add((result.partition.account_id, result.partition.region))
-                self._failed.update(
-                    (result.partition.account_id, r) for r in result.partition.fallbacks
-                )
+                self._failed.add((account_id, result.partition.region))
+                self._failed.update((account_id, r) for r in result.partition.fallbacks)
             return
         region = result.region
-        self._ok.add((result.partition.account_id, region))
-        entries = self._entries
+        self._ok.add((account_id, region))
+        jobs = self._accounts.setdefault(account_id, {})
+        only = self._one_region.setdefault(region, (region,))
+        observed = result.observed_at
+        duplicates = 0
         for entry in result.entries:
-            key = (entry.account_id, entry.job_id)
-            seen = entries.get(key)
+            job_id = entry[1]
+            seen = jobs.get(job_id)
             if seen is None:
-                entries[key] = (entry, {region}, result.observed_at)
+                jobs[job_id] = (entry, only, observed)
             else:
-                self.duplicates += 1
-                seen[1].add(region)
-                entries[key] = (entry, seen[1], result.observed_at)
+                duplicates += 1
+                regions = seen[1]
+                if region not in regions:
+                    regions = (*regions, region)
+                jobs[job_id] = (entry, regions, observed)
+        self.duplicates += duplicates
 
     def records(
         self, *, snapshot_id: str, previous: Iterable[JobRecord] = ()
     ) -> tuple[list[JobRecord], MergeStats]:
         """Sorted records for `snapshot_id`, with stale carry-forward from `previous`."""
-        out: list[JobRecord] = [
-            JobRecord(
-                account_id=e.account_id,
-                job_id=e.job_id,
-                job_state=e.job_state,
-                job_type=e.job_type,
-                snowball_type=e.snowball_type,
-                is_master=e.is_master,
-                creation_date=e.creation_date,
-                description=e.description,
-                regions=tuple(sorted(regions)),
-                snapshot_id=snapshot_id,
-                observed_at=observed,
-                last_seen=observed,
-                stale=False,
+        # Built in (account_id, job_id) order. JobEntry's fields are JobRecord's first eight,
+        # in order (positional: this runs once per job).
+        out: list[JobRecord] = []
+        for account_id in sorted(self._accounts):
+            jobs = self._accounts[account_id]
+            out.extend(
+                JobRecord(
+                    *e,
+                    regions if len(regions) == 1 else tuple(sorted(regions)),
+                    snapshot_id,
+                    observed,
+                    observed,
+                    False,
+                )
+                for e, regions, observed in (jobs[job_id] for job_id in sorted(jobs))
             )
-            for e, regions, observed in self._entries.values()
-        ]
         stale = 0
         if self._failed:
             for old in previous:
-                if (old.account_id, old.job_id) in self._entries:
+                if old.job_id in self._accounts.get(old.account_id, ()):
                     continue
                 if not self._unseen_because_failed(old):
                     continue
@@ -109,7 +120,8 @@ class Merger:
                         stale=True,
                     )
                 )
-        out.sort(key=lambda r: (r.account_id, r.job_id))
+        if stale:
+            out.sort(key=_RECORD_KEY)
         return out, MergeStats(jobs=len(out), duplicates=self.duplicates, stale=stale)
 
     def _unseen_because_failed(self, old: JobRecord) -> bool:
