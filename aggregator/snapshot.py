@@ -11,8 +11,10 @@ LATEST                                                   path of the newest mani
 atomically: a local file is written to a hidden temporary name in its final folder, fsynced,
 renamed and the folder fsynced; an S3 object (single PUT or multipart upload) appears whole or
 not at all. The change file is computed and staged before the manifest, so the manifest carries
-its digest, and is made visible right after it. A reader, or a crash, at any moment sees the
-previous snapshot complete or the new one complete, never a torn file under a final name.
+its digest, and is made visible right after it. Both are written in one pass over the records:
+each batch is encoded into the data file, then compared with the previous snapshot's lines. A
+reader, or a crash, at any moment sees the previous snapshot complete or the new one complete,
+never a torn file under a final name.
 
 `Store.prune(retain)`, called once a snapshot is complete, keeps the newest `retain` published
 snapshots (data, manifest and change file together) and never the one LATEST points to. It also
@@ -35,11 +37,11 @@ import importlib.resources
 import os
 import re
 import secrets
-import sys
 import zlib
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Callable,
     Coroutine,
@@ -62,11 +64,14 @@ from .changes import (
     EVENT_TYPES,
     Batch,
     ChangeEvent,
+    NewBatch,
+    UnreadableLine,
     UnsortedError,
     batch_of_dicts,
-    batch_of_records,
     diff,
+    diff_lines,
     encode_events,
+    lines_of,
 )
 from .errors import OutputError
 from .records import SCHEMA_VERSION, JobRecord
@@ -94,7 +99,9 @@ _T = TypeVar("_T")
 Compression = Literal["none", "gzip"]
 LATEST = "LATEST"
 _OPTS = orjson.OPT_SORT_KEYS
-_RECORD_BATCH = 8192
+# Records encoded per batch: the batch's lines (~400 bytes a record) stay in the CPU cache
+# while they are hashed, written and compared.
+_RECORD_BATCH = 2048
 READ_CHUNK = 1 << 20
 _CHAIN_DEPTH = 16
 # A snapshot's files, final or temporary (`.<final name>.<pid>.<random>.tmp`).
@@ -167,6 +174,9 @@ class Pruned:
     kept: int = 0
 
 
+_Buffer = bytes | memoryview
+
+
 class Sink(ABC):
     """One object being written (what a `Store` backend provides): bytes in order; `seal`
     makes them durable, `publish` visible under the final name; `abort` leaves nothing.
@@ -177,7 +187,7 @@ class Sink(ABC):
 
     threaded = False
 
-    def write_blocking(self, data: bytes) -> None:
+    def write_blocking(self, data: _Buffer) -> None:
         raise NotImplementedError
 
     @abstractmethod
@@ -209,26 +219,23 @@ class _Writer:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer")
         self._pending: deque[asyncio.Future[bytes]] = deque()
 
-    def _digest(self, chunk: bytes) -> bytes:
-        if self._zip is not None:
-            chunk = self._zip.compress(chunk)
-        self._sha.update(chunk)
-        self.size += len(chunk)
-        if self._sink.threaded:
-            self._sink.write_blocking(chunk)
-            return b""
-        return chunk
+    def _digest(self, parts: tuple[_Buffer, ...]) -> bytes:
+        out: list[_Buffer] = []
+        for part in parts:
+            chunk = self._zip.compress(part) if self._zip is not None else part
+            self._sha.update(chunk)
+            self.size += len(chunk)
+            if self._sink.threaded:
+                self._sink.write_blocking(chunk)
+            else:
+                out.append(chunk)
+        return b"".join(out)
 
     def _flush(self) -> bytes:
-        return self._digest_tail(self._zip.flush()) if self._zip is not None else b""
-
-    def _digest_tail(self, tail: bytes) -> bytes:
-        self._sha.update(tail)
-        self.size += len(tail)
-        if self._sink.threaded:
-            self._sink.write_blocking(tail)
+        if self._zip is None:
             return b""
-        return tail
+        zip_, self._zip = self._zip, None
+        return self._digest((zip_.flush(),))
 
     def _submit(self, fn: Callable[..., bytes], *args: Any) -> None:
         self._pending.append(asyncio.wrap_future(self._pool.submit(fn, *args)))
@@ -239,10 +246,15 @@ class _Writer:
             if out:
                 await self._sink.write(out)
 
-    async def write(self, chunk: bytes) -> None:
-        self._submit(self._digest, chunk)
+    async def write(self, *parts: _Buffer) -> None:
+        """Append `parts` (bytes or buffers, such as memoryviews of a larger object)."""
+        self._submit(self._digest, parts)
         await self._drain(keep=2)
         await asyncio.sleep(0)  # encoding runs on the loop: let other tasks in between chunks
+
+    async def write_framed(self, framed: bytes) -> None:
+        """Append the lines of `_frame_records` (without its brackets), then a newline."""
+        await self.write(memoryview(framed)[1:-1], b"\n")
 
     async def finish(self) -> tuple[str, int]:
         """Flush, seal the sink; returns (sha256 hex, bytes stored)."""
@@ -289,10 +301,9 @@ _BOUNDARY = b'},{"account_id":'
 _NEWLINE_BOUNDARY = b'}\n{"account_id":'
 
 
-def _encode_records(batch: Sequence[JobRecord]) -> bytes:
-    """JSON Lines for `batch` (keys sorted, trailing newline); b"" for an empty batch."""
-    if not batch:
-        return b""
+def _frame_records(batch: Sequence[JobRecord]) -> bytes:
+    """The records as a JSON array (keys sorted) with a newline at each record boundary:
+    `[{...}\n{...}]`, the lines of the data file between the brackets."""
     if FAST_RECORD_ENCODER:
         body = orjson.dumps(
             [
@@ -316,13 +327,44 @@ def _encode_records(batch: Sequence[JobRecord]) -> bytes:
         )
     else:  # pragma: no cover - only while JobRecord and _RECORD_FIELDS disagree
         body = orjson.dumps([r.to_json_dict() for r in batch], option=_OPTS)
-    return body[1:-1].replace(_BOUNDARY, _NEWLINE_BOUNDARY) + b"\n"
+    return body.replace(_BOUNDARY, _NEWLINE_BOUNDARY)
 
 
-def _record_chunks(records: Sequence[JobRecord]) -> Iterator[bytes]:
-    """JSON Lines, keys sorted, in chunks of `_RECORD_BATCH` records."""
+def _encode_records(batch: Sequence[JobRecord]) -> bytes:
+    """JSON Lines for `batch` (keys sorted, trailing newline); b"" for an empty batch."""
+    if not batch:
+        return b""
+    return _frame_records(batch)[1:-1] + b"\n"
+
+
+async def _encoded(
+    records: Sequence[JobRecord], writer: _Writer, keep: list[bytes] | None
+) -> AsyncGenerator[NewBatch, None]:
+    """Encode `records` batch by batch into `writer` (the data file), yielding each batch for
+    the comparison; with `keep`, also collect the encoded batches there (`_replay`)."""
     for start in range(0, len(records), _RECORD_BATCH):
-        yield _encode_records(records[start : start + _RECORD_BATCH])
+        batch = records[start : start + _RECORD_BATCH]
+        framed = _frame_records(batch)
+        await writer.write_framed(framed)
+        if keep is not None:
+            keep.append(framed)
+        yield NewBatch(batch, framed)
+
+
+async def _replay(kept: list[bytes]) -> AsyncGenerator[list[bytes], None]:
+    """The lines of the snapshot that `_encoded` kept, releasing them as they are read."""
+    kept.reverse()
+    while kept:
+        lines = lines_of(kept.pop())
+        lines[0] = lines[0][1:]  # the array's brackets
+        lines[-1] = lines[-1][:-1] + b"\n"
+        yield lines
+        await asyncio.sleep(0)  # the comparison runs on the loop: let other tasks in
+
+
+async def _no_lines() -> AsyncGenerator[list[bytes], None]:
+    return
+    yield  # pragma: no cover - makes this an async generator
 
 
 _gc_depth = 0
@@ -351,39 +393,6 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-async def _record_batches(
-    records: Sequence[JobRecord], keep: list[Batch] | None
-) -> AsyncIterator[Batch]:
-    """The comparison view of `records`; with `keep`, also a copy of it in `keep` that holds no
-    record (regions tuples and states shared), for the next write's comparison."""
-    regions: dict[tuple[str, ...], tuple[str, ...]] = {}
-    intern = sys.intern
-    for start in range(0, len(records), _RECORD_BATCH):
-        batch = records[start : start + _RECORD_BATCH]
-        if keep is None:
-            yield batch_of_records(batch)
-        else:
-            cores = [
-                ((r.account_id, r.job_id), r.job_state and intern(r.job_state), r.stale)
-                for r in batch
-            ]
-            extras = [(regions.setdefault(r.regions, r.regions), r.last_seen) for r in batch]
-            keep.append((cores, extras.__getitem__))
-            yield keep[-1]
-        await asyncio.sleep(0)  # the comparison runs on the loop: let other tasks in
-
-
-async def _replay(batches: list[Batch]) -> AsyncIterator[Batch]:
-    for batch in batches:
-        yield batch
-        await asyncio.sleep(0)
-
-
-async def _no_batches() -> AsyncIterator[Batch]:
-    return
-    yield  # pragma: no cover - makes this an async generator
-
-
 async def _abort(sink: Sink) -> None:
     """Abort, shielded from cancellation: cleaning up must finish even when the cycle is
     being cancelled; a failure to clean up never hides the error that caused it."""
@@ -402,9 +411,10 @@ class Store(ABC):
     manager with one owner.
 
     Keyword options: `compress` ("none" or "gzip"; default "none"), `gzip_level` (1-9,
-    default 6), `remember` (default True: keep the comparison view of the last snapshot this
-    store wrote, about 300 bytes a job, so that the next write compares against it without
-    reading that snapshot back; used only while it is still the previous snapshot).
+    default 6), `remember` (default True: keep the lines of the last snapshot this store
+    wrote, its data file uncompressed, about 400 bytes a job, so that the next write compares
+    against them without reading that snapshot back; used only while it is still the
+    previous snapshot).
     """
 
     location: str
@@ -419,7 +429,7 @@ class Store(ABC):
         self._entered = False
         self._previous_of: dict[str, str | None] = {}
         self._remember = remember
-        self._view: tuple[str, list[Batch]] | None = None
+        self._view: tuple[str, list[bytes]] | None = None
 
     async def __aenter__(self) -> Store:
         if self._entered:
@@ -544,7 +554,40 @@ class Store(ABC):
         manifest_rel = manifest_path(snapshot_id)
         changes_rel = changes_path(snapshot_id, gz)
         previous_id: str | None = previous["snapshot_id"] if previous else None
-        sha, size = await self._put(data_rel, _record_chunks(records), gzip=gz)
+        view, self._view = self._view, None  # consumed (or stale) either way
+        kept: list[bytes] | None = [] if self._remember and with_changes else None
+        # The data file and the change file are written in one pass over the records: each
+        # batch is encoded into the data file, then compared with the previous snapshot.
+        data_sink = await self._open(data_rel)
+        changes_sink: Sink | None = None
+        changes: dict[str, Any] | None = None
+        writer: _Writer | None = None
+        try:
+            writer = _Writer(data_sink, gzip=gz, level=self._level)
+            new = _encoded(records, writer, kept)
+            try:
+                if with_changes:
+                    changes_sink = await self._open(changes_rel)
+                    head = {**manifest, "snapshot_id": snapshot_id}
+                    head["previous_snapshot_id"] = previous_id
+                    changes = await self._stage_changes(
+                        changes_sink, changes_rel, new, head, previous, view
+                    )
+                    if changes is None:
+                        changes_sink = None  # aborted: nothing staged
+                async for _ in new:  # what the comparison did not take (it stopped early)
+                    pass
+                sha, size = await writer.finish()
+            finally:
+                await new.aclose()
+            await data_sink.publish()
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            await _abort(data_sink)
+            if changes_sink is not None:
+                await _abort(changes_sink)
+            raise
         full: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             **manifest,
@@ -557,30 +600,22 @@ class Store(ABC):
                 "records": len(records),
                 "compression": "gzip" if gz else None,
             },
+            "changes": changes,
         }
-        kept: list[Batch] | None = [] if self._remember and with_changes else None
-        sink = await self._open(changes_rel)
         try:
-            changes = (
-                await self._stage_changes(sink, changes_rel, records, full, previous, kept)
-                if with_changes
-                else None
-            )
-            full["changes"] = changes
             body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
             links = {"snapshot-id": snapshot_id, "previous-snapshot-id": previous_id or ""}
             await self._put(manifest_rel, [body], metadata=links)
-            if changes is not None:
-                await sink.publish()
-            else:
-                await _abort(sink)  # nothing staged (or already aborted): leave nothing
+            if changes_sink is not None:
+                await changes_sink.publish()
         except BaseException:
-            await _abort(sink)
+            if changes_sink is not None:
+                await _abort(changes_sink)
             raise
         await self._put(LATEST, [manifest_rel.encode() + b"\n"])
         self._previous_of[snapshot_id] = previous_id
-        # Only a complete comparison (the new side read to its end) leaves a usable view.
-        self._view = (snapshot_id, kept) if kept is not None and changes is not None else None
+        # The lines of the data file, kept whole whether or not the change file was written.
+        self._view = None if kept is None else (snapshot_id, kept)
         log.info(
             "snapshot.written",
             location=str(self.locate(manifest_rel)),
@@ -603,30 +638,31 @@ class Store(ABC):
         self,
         sink: Sink,
         rel: str,
-        records: Sequence[JobRecord],
+        new: AsyncIterator[NewBatch],
         manifest: Mapping[str, Any],
         previous: Mapping[str, Any] | None,
-        kept: list[Batch] | None,
+        view: tuple[str, list[bytes]] | None,
     ) -> dict[str, Any] | None:
-        """Compute the events into `sink` and seal it (not yet visible); None if skipped.
-        With `kept`, the new snapshot's comparison view is collected there."""
+        """Compare the records `new` yields (while they are written) with the previous
+        snapshot, write the events into `sink` and seal it (not yet visible); None if skipped
+        (`sink` aborted). `view` is what this store kept of the last snapshot it wrote."""
         writer = _Writer(sink, gzip=self.compress == "gzip", level=self._level)
         counts = dict.fromkeys(EVENT_TYPES, 0)
-        old: AsyncIterator[Batch]
+        old: AsyncGenerator[list[bytes], None]
         if previous is None:
-            old = _no_batches()
-        elif self._view is not None and self._view[0] == previous["snapshot_id"]:
-            old = _replay(self._view[1])
+            old = _no_lines()
+        elif view is not None and view[0] == previous["snapshot_id"]:
+            old = _replay(view[1])
         else:
-            old = self._previous_batches(previous)
-        self._view = None  # consumed (or stale) either way
-        new = _record_batches(records, kept)
+            old = self._previous_lines(previous)
         try:
-            async for batch in diff(old, new, old_manifest=previous, new_manifest=manifest):
-                for e in batch:
-                    counts[e.event] += 1
-                await writer.write(encode_events(batch))
-        except _UnreadablePrevious as exc:
+            async for body, found in diff_lines(
+                old, new, old_manifest=previous, new_manifest=manifest
+            ):
+                for event, n in found.items():
+                    counts[event] += n
+                await writer.write(body)
+        except (_UnreadablePrevious, UnreadableLine) as exc:
             writer.close()
             await _abort(sink)
             log.warning(
@@ -645,6 +681,8 @@ class Store(ABC):
         except BaseException:
             writer.close()
             raise
+        finally:
+            await old.aclose()
         sha, size = await writer.finish()
         return {
             "path": rel,
@@ -654,10 +692,12 @@ class Store(ABC):
             "counts": counts,
         }
 
-    async def _previous_batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[Batch]:
+    async def _previous_lines(
+        self, manifest: Mapping[str, Any]
+    ) -> AsyncGenerator[list[bytes], None]:
         try:
-            async for batch in self._batches(manifest):
-                yield batch
+            async for lines in self._line_batches(manifest):
+                yield lines
         except (OutputError, ValueError, KeyError, TypeError, zlib.error) as exc:
             raise _UnreadablePrevious(str(exc)) from exc
 
@@ -711,23 +751,30 @@ class Store(ABC):
         return manifest
 
     async def _line_batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[list[bytes]]:
-        """The lines of a snapshot's data file (gzip or not), in batches, blank lines dropped."""
+        """The lines of a snapshot's data file (gzip or not), in batches, each with its newline
+        (but for an unterminated last line), blank lines dropped."""
         rel: str = manifest["data"]["path"]
         unzip = zlib.decompressobj(31) if rel.endswith(".gz") else None
         rest = b""
         async for chunk in self._stream(rel):
             if unzip is not None:
                 chunk = unzip.decompress(chunk)
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            yield [line for line in lines if line]
+            lines = lines_of(chunk)
+            if not lines:
+                continue
+            lines[0] = rest + lines[0]
+            rest = b"" if lines[-1].endswith(b"\n") else lines.pop()
+            if b"\n" in lines:
+                lines = [line for line in lines if line != b"\n"]
+            if lines:
+                yield lines
             await asyncio.sleep(0)  # a local file never makes us wait: let other tasks in
         if unzip is not None:
             rest += unzip.flush()
             if not unzip.eof:
                 raise OutputError(f"{self.locate(rel)}: truncated gzip stream")
         if rest.strip():
-            yield [line for line in rest.split(b"\n") if line]
+            yield [line for line in lines_of(rest) if line != b"\n"]
 
     async def _batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[Batch]:
         """The comparison view of a snapshot's records, in batches."""
@@ -874,6 +921,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SYNC_EVERY = 32 << 20
+_fdatasync = getattr(os, "fdatasync", None)  # not on macOS: the data then waits for seal
+
+
 def _file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         while chunk := fh.read(READ_CHUNK):
@@ -892,11 +943,18 @@ class _LocalSink(Sink):
         self._tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         final.parent.mkdir(parents=True, exist_ok=True)
         self._fh: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in seal/abort
+        self._unsynced = 0
 
-    def write_blocking(self, data: bytes) -> None:
+    def write_blocking(self, data: _Buffer) -> None:
         assert self._fh is not None
         with self._store.guard("write the snapshot"):
             self._fh.write(data)
+            self._unsynced += len(data)
+            if self._unsynced >= _SYNC_EVERY and _fdatasync is not None:
+                # Flush to disk as we go, in this thread, while the next chunks are encoded:
+                # otherwise the kernel waits for seal's fsync to write the whole file.
+                self._unsynced = 0
+                _fdatasync(self._fh.fileno())
 
     async def write(self, data: bytes) -> None:
         self.write_blocking(data)
@@ -926,10 +984,13 @@ class _LocalSink(Sink):
 class LocalStore(Store):
     """Snapshots in a local directory (created on first write).
 
-    Keyword options as for `Store`.
+    Keyword options as for `Store`, except that `remember` defaults to False.
     """
 
     def __init__(self, directory: str | os.PathLike[str], **options: Any) -> None:
+        # Reading the previous data file back costs less than keeping it: it is in the page
+        # cache, and its lines are split either way.
+        options.setdefault("remember", False)
         super().__init__(**options)
         self.root = Path(directory)
         self.location = str(self.root)

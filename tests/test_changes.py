@@ -4,8 +4,10 @@ reference model, and the exact events of a sandbox driven through changes betwee
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import io
+import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,14 +17,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator import snapshot
 from aggregator.changes import (
     Batch,
     ChangeEvent,
+    NewBatch,
+    UnreadableLine,
     UnsortedError,
     batch_of_dicts,
+    batch_of_records,
     diff,
+    diff_lines,
     encode_events,
 )
+from aggregator.records import JobRecord
 from aggregator.sandbox import Faults
 from aggregator.service import run_once
 from aggregator.snapshot import diff_command
@@ -430,6 +438,211 @@ async def test_long_unchanged_runs_match_the_reference_model(
     ):
         got.extend(e.to_json_dict() for e in batch)
     assert got == want
+
+
+# --- the store's comparison: lines of the older file against the records being written -----
+
+STYLES = ["canonical", "canonical", "canonical", "spaced", "unsorted", "minimal", "crlf"]
+
+
+def as_record(d: dict[str, Any], snapshot_id: str, description: str | None = None) -> JobRecord:
+    record = JobRecord.from_json_dict({**d, "snapshot_id": snapshot_id})
+    return dataclasses.replace(record, description=description)
+
+
+def old_line(d: dict[str, Any], style: str, description: str | None = None) -> bytes:
+    """One line of an older data file, as this tool writes it or as another writer might."""
+    fields = as_record(d, OLD_ID, description).to_json_dict()
+    if style == "canonical":
+        return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS) + b"\n"
+    if style == "spaced":
+        return json.dumps(fields, sort_keys=True).encode() + b"\n"
+    if style == "unsorted":
+        return orjson.dumps(dict(reversed(fields.items()))) + b"\n"
+    if style == "minimal":  # what the comparison needs (defaults for the rest), no newline
+        keep = ("account_id", "job_id", "job_state", "observed_at", "regions")
+        return orjson.dumps({k: fields[k] for k in keep} | ({"stale": True} if d["stale"] else {}))
+    assert style == "crlf"
+    return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS) + b"\r\n"
+
+
+async def old_lines(lines: list[bytes], size: int) -> AsyncIterator[list[bytes]]:
+    for start in range(0, len(lines), size):
+        yield lines[start : start + size]
+
+
+async def new_batches(new: list[JobRecord], size: int) -> AsyncIterator[NewBatch]:
+    for start in range(0, len(new), size):
+        batch = new[start : start + size]
+        yield NewBatch(batch, snapshot._frame_records(batch))
+
+
+async def compared(
+    old: list[bytes],
+    new: list[JobRecord],
+    old_m: dict[str, Any] | None,
+    new_m: dict[str, Any],
+    *,
+    old_size: int = 1000,
+    new_size: int = 1000,
+) -> tuple[bytes, dict[str, int]]:
+    """The change file `diff_lines` gives, and its counts."""
+    body, counts = b"", dict.fromkeys(("job_added", "job_removed"), 0)
+    async for chunk, found in diff_lines(
+        old_lines(old, old_size), new_batches(new, new_size), old_manifest=old_m, new_manifest=new_m
+    ):
+        body += chunk
+        for kind, n in found.items():
+            counts[kind] = counts.get(kind, 0) + n
+    return body, {k: n for k, n in counts.items() if n}
+
+
+async def decoded(
+    old: list[bytes], new: list[JobRecord], old_m: dict[str, Any] | None, new_m: dict[str, Any]
+) -> bytes:
+    """The change file `diff` gives from the same snapshots, every line decoded."""
+
+    async def old_batches() -> AsyncIterator[Batch]:
+        yield batch_of_dicts([orjson.loads(line) for line in old])
+
+    async def new_records() -> AsyncIterator[Batch]:
+        yield batch_of_records(new)
+
+    body = b""
+    async for batch in diff(old_batches(), new_records(), old_manifest=old_m, new_manifest=new_m):
+        body += encode_events(batch)
+    return body
+
+
+def counted(body: bytes) -> dict[str, int]:
+    return dict(collections.Counter(orjson.loads(line)["event"] for line in body.splitlines()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    old=side,
+    new=side,
+    old_status=status,
+    new_status=status,
+    styles=st.lists(st.sampled_from(STYLES), min_size=40, max_size=40),
+    described=st.lists(st.sampled_from([None, "a", "b", 'x","job_type":"y'])),
+    old_size=st.sampled_from([1, 2, 7, 1000]),
+    new_size=st.sampled_from([1, 3, 16, 1000]),
+    first=st.booleans(),
+)
+async def test_line_comparison_gives_the_events_of_diff(
+    old: dict[tuple[str, str], dict[str, Any]],
+    new: dict[tuple[str, str], dict[str, Any]],
+    old_status: dict[tuple[str, str], str],
+    new_status: dict[tuple[str, str], str],
+    styles: list[str],
+    described: list[str | None],
+    old_size: int,
+    new_size: int,
+    first: bool,
+) -> None:
+    """Comparing the older file's lines with the records being written gives the bytes that
+    decoding every line and `diff` give, whatever the writer of the older lines (key order,
+    spacing, missing fields, CRLF), the fields that do not matter (description) and the
+    batching; and so the reference events."""
+    old_records = [] if first else records(old, OLD_SEEN)
+    old_m = None if first else manifest_of(OLD_ID, old_status)
+    new_m = manifest_of(NEW_ID, new_status)
+    lines = [
+        old_line(d, styles[i], described[i] if i < len(described) else None)
+        for i, d in enumerate(old_records)
+    ]
+    new_records = [as_record(d, NEW_ID) for d in records(new, NEW_SEEN)]
+    body, counts = await compared(
+        lines, new_records, old_m, new_m, old_size=old_size, new_size=new_size
+    )
+    assert body == await decoded(lines, new_records, old_m, new_m)
+    assert [orjson.loads(line) for line in body.splitlines()] == reference(
+        old_records, records(new, NEW_SEEN), old_m, new_m
+    )
+    assert counts == counted(body)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    count=st.integers(0, 600),
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 599),
+            st.sampled_from(["state", "stale", "recover", "remove", "add", "describe"]),
+        ),
+        max_size=12,
+    ),
+    old_size=st.sampled_from([1, 5, 64, 1000]),
+    new_size=st.sampled_from([1, 7, 128, 1000]),
+)
+async def test_line_comparison_over_long_unchanged_runs(
+    count: int, edits: list[tuple[int, str]], old_size: int, new_size: int
+) -> None:
+    """Mostly unchanged snapshots (runs of lines that match their records, found in C) with a
+    few edits anywhere give the events of `diff`, whatever the batching."""
+    old = {(A, f"J{i:04d}"): {"state": "New", "stale": i % 97 == 5} for i in range(count)}
+    new = {k: dict(v) for k, v in old.items()}
+    described: dict[tuple[str, str], str] = {}
+    for index, edit in edits:
+        key = (A, f"J{index:04d}")
+        if edit == "add":
+            new[(A, f"J{index:04d}x")] = {"state": "New", "stale": False}
+        elif key in new:
+            if edit == "remove":
+                del new[key]
+            elif edit == "state":
+                new[key]["state"] = "Moved"
+            elif edit == "describe":
+                described[key] = "changed"
+            else:
+                new[key]["stale"] = edit == "stale"
+    statuses = {(A, "eu-west-1"): "ok"}
+    old_m, new_m = manifest_of(OLD_ID, statuses), manifest_of(NEW_ID, statuses)
+
+    def rows(jobs: dict[tuple[str, str], dict[str, Any]], seen: str) -> list[dict[str, Any]]:
+        return [
+            rec(k[1], v["state"], account=k[0], stale=v["stale"], seen=seen)
+            for k, v in sorted(jobs.items())
+        ]
+
+    lines = [old_line(d, "canonical") for d in rows(old, OLD_SEEN)]
+    new_records = [
+        as_record(d, NEW_ID, described.get((d["account_id"], d["job_id"])))
+        for d in rows(new, NEW_SEEN)
+    ]
+    body, counts = await compared(
+        lines, new_records, old_m, new_m, old_size=old_size, new_size=new_size
+    )
+    assert body == await decoded(lines, new_records, old_m, new_m)
+    assert counts == counted(body)
+
+
+@pytest.mark.parametrize("side", ["older", "newer"])
+async def test_line_comparison_refuses_unsorted_input_naming_the_side(side: str) -> None:
+    """Out-of-order lines or records raise UnsortedError naming the snapshot, in runs of
+    matching lines as well as where they differ."""
+    jobs = [rec(f"J{i}", seen=NEW_SEEN) for i in range(6)]
+    good = [as_record(d, NEW_ID) for d in jobs]
+    order = (0, 1, 3, 2, 4, 5)  # lines that match their records, out of order
+    bad = [good[i] for i in order]
+    lines = [old_line(d, "canonical") for d in jobs]
+    old, new = ([lines[i] for i in order], good) if side == "older" else (lines, bad)
+    with pytest.raises(UnsortedError) as info:
+        await compared(old, new, manifest(OLD_ID), manifest(NEW_ID), old_size=2, new_size=3)
+    assert info.value.side == side
+    with pytest.raises(UnsortedError) as info:  # every record added: the bulk path
+        await compared([], bad if side == "newer" else good[::-1], None, manifest(NEW_ID))
+    assert info.value.side == "newer"
+
+
+@pytest.mark.parametrize("line", [b"not json\n", b"[1, 2]\n", b'{"job_id": "J1"}\n', b"{}\n"])
+async def test_a_line_that_is_not_a_record_is_unreadable(line: bytes) -> None:
+    """A line that does not match its record and cannot be decoded as one raises
+    UnreadableLine (the store then skips the change file)."""
+    new = [as_record(rec("J1", seen=NEW_SEEN), NEW_ID)]
+    with pytest.raises(UnreadableLine):
+        await compared([line], new, manifest(OLD_ID), manifest(NEW_ID))
 
 
 # --- end to end: the sandbox driven through changes between runs ---------------------------

@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from aggregator import snapshot
+from aggregator.changes import encode_events
 from aggregator.errors import OutputError
 from aggregator.records import JobRecord
 from aggregator.service import run_once
@@ -456,10 +457,50 @@ async def test_a_store_remembers_its_last_snapshot_for_the_next_comparison(
             written = await write(store, sid(n), jobs)
         fresh.append((tmp_path / "fresh" / str(written.changes_path)).read_bytes())
     kept = []
-    async with LocalStore(tmp_path / "kept") as store:
+    async with LocalStore(tmp_path / "kept", remember=True) as store:
         for n, jobs in enumerate(states):
             written = await write(store, sid(n), jobs)
-            monkeypatch.setattr(store, "_previous_batches", unreachable)
+            monkeypatch.setattr(store, "_previous_lines", unreachable)
             kept.append((tmp_path / "kept" / str(written.changes_path)).read_bytes())
     assert kept == fresh
     assert [len(body.splitlines()) for body in kept] == [3000, 3, 3001]
+
+
+@pytest.mark.parametrize("compress", ["none", "gzip"])
+async def test_the_change_file_equals_diff_of_the_two_snapshots(
+    tmp_path: Path, compress: str
+) -> None:
+    """The change file, computed while the data file is written by comparing the previous
+    file's lines as bytes, is byte for byte what decoding both stored snapshots and `diff`
+    give: over several batches, with added, removed, changed, stale and recovered jobs, and
+    fields that change without an event."""
+    n = 3 * snapshot._RECORD_BATCH + 17
+    before = [
+        record(f"J{i:05d}", sid(0), stale=i % 211 == 3, description=f"d{i % 7}") for i in range(n)
+    ]
+    after = [
+        replace(
+            r,
+            snapshot_id=sid(1),
+            observed_at="2026-11-28T15:01:03Z",
+            last_seen=r.last_seen if i % 97 == 5 else "2026-11-28T15:01:03Z",
+            stale=i % 97 == 5,
+            job_state="Done" if i % 53 == 0 else r.job_state,
+            description="other" if i % 61 == 0 else r.description,
+            regions=("eu-west-1", "us-east-1") if i % 71 == 0 else r.regions,
+        )
+        for i, r in enumerate(before)
+        if i % 89 != 1
+    ]
+    after += [record(f"J{i:05d}x", sid(1)) for i in range(0, n, 101)]
+    after.sort(key=lambda r: r.job_id)
+    manifest = {"status": "complete", "partition_status": PARTITIONS}
+    async with open_store(tmp_path, compress=compress) as store:
+        await store.write(sid(0), before, manifest)
+    async with open_store(tmp_path, compress=compress) as store:  # reads sid(0) back
+        written = await store.write(sid(1), after, manifest, previous=await store.latest_manifest())
+        expected = b"".join([encode_events(batch) async for batch in store.diff(sid(0), sid(1))])
+    body = (tmp_path / str(written.changes_path)).read_bytes()
+    assert (gzip.decompress(body) if compress == "gzip" else body) == expected
+    kinds = {orjson.loads(line)["event"] for line in expected.splitlines()}
+    assert kinds == {"job_added", "job_removed", "state_changed", "job_went_stale", "job_recovered"}
