@@ -44,7 +44,6 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Callable,
-    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -55,7 +54,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, TypeVar
+from typing import IO, Any, Literal
 
 import orjson
 import structlog
@@ -80,7 +79,6 @@ __all__ = [
     "Compression",
     "LocalStore",
     "Pruned",
-    "SnapshotStore",
     "Store",
     "WrittenSnapshot",
     "changes_path",
@@ -94,7 +92,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger()
-_T = TypeVar("_T")
 
 Compression = Literal["none", "gzip"]
 LATEST = "LATEST"
@@ -1111,38 +1108,3 @@ async def diff_command(
             out.write(encode_events(batch))
     out.flush()
     return 0
-
-
-class SnapshotStore:
-    """Deprecated synchronous facade over `LocalStore`, kept only until service.py awaits a
-    `Store` from `open_store`; it runs each call on a private event loop in a worker thread."""
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self._store = LocalStore(directory)
-        self.root = self._store.root
-
-    def check_writable(self) -> None:
-        _blocking(self._store.check_writable())
-
-    def latest_manifest(self) -> dict[str, Any] | None:
-        return _blocking(self._store.latest_manifest())
-
-    def read_records(self, manifest: dict[str, Any]) -> Iterator[JobRecord]:
-        async def collect() -> list[JobRecord]:
-            return [r async for r in self._store.read_records(manifest)]
-
-        return iter(_blocking(collect()))
-
-    def write(
-        self, snapshot_id: str, records: Iterable[JobRecord], manifest: dict[str, Any]
-    ) -> WrittenSnapshot:
-        async def go() -> WrittenSnapshot:
-            previous = await self._store.latest_manifest()
-            return await self._store.write(snapshot_id, list(records), manifest, previous=previous)
-
-        return _blocking(go())
-
-
-def _blocking(coro: Coroutine[Any, Any, _T]) -> _T:
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()

@@ -6,7 +6,8 @@ Tools: `ours` (run_once), `ours-warm` (run_once twice into the same output, the 
 a daemon's steady state, whose plan is ordered by the first run's manifest), `botocore-send`
 (run_once with direct=False: every optimisation but the direct send path), `stock` (run_once
 with stock=True), `user` (the boto3 script),
-`floor` (raw aiohttp + orjson), `snapshot` (SnapshotStore.write of generated records).
+`floor` (raw aiohttp + orjson), `snapshot` (snapshot_bench: the store's first and steady-state
+writes of 1,000,000 records).
 """
 
 from __future__ import annotations
@@ -99,33 +100,6 @@ def _floor(spec: dict[str, Any], clock: dict[str, float]) -> dict[str, Any]:
     return asyncio.run(main())
 
 
-def _records(n: int) -> list[Any]:
-    from aggregator.records import JobRecord
-
-    states = ("New", "InProgress", "WithCustomer", "Complete", "Cancelled", "FutureState")
-    out = []
-    for i in range(n):
-        account = f"{200000000000 + i // 500}"
-        out.append(
-            JobRecord(
-                account_id=account,
-                job_id=f"JID{i:08x}-4b0c-4d2e-8f3a-{i * 7919 % 10**12:012d}",
-                job_state=states[i % len(states)],
-                job_type="IMPORT" if i % 3 else "EXPORT",
-                snowball_type="EDGE",
-                is_master=bool(i % 2),
-                creation_date=f"2024-0{1 + i % 9}-1{i % 10}T12:34:56.{i % 1000:03d}Z",
-                description=None if i % 4 == 0 else f"Import Logs {i % 997}",
-                regions=("eu-west-1",) if i % 5 else ("us-east-1", "us-east-2"),
-                snapshot_id="20261128T150000Z-3f9c",
-                observed_at="2026-11-28T15:00:03Z",
-                last_seen="2026-11-28T15:00:03Z",
-                stale=False,
-            )
-        )
-    return out
-
-
 def _sandbox_stats() -> dict[str, Any]:
     """The sandbox's counters (`/_sandbox/stats` at the endpoint the tools use)."""
     import urllib.request
@@ -171,28 +145,29 @@ def main(argv: list[str]) -> int:
     Path(spec["output"]).mkdir(parents=True, exist_ok=True)
     clock: dict[str, float] = {}
     if tool == "snapshot":
-        from aggregator.snapshot import SnapshotStore
+        from .snapshot_bench import run
 
-        records = _records(spec["records"])
-        clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
-        written = SnapshotStore(spec["output"]).write("20261128T150000Z-3f9c", records, {})
-        result: dict[str, Any] = {"jobs": written.records, "status": "complete"}
+        # Its own clock: the previous snapshot and the records are prepared untimed.
+        bench = run(spec["records"], Path(spec["output"]))
+        result: dict[str, Any] = {"jobs": bench["records"], "status": "complete", **bench}
+        result["rss_mb"] = peak_rss_mb()
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return 0
+    _preload(tool)
+    if tool == "ours-warm":
+        _ours(spec, stock=False)  # the previous cycle, not timed
+        result = {"sandbox_before": _sandbox_stats()}
+    clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
+    if tool == "ours-warm":
+        result.update(_ours(spec, stock=False))
+    elif tool in ("ours", "stock", "botocore-send"):
+        result = _ours(spec, stock=tool == "stock", direct=tool == "ours")
+    elif tool == "user":
+        result = _user(spec)
+    elif tool == "floor":
+        result = _floor(spec, clock)
     else:
-        _preload(tool)
-        if tool == "ours-warm":
-            _ours(spec, stock=False)  # the previous cycle, not timed
-            result = {"sandbox_before": _sandbox_stats()}
-        clock["wall"], clock["cpu"] = time.perf_counter(), time.process_time()
-        if tool == "ours-warm":
-            result.update(_ours(spec, stock=False))
-        elif tool in ("ours", "stock", "botocore-send"):
-            result = _ours(spec, stock=tool == "stock", direct=tool == "ours")
-        elif tool == "user":
-            result = _user(spec)
-        elif tool == "floor":
-            result = _floor(spec, clock)
-        else:
-            raise SystemExit(f"unknown tool {tool!r}")
+        raise SystemExit(f"unknown tool {tool!r}")
     result["wall"] = time.perf_counter() - clock["wall"]
     result["cpu"] = time.process_time() - clock["cpu"]
     result["rss_mb"] = peak_rss_mb()
