@@ -98,9 +98,8 @@ class DirectSender:
                 if self._http is None:
                     if not self._open:
                         raise RuntimeError("DirectSender is not open")
-                    context = ssl.create_default_context(cafile=get_cert_path(True))
-                    if self._ca_bundle:
-                        context = ssl.create_default_context(cafile=self._ca_bundle)
+                    cafile = self._ca_bundle or get_cert_path(True)
+                    context = ssl.create_default_context(cafile=cafile)
                     self._http = aiohttp.ClientSession(
                         connector=aiohttp.TCPConnector(limit=self._limit, ssl=context),
                         timeout=self._timeout,
