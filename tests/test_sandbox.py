@@ -636,11 +636,23 @@ async def test_stats_count_requests_and_windowed_rate(aws: Aws) -> None:
 
 async def test_peak_in_flight_under_latency(aws: Aws) -> None:
     """Concurrent ListJobs calls held by latency show up as peak in-flight."""
-    sb = await aws.start(faults=Faults(latency=0.05))
+    # A latency no request outlives in this test: the six calls are held until all six have
+    # arrived (however slowly a loaded machine sends them), then abandoned; the sandbox wakes
+    # their handlers when it closes.
+    sb = await aws.start(faults=Faults(latency=600.0))
     client = await aws.snowball(ACCOUNT)
     sb.reset_stats()
-    await asyncio.gather(*(client.list_jobs() for _ in range(6)))
-    stats = sb.stats()
+    calls = [asyncio.ensure_future(client.list_jobs()) for _ in range(6)]
+    try:
+        for _ in range(3000):  # at most 30 s: the sandbox has no event to wait on
+            if sb.stats().peak_in_flight >= 6:
+                break
+            await asyncio.sleep(0.01)
+        stats = sb.stats()
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
     assert stats.peak_in_flight == 6
     assert stats.peak_in_flight_by_region[(ACCOUNT, "us-east-1")] == 6
 
