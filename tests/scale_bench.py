@@ -3,7 +3,7 @@
     python -m tests.scale_bench [--accounts 10000] [--regions us-east-1,eu-west-1,ap-southeast-2]
                                 [--seed 1] [--limit-mb 1024] [--output DIR]
 
-The sandbox runs as its own process (`python -m aggregator sandbox --port 0 ...`), so its memory
+The sandbox runs as its own process (`tests.benchmarks.sandbox.SandboxProcess`), so its memory
 and CPU are not ours. The aggregation runs in a fresh child process: Organizations discovery of
 every account (`discover_accounts`, as `[accounts.organizations] enabled = true` does), then
 `run_once` with the default limits. The child reports its wall time and its peak RSS
@@ -20,19 +20,17 @@ import asyncio
 import logging
 import os
 import resource
-import shlex
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-READY_PREFIX = "# sandbox listening on "
+from tests.benchmarks.sandbox import SandboxProcess
+
 DEFAULT_REGIONS = "us-east-1,eu-west-1,ap-southeast-2"
 
 
@@ -88,51 +86,6 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 # --- the parent: sandbox process, child process, truth ---------------------------------------
 
 
-class _Sandbox:
-    """`python -m aggregator sandbox` in its own process; stopped with SIGTERM on exit."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.args = args
-        self.env: dict[str, str] = {}
-        self.url = ""
-        self._process: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> _Sandbox:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "sandbox", "--port", "0", *self.args],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._process = process
-        assert process.stdout is not None
-        for line in process.stdout:
-            if line.startswith("export "):
-                name, _, value = line[len("export ") :].strip().partition("=")
-                self.env[name] = shlex.split(value)[0]
-            elif line.startswith(READY_PREFIX):
-                self.url = line[len(READY_PREFIX) :].strip()
-                break
-        if not self.url:
-            process.kill()
-            raise RuntimeError(f"the sandbox did not start (exit code {process.wait()})")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=600) as response:
-            body: bytes = response.read()
-            return body
-
-
 def _keys(body: bytes) -> list[tuple[str, str]]:
     """(account_id, job_id) of every JSON line. Lines end with b"\\n" only: descriptions may
     hold U+2028 and friends, which `str.splitlines` would split on."""
@@ -165,7 +118,7 @@ def bench(args: argparse.Namespace) -> int:
             "--seed",
             str(args.seed),
         ]
-        with _Sandbox(sandbox_args) as sandbox:
+        with SandboxProcess(sandbox_args) as sandbox:
             spec = {"regions": regions, "output": output}
             child = subprocess.run(
                 [sys.executable, "-m", "tests.scale_bench", "--child", orjson.dumps(spec).decode()],

@@ -113,13 +113,19 @@ class SandboxProcess:
         if process is not None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
 
     def _get(self, path: str) -> Any:
         return urllib.request.urlopen(self.url + path, timeout=600)
+
+    def get(self, path: str) -> bytes:
+        """The whole body of `GET path` (an admin route such as `/_sandbox/truth`)."""
+        with self._get(path) as response:
+            body: bytes = response.read()
+            return body
 
     def stats(self) -> dict[str, Any]:
         """`GET /_sandbox/stats` (cumulative since start; `cpu_seconds` of the process)."""
