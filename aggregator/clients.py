@@ -23,7 +23,7 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .accounts import Account
 from .credentials import (
@@ -33,6 +33,9 @@ from .credentials import (
     last_signed_credentials,
 )
 from .plan import Partition
+
+if TYPE_CHECKING:
+    from .direct import DirectSender
 
 __all__ = ["ClientPool", "PartitionClients"]
 
@@ -177,14 +180,25 @@ async def _close(slot: _Slot) -> None:
 class PartitionClients:
     """The `ClientSource` of one partition: leases from the pool, page by page."""
 
-    def __init__(self, *, pool: ClientPool, broker: CredentialBroker) -> None:
+    def __init__(
+        self, *, pool: ClientPool, broker: CredentialBroker, sender: DirectSender | None = None
+    ) -> None:
         self._pool = pool
         self._broker = broker
+        self._sender = sender
 
     def lease(
         self, partition: Partition, region: str
     ) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._pool.lease(partition.account, region)
+
+    async def list_jobs(self, client: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """One ListJobs call on a leased client (through the direct path's prepared request
+        when there is a sender, see direct.py)."""
+        if self._sender is not None:
+            return await self._sender.list_jobs(client, params)
+        response: dict[str, Any] = await client.list_jobs(**params)
+        return response
 
     async def renew(self, partition: Partition, client: Any) -> None:
         """`client` met expired credentials: assume the role again, once per account.

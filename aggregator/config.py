@@ -52,11 +52,15 @@ _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?
 @cache
 def snowball_regions(partition: str = "aws") -> tuple[str, ...]:
     """Every region botocore's endpoint data lists for Snowball in `partition`, sorted."""
+    return tuple(sorted(_endpoint_session().get_available_regions("snowball", partition)))
+
+
+@cache
+def _endpoint_session() -> Any:
+    """One botocore session for the endpoint data (each new session parses it again)."""
     import botocore.session
 
-    return tuple(
-        sorted(botocore.session.get_session().get_available_regions("snowball", partition))
-    )
+    return botocore.session.get_session()
 
 
 def _all_known_regions() -> frozenset[str]:

@@ -24,14 +24,30 @@ exactly (ListJobs, SigV4, a POST with no query string, a client of the shared me
 whose credentials are bound) and returns None for anything else, and botocore then sends as
 usual. Transport errors are aiohttp's, which `errors.translate` maps like botocore's.
 The stock switch, and `direct=False` on the service, leave the hook unregistered.
+
+Prepared requests. Building a request is the other sixth of a page's CPU: parameter events,
+endpoint rules and serialisation run again for every page, and their result only differs in
+the body. So `list_jobs(client, params)` goes through botocore for a client's first ListJobs,
+and the handler keeps that request (URL, headers, signing region and name) as the client's
+*prepared* request if it can vouch for rebuilding it: the JSON protocol, whose body is
+botocore's `json.dumps` of the parameters, checked against the body botocore built. Later
+pages of any account on that client reuse it: the body is serialised the same way, then
+signed, sent and parsed as above, and a non-2xx answer raises the exception class botocore
+raises (`client.exceptions.from_code`) with botocore's parse of the error. Parameters are ours
+(MaxResults and the NextToken the service gave), so botocore's validation has nothing to
+catch; other protocols (CBOR) and clients that never passed the check stay on the hook.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import json
 import ssl
 import urllib.request
+import weakref
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -51,6 +67,32 @@ __all__ = ["DirectSender"]
 HANDLER_ID = "snowball-aggregator.direct.list-jobs"
 _SIGV4 = frozenset({"v4", "sigv4"})
 
+# (client, params) of a `list_jobs` going through botocore, for the handler to learn from.
+_learning: contextvars.ContextVar[tuple[Any, dict[str, Any]] | None] = contextvars.ContextVar(
+    "snowball_aggregator_direct_learning", default=None
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A client's ListJobs request as botocore built it; only the body varies per call."""
+
+    model: Any
+    url: str
+    host: str
+    path: str
+    scheme: str
+    hostname: str
+    headers: dict[str, str]
+    region: str
+    service: str
+    no_retries: bool
+
+
+def _json_body(params: dict[str, Any]) -> bytes:
+    """The body botocore's JSON serializer makes of `params` (`json.dumps`, UTF-8)."""
+    return json.dumps(params).encode("utf-8")
+
 
 class DirectSender:
     """The aiohttp session and the `before-call` handler of the direct path.
@@ -68,7 +110,9 @@ class DirectSender:
         self._lock = asyncio.Lock()
         self._ca_bundle: str | None = None
         self._open = False
+        self._prepared: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()
         self.requests = 0
+        self.prepared_requests = 0
         self.fallbacks = 0
 
     async def __aenter__(self) -> DirectSender:
@@ -131,42 +175,93 @@ class DirectSender:
             return None
         url: str = params["url"]
         split = urlsplit(url)
-        headers = sign(
-            method="POST",
+        prepared = _Prepared(
+            model=model,
+            url=url,
             host=split.netloc,
             path=split.path,
-            headers=params["headers"],
-            body=params["body"],
+            scheme=split.scheme,
+            hostname=split.hostname or "",
+            headers=dict(params["headers"]),
+            region=signing.get("region") or request_signer.region_name,
+            service=signing.get("signing_name") or request_signer.signing_name,
+            no_retries=_no_retries(context),
+        )
+        learning = _learning.get()
+        if learning is not None and model.service_model.resolved_protocol == "json":
+            client, sent = learning
+            if _json_body(sent) == params["body"] and client not in self._prepared:
+                self._prepared[client] = prepared
+        status, response_headers, parsed = await self._exchange(
+            prepared, params["body"], credentials
+        )
+        return AWSResponse(url, status, response_headers, None), parsed
+
+    async def list_jobs(self, client: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """`client.list_jobs(**params)`, from the client's prepared request once there is
+        one (see the module docstring); raises what botocore raises."""
+        prepared = self._prepared.get(client)
+        if prepared is not None:
+            credentials = await bound_frozen_credentials()
+            if credentials is not None:
+                self.prepared_requests += 1
+                status, _, parsed = await self._exchange(prepared, _json_body(params), credentials)
+                if status >= 300:
+                    code = parsed.get("Error", {}).get("Code")
+                    raise client.exceptions.from_code(code)(parsed, prepared.model.name)
+                return parsed
+        token = _learning.set((client, params))
+        try:
+            response: dict[str, Any] = await client.list_jobs(**params)
+        finally:
+            _learning.reset(token)
+        return response
+
+    async def _exchange(
+        self, prepared: _Prepared, body: bytes, credentials: Any
+    ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """Sign, send and parse one request: (status, response headers, parsed)."""
+        headers = sign(
+            method="POST",
+            host=prepared.host,
+            path=prepared.path,
+            headers=prepared.headers,
+            body=body,
             access_key=credentials.access_key,
             secret_key=credentials.secret_key,
             token=credentials.token,
-            region=signing.get("region") or request_signer.region_name,
-            service=signing.get("signing_name") or request_signer.signing_name,
+            region=prepared.region,
+            service=prepared.service,
             now=datetime.now(UTC),
         )
         http = await self._session()
         self.requests += 1
-        proxy = _proxy_for(split.scheme, split.hostname or "")
-        async with http.post(url, data=params["body"], headers=headers, proxy=proxy) as response:
-            body = await response.read()
+        proxy = _proxy_for(prepared.scheme, prepared.hostname)
+        async with http.post(prepared.url, data=body, headers=headers, proxy=proxy) as response:
+            raw = await response.read()
             status = response.status
             response_headers = {k.lower(): v for k, v in response.headers.items()}
+        model = prepared.model
         parsed = None
         if status == 200:
-            parsed = wire.parse_success(model, body)
+            parsed = wire.parse_success(model, raw)
         if parsed is None:
-            parsed = await _botocore_parse(model, status, response_headers, body)
+            parsed = await _botocore_parse(model, status, response_headers, raw)
         metadata = parsed.setdefault("ResponseMetadata", {})
         metadata.setdefault("RequestId", response_headers.get("x-amzn-requestid", ""))
         metadata["HTTPStatusCode"] = status
         metadata["HTTPHeaders"] = response_headers
         metadata["RetryAttempts"] = 0
-        retries = getattr(context.get("client_config"), "retries", None) or {}
-        if retries.get("total_max_attempts") == 1:
+        if prepared.no_retries:
             # What botocore's retry handler notes when a client has no retries (errors read
             # "... (reached max retries: 0): ...", as without the direct path).
             metadata["MaxAttemptsReached"] = True
-        return AWSResponse(url, status, response_headers, None), parsed
+        return status, response_headers, parsed
+
+
+def _no_retries(context: dict[str, Any]) -> bool:
+    retries = getattr(context.get("client_config"), "retries", None) or {}
+    return bool(retries.get("total_max_attempts") == 1)
 
 
 @functools.cache

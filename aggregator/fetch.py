@@ -57,11 +57,13 @@ class Pacer(Protocol):
 
 
 class ClientSource(Protocol):
-    """Lends a Snowball client for (account, region); `renew` after expired credentials."""
+    """Lends a Snowball client for (account, region) and calls ListJobs on it; `renew` after
+    expired credentials."""
 
     def lease(
         self, partition: Partition, region: str
     ) -> contextlib.AbstractAsyncContextManager[Any]: ...
+    async def list_jobs(self, client: Any, params: dict[str, Any]) -> dict[str, Any]: ...
     async def renew(self, partition: Partition, client: Any) -> None: ...
 
 
@@ -236,7 +238,7 @@ async def _page(
             async with gate if token is None else gate.next_page():
                 counters.requests += 1
                 try:
-                    response: dict[str, Any] = await client.list_jobs(**kwargs)
+                    response = await clients.list_jobs(client, kwargs)
                 except Exception as exc:
                     err = translate(
                         exc, account_id=partition.account_id, region=region, operation="ListJobs"

@@ -27,6 +27,7 @@ from asyncio_throttle.throttler import Throttler
 
 from .clients import ClientPool, PartitionClients
 from .credentials import CredentialBroker
+from .direct import DirectSender
 from .fetch import PartitionResult, fetch_partition
 from .gate import Gate
 from .plan import Partition
@@ -117,11 +118,13 @@ async def run_plan(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.monotonic,
+    sender: DirectSender | None = None,
 ) -> None:
     """Fetch every partition of `plan`, calling `on_result` as each one finishes.
 
     `gate` is the global concurrency semaphore (shared with the broker's AssumeRole calls);
-    `pool` lends the Snowball clients.
+    `pool` lends the Snowball clients; `sender` (the direct path, if the clients' sessions
+    have it installed) sends their ListJobs calls.
     Returns when every partition has a result; partition failures are results, not errors.
     """
     rng = rng or random.Random()
@@ -129,7 +132,7 @@ async def run_plan(
     queue = iter(partitions)
     workers = min(len(partitions), limits.workers or 4 * limits.max_concurrency)
 
-    clients = PartitionClients(pool=pool, broker=broker)
+    clients = PartitionClients(pool=pool, broker=broker, sender=sender)
 
     async def worker() -> None:
         for partition in queue:

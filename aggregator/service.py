@@ -143,6 +143,7 @@ class Aggregator:
         self._stack: contextlib.AsyncExitStack | None = None
         self._broker: CredentialBroker | None = None
         self._pool: ClientPool | None = None
+        self._sender: DirectSender | None = None
         self._store: Store | None = None  # the output location (holds the previous snapshot)
         self._shard_store: Store | None = None  # a shard's own folder below it
         self._gate = Gate(settings.limits.max_concurrency)
@@ -168,8 +169,9 @@ class Aggregator:
             session_cls = None if self._stock else shared_session_class(shared)
             self._session_cls = session_cls
             hooks: Callable[[AioSession], None] | None = None if self._stock else wire.install
+            self._sender = None
             if self._direct:
-                sender = await stack.enter_async_context(
+                sender = self._sender = await stack.enter_async_context(
                     DirectSender(timeout=limits.timeout, limit=limits.max_concurrency + 8)
                 )
 
@@ -313,6 +315,7 @@ class Aggregator:
                 on_result=on_result,
                 sleep=self._sleep,
                 rng=self._rng,
+                sender=self._sender,
             )
             assume_calls = broker.assume_role_calls - assume_before
             organizations_calls = sum(organizations.values())

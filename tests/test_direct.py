@@ -114,7 +114,7 @@ class Stack:
             if direct_path:
                 sender.install(session)
 
-        broker = await self.stack.enter_async_context(
+        broker = self.broker = await self.stack.enter_async_context(
             CredentialBroker(hub_session=hub, session_hooks=hooks, timeout=2)
         )
         pool = await self.stack.enter_async_context(
@@ -132,12 +132,19 @@ async def stacks(make_sandbox: SandboxFactory, tmp_path: Path) -> AsyncIterator[
         yield sb, Stack(stack, cbor_model_path(tmp_path / "models"))
 
 
-async def pages(pool: ClientPool, region: str = "eu-west-1") -> list[dict[str, Any]]:
+async def pages(
+    pool: ClientPool, region: str = "eu-west-1", *, sender: DirectSender | None = None
+) -> list[dict[str, Any]]:
+    """Every page of the account's list in `region`, through `sender.list_jobs` (prepared
+    requests after the client's first) when given, else `client.list_jobs`."""
     out = []
     kwargs: dict[str, Any] = {"MaxResults": 100}
     while True:
         async with pool.lease(ACCOUNT, region) as client:
-            page = await client.list_jobs(**kwargs)
+            if sender is None:
+                page = await client.list_jobs(**kwargs)
+            else:
+                page = await sender.list_jobs(client, dict(kwargs))
         del page["ResponseMetadata"]
         out.append({**page, "NextToken": "NextToken" in page})  # tokens carry a clock
         if not page.get("NextToken"):
@@ -162,6 +169,42 @@ async def test_pages_equal_botocores_send(stacks: tuple[Any, Stack], protocol: s
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_prepared_requests_equal_botocores_send(
+    stacks: tuple[Any, Stack], protocol: str
+) -> None:
+    """Through `list_jobs`, a client's first page is built by botocore and the later ones
+    reuse that request (JSON): the same pages as botocore's own send. CBOR bodies are not
+    rebuilt by us, so every CBOR page stays on the hook."""
+    sb, stack = stacks
+    plain_pool, _ = await stack.open(protocol, direct_path=False)
+    pool, sender = await stack.open(protocol, direct_path=True)
+    plain = await pages(plain_pool)
+    ours = await pages(pool, sender=sender)
+    assert ours == plain
+    assert sum(len(p["JobListEntries"]) for p in ours) == 250
+    prepared = 2 if protocol == "json" else 0
+    assert (sender.requests, sender.prepared_requests, sender.fallbacks) == (3, prepared, 0)
+    assert sb.stats().signature_mismatch == 0
+
+
+async def test_a_request_botocore_changed_is_not_prepared(stacks: tuple[Any, Stack]) -> None:
+    """The prepared request is kept only if our serialisation of the parameters gives the
+    body botocore built: a parameter handler that changes them (here MaxResults 100 -> 40)
+    keeps every call on botocore's build, and its change applies to every page."""
+    _, stack = stacks
+    pool, sender = await stack.open("json", direct_path=True)
+
+    def forty(params: dict[str, Any], **_: Any) -> None:
+        params["MaxResults"] = 40
+
+    pool_session = stack.broker.member_session
+    pool_session.register("provide-client-params.snowball.ListJobs", forty)
+    ours = await pages(pool, sender=sender)
+    assert [len(p["JobListEntries"]) for p in ours] == [40] * 6 + [10]
+    assert (sender.prepared_requests, sender.fallbacks) == (0, 0)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize(
     ("faults", "code", "status"),
     [
@@ -172,30 +215,45 @@ async def test_pages_equal_botocores_send(stacks: tuple[Any, Stack], protocol: s
     ],
     ids=["denied", "throttled", "500", "503"],
 )
+@pytest.mark.parametrize("prepared", [False, True], ids=["hook", "prepared"])
 async def test_errors_raise_botocores_client_error(
-    stacks: tuple[Any, Stack], protocol: str, faults: Faults, code: str, status: int
+    stacks: tuple[Any, Stack],
+    protocol: str,
+    faults: Faults,
+    code: str,
+    status: int,
+    prepared: bool,
 ) -> None:
-    """Error answers are parsed by botocore's parser and raised by botocore: the same class,
-    code, message and status as after botocore's own send."""
+    """Error answers are parsed by botocore's parser and raised as botocore raises them: the
+    same class, code, message and status as after botocore's own send, on the hook and from
+    a prepared request."""
     sb, stack = stacks
     seen = []
     for direct_path, region in ((False, "eu-west-1"), (True, "ap-south-1")):
         pool, sender = await stack.open(protocol, direct_path=direct_path)
+
+        async def call(client: Any, sender: DirectSender = sender) -> Any:
+            if prepared:
+                return await sender.list_jobs(client, {})
+            return await client.list_jobs()
+
         sb.faults = Faults()
         async with pool.lease(ACCOUNT, region) as client:
-            await client.list_jobs()  # assume the role before the faults start
+            await call(client)  # assume the role (and prepare) before the faults start
         sb.faults = faults
         async with pool.lease(ACCOUNT, region) as client:
             if faults.throttle_rps is not None:
-                await client.list_jobs()  # the one request the bucket allows
+                await call(client)  # the one request the bucket allows
             with pytest.raises(botocore.exceptions.ClientError) as excinfo:
-                await client.list_jobs()
+                await call(client)
         error = excinfo.value.response
         assert error["ResponseMetadata"]["HTTPStatusCode"] == status
         seen.append((type(excinfo.value).__name__, error["Error"]["Code"], str(excinfo.value)))
     assert seen[0][1] == code
     assert seen[1] == seen[0]
     assert sender.fallbacks == 0 and sender.requests > 0
+    after_first = 1 + (faults.throttle_rps is not None)
+    assert sender.prepared_requests == (after_first if prepared and protocol == "json" else 0)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -203,15 +261,17 @@ async def test_torn_and_truncated_bodies_raise(stacks: tuple[Any, Stack], protoc
     """A cut-off 200 body is botocore's ResponseParserError; a body shorter than its
     Content-Length is aiohttp's payload error (both retried by fetch as transient)."""
     sb, stack = stacks
-    pool, _ = await stack.open(protocol, direct_path=True)
+    pool, sender = await stack.open(protocol, direct_path=True)
     async with pool.lease(ACCOUNT, "eu-west-1") as client:
-        await client.list_jobs()
+        await sender.list_jobs(client, {})
         sb.faults = Faults(p_malformed=1.0)
         with pytest.raises(botocore.parsers.ResponseParserError):
             await client.list_jobs()
+        with pytest.raises(botocore.parsers.ResponseParserError):
+            await sender.list_jobs(client, {})  # prepared (JSON)
         sb.faults = Faults(p_truncated=1.0)
         with pytest.raises(Exception) as excinfo:
-            await client.list_jobs()
+            await sender.list_jobs(client, {})
     from aggregator.errors import TransientError, translate
 
     err = translate(excinfo.value, account_id="1", region="eu-west-1", operation="ListJobs")
