@@ -35,6 +35,7 @@ from .direct import DirectSender
 from .errors import ConfigError, OutputError
 from .fetch import PartitionResult
 from .gate import Gate
+from .gcpolicy import cycle_gc
 from .health import HealthState
 from .merge import Merger
 from .plan import build_plan, expected_pages, longest_first
@@ -243,6 +244,10 @@ class Aggregator:
         Raises `OutputError` if the output directory is not writable (before any AWS call).
         Partition failures are not errors: they make the snapshot partial.
         """
+        with cycle_gc():
+            return await self._cycle()
+
+    async def _cycle(self) -> RunSummary:
         if self._broker is None or self._pool is None or self._store is None:
             raise RuntimeError("Aggregator is not open")
         broker, pool, base = self._broker, self._pool, self._store
