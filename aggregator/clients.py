@@ -33,6 +33,7 @@ from .credentials import (
     last_signed_credentials,
 )
 from .plan import Partition
+from .records import Page
 
 if TYPE_CHECKING:
     from .direct import DirectSender
@@ -192,13 +193,13 @@ class PartitionClients:
     ) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._pool.lease(partition.account, region)
 
-    async def list_jobs(self, client: Any, params: dict[str, Any]) -> dict[str, Any]:
-        """One ListJobs call on a leased client (through the direct path's prepared request
-        when there is a sender, see direct.py)."""
+    async def list_jobs(self, client: Any, params: dict[str, Any], account_id: str) -> Page | None:
+        """One ListJobs page of `account_id` on a leased client (None: a 200 without
+        `JobListEntries`), through the direct path's prepared request when there is a
+        sender (see direct.py)."""
         if self._sender is not None:
-            return await self._sender.list_jobs(client, params)
-        response: dict[str, Any] = await client.list_jobs(**params)
-        return response
+            return await self._sender.list_jobs(client, params, account_id)
+        return Page.from_response(account_id, await client.list_jobs(**params))
 
     async def renew(self, partition: Partition, client: Any) -> None:
         """`client` met expired credentials: assume the role again, once per account.

@@ -60,6 +60,7 @@ from botocore.httpsession import get_cert_path
 
 from . import wire
 from .credentials import bound_frozen_credentials
+from .records import Page
 from .sigv4 import sign
 
 __all__ = ["DirectSender"]
@@ -192,35 +193,40 @@ class DirectSender:
             client, sent = learning
             if _json_body(sent) == params["body"] and client not in self._prepared:
                 self._prepared[client] = prepared
-        status, response_headers, parsed = await self._exchange(
-            prepared, params["body"], credentials
-        )
+        status, response_headers, raw = await self._send(prepared, params["body"], credentials)
+        parsed = await self._parse(prepared, status, response_headers, raw)
         return AWSResponse(url, status, response_headers, None), parsed
 
-    async def list_jobs(self, client: Any, params: dict[str, Any]) -> dict[str, Any]:
-        """`client.list_jobs(**params)`, from the client's prepared request once there is
-        one (see the module docstring); raises what botocore raises."""
+    async def list_jobs(self, client: Any, params: dict[str, Any], account_id: str) -> Page | None:
+        """The page of `client.list_jobs(**params)` for `account_id` (None for a 200 without
+        `JobListEntries`), from the client's prepared request once there is one (see the
+        module docstring); raises what botocore raises."""
         prepared = self._prepared.get(client)
         if prepared is not None:
             credentials = await bound_frozen_credentials()
             if credentials is not None:
                 self.prepared_requests += 1
-                status, _, parsed = await self._exchange(prepared, _json_body(params), credentials)
+                status, headers, raw = await self._send(prepared, _json_body(params), credentials)
+                if status == 200:
+                    page = wire.list_jobs_page(prepared.model, raw, account_id)
+                    if page is not None:
+                        return page
+                parsed = await self._parse(prepared, status, headers, raw)
                 if status >= 300:
                     code = parsed.get("Error", {}).get("Code")
                     raise client.exceptions.from_code(code)(parsed, prepared.model.name)
-                return parsed
+                return Page.from_response(account_id, parsed)
         token = _learning.set((client, params))
         try:
-            response: dict[str, Any] = await client.list_jobs(**params)
+            response = await client.list_jobs(**params)
         finally:
             _learning.reset(token)
-        return response
+        return Page.from_response(account_id, response)
 
-    async def _exchange(
+    async def _send(
         self, prepared: _Prepared, body: bytes, credentials: Any
-    ) -> tuple[int, dict[str, str], dict[str, Any]]:
-        """Sign, send and parse one request: (status, response headers, parsed)."""
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Sign and send one request: (status, response headers, body)."""
         headers = sign(
             method="POST",
             host=prepared.host,
@@ -241,22 +247,29 @@ class DirectSender:
             raw = await response.read()
             status = response.status
             response_headers = {k.lower(): v for k, v in response.headers.items()}
+        return status, response_headers, raw
+
+    @staticmethod
+    async def _parse(
+        prepared: _Prepared, status: int, headers: dict[str, str], raw: bytes
+    ) -> dict[str, Any]:
+        """The response as botocore's parser returns it, with botocore's ResponseMetadata."""
         model = prepared.model
         parsed = None
         if status == 200:
             parsed = wire.parse_success(model, raw)
         if parsed is None:
-            parsed = await _botocore_parse(model, status, response_headers, raw)
+            parsed = await _botocore_parse(model, status, headers, raw)
         metadata = parsed.setdefault("ResponseMetadata", {})
-        metadata.setdefault("RequestId", response_headers.get("x-amzn-requestid", ""))
+        metadata.setdefault("RequestId", headers.get("x-amzn-requestid", ""))
         metadata["HTTPStatusCode"] = status
-        metadata["HTTPHeaders"] = response_headers
+        metadata["HTTPHeaders"] = headers
         metadata["RetryAttempts"] = 0
         if prepared.no_retries:
             # What botocore's retry handler notes when a client has no retries (errors read
             # "... (reached max retries: 0): ...", as without the direct path).
             metadata["MaxAttemptsReached"] = True
-        return status, response_headers, parsed
+        return parsed
 
 
 def _no_retries(context: dict[str, Any]) -> bool:

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .gate import Gate
 from .plan import Partition
-from .records import JobEntry, iso_seconds
+from .records import JobEntry, Page, iso_seconds
 from .retry import RetryPolicy
 
 __all__ = ["ClientSource", "FetchCounters", "Pacer", "PartitionResult", "fetch_partition"]
@@ -63,7 +63,9 @@ class ClientSource(Protocol):
     def lease(
         self, partition: Partition, region: str
     ) -> contextlib.AbstractAsyncContextManager[Any]: ...
-    async def list_jobs(self, client: Any, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def list_jobs(
+        self, client: Any, params: dict[str, Any], account_id: str
+    ) -> Page | None: ...
     async def renew(self, partition: Partition, client: Any) -> None: ...
 
 
@@ -190,7 +192,6 @@ async def _paginate(
     rng: random.Random,
     counters: FetchCounters,
 ) -> list[JobEntry]:
-    account_id = partition.account_id
     entries: list[JobEntry] = []
     token: str | None = None
     while True:
@@ -207,8 +208,8 @@ async def _paginate(
             token = None
             continue
         counters.pages += 1
-        entries.extend(JobEntry.from_api(account_id, e) for e in page.get("JobListEntries", ()))
-        token = page.get("NextToken") or None
+        entries.extend(page.entries)
+        token = page.next_token
         if token is None:
             return entries
 
@@ -224,7 +225,7 @@ async def _page(
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random,
     counters: FetchCounters,
-) -> dict[str, Any]:
+) -> Page:
     """One page, with the retry budget of one call."""
     kwargs: dict[str, Any] = {"MaxResults": PAGE_SIZE}
     if token is not None:
@@ -238,15 +239,15 @@ async def _page(
             async with gate if token is None else gate.next_page():
                 counters.requests += 1
                 try:
-                    response = await clients.list_jobs(client, kwargs)
+                    page = await clients.list_jobs(client, kwargs, partition.account_id)
                 except Exception as exc:
                     err = translate(
                         exc, account_id=partition.account_id, region=region, operation="ListJobs"
                     )
                 else:
-                    if "JobListEntries" in response:
+                    if page is not None:
                         pacer.on_success()
-                        return response
+                        return page
                     # botocore's JSON parser turns an unparseable 200 body into an empty
                     # result; ListJobs always carries JobListEntries, so this is a torn body.
                     err = TransientError(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-__all__ = ["SCHEMA_VERSION", "JobEntry", "JobRecord", "iso_millis", "iso_seconds"]
+__all__ = ["SCHEMA_VERSION", "JobEntry", "JobRecord", "Page", "iso_millis", "iso_seconds"]
 
 SCHEMA_VERSION = "1.0"
 
@@ -89,6 +89,24 @@ class JobEntry(NamedTuple):
             None if is_master is None else bool(is_master),
             _timestamp(get("CreationDate")),
             get("Description"),
+        )
+
+
+class Page(NamedTuple):
+    """One ListJobs page of one account: its entries and the token of the next page."""
+
+    entries: list[JobEntry]
+    next_token: str | None
+
+    @classmethod
+    def from_response(cls, account_id: str, response: Mapping[str, Any]) -> Page | None:
+        """The page of a parsed ListJobs response (botocore shapes); None without
+        `JobListEntries` (a 200 always carries them: the body was torn)."""
+        if "JobListEntries" not in response:
+            return None
+        return cls(
+            [JobEntry.from_api(account_id, e) for e in response["JobListEntries"]],
+            response.get("NextToken") or None,
         )
 
 

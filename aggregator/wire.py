@@ -42,7 +42,9 @@ from aiobotocore.session import AioSession
 from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp
 
-__all__ = ["install", "parse_success", "parse_timestamp_fast", "parser_for"]
+from .records import JobEntry, Page, iso_millis
+
+__all__ = ["install", "list_jobs_page", "parse_success", "parse_timestamp_fast", "parser_for"]
 
 HANDLER_ID = "snowball-aggregator.wire.list-jobs"
 
@@ -209,6 +211,88 @@ def _decode_cbor(body: bytes) -> Any:
 
 
 _DECODERS = {"json": (_decode_json, _json_time), "smithy-rpc-v2-cbor": (_decode_cbor, _cbor_time)}
+
+
+# Output shapes whose ListJobs page `list_jobs_page` may build in one pass (see there).
+_one_pass: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_ENTRY_MEMBERS = frozenset(
+    {"JobId", "JobState", "IsMaster", "JobType", "SnowballType", "CreationDate", "Description"}
+)
+
+
+def _one_pass_ok(shape: Any) -> bool:
+    try:
+        return _one_pass[shape]
+    except KeyError:
+        plan = _cached_plan(shape)
+        entries = plan.lists.get("JobListEntries") if plan is not None else None
+        ok = _one_pass[shape] = (
+            plan is not None
+            and "NextToken" in plan.known
+            and not plan.timestamps
+            and entries is not None
+            and entries.known >= _ENTRY_MEMBERS
+            and entries.timestamps == ("CreationDate",)
+        )
+        return ok
+
+
+def list_jobs_page(operation_model: Any, body: Any, account_id: str) -> Page | None:
+    """A 200 ListJobs body on the JSON protocol, straight to the page's entries: what
+    `Page.from_response` makes of `parse_success`'s result, without the intermediate
+    botocore-shaped dicts and datetimes. None when the body is not the plain shape (no list,
+    an entry that is not an object, a CreationDate that is not a number, a JobId or token
+    that is not a string...): the caller then takes the general path, which decides.
+
+    Raises botocore's `ResponseParserError` for a body that does not decode at all.
+    """
+    if (
+        operation_model.service_model.resolved_protocol != "json"
+        or type(body) is not bytes
+        or not _one_pass_ok(operation_model.output_shape)
+    ):
+        return None
+    try:
+        data = orjson.loads(body)
+    except Exception as exc:
+        raise ResponseParserError(
+            f"unparseable {operation_model.name} response body ({len(body)} bytes)"
+        ) from exc
+    if type(data) is not dict:
+        return None
+    items = data.get("JobListEntries")
+    token = data.get("NextToken")
+    if type(items) is not list or not (token is None or type(token) is str):
+        return None
+    entries: list[JobEntry] = []
+    append = entries.append
+    from_timestamp = datetime.fromtimestamp
+    for item in items:
+        if type(item) is not dict:
+            return None
+        get = item.get
+        job_id = get("JobId")
+        created = get("CreationDate")
+        if type(job_id) is not str:
+            return None
+        if created is not None:
+            if type(created) is not float and type(created) is not int:
+                return None
+            created = iso_millis(from_timestamp(created, UTC))
+        is_master = get("IsMaster")
+        append(
+            JobEntry(
+                account_id,
+                job_id,
+                get("JobState"),
+                get("JobType"),
+                get("SnowballType"),
+                None if is_master is None else bool(is_master),
+                created,
+                get("Description"),
+            )
+        )
+    return Page(entries, token or None)
 
 
 def parse_success(operation_model: Any, body: Any) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from aggregator.accounts import Account, role_arn
 from aggregator.clients import ClientPool
 from aggregator.credentials import CredentialBroker
 from aggregator.direct import DirectSender
+from aggregator.records import JobEntry
 from aggregator.sandbox import Faults, cbor_model_path
 from aggregator.sigv4 import sign
 
@@ -132,24 +133,42 @@ async def stacks(make_sandbox: SandboxFactory, tmp_path: Path) -> AsyncIterator[
         yield sb, Stack(stack, cbor_model_path(tmp_path / "models"))
 
 
-async def pages(
-    pool: ClientPool, region: str = "eu-west-1", *, sender: DirectSender | None = None
-) -> list[dict[str, Any]]:
-    """Every page of the account's list in `region`, through `sender.list_jobs` (prepared
-    requests after the client's first) when given, else `client.list_jobs`."""
+async def pages(pool: ClientPool, region: str = "eu-west-1") -> list[dict[str, Any]]:
     out = []
     kwargs: dict[str, Any] = {"MaxResults": 100}
     while True:
         async with pool.lease(ACCOUNT, region) as client:
-            if sender is None:
-                page = await client.list_jobs(**kwargs)
-            else:
-                page = await sender.list_jobs(client, dict(kwargs))
+            page = await client.list_jobs(**kwargs)
         del page["ResponseMetadata"]
         out.append({**page, "NextToken": "NextToken" in page})  # tokens carry a clock
         if not page.get("NextToken"):
             return out
         kwargs["NextToken"] = page["NextToken"]
+
+
+async def sender_pages(
+    pool: ClientPool, sender: DirectSender, region: str = "eu-west-1"
+) -> list[tuple[list[JobEntry], bool]]:
+    """(entries, whether a next page follows) of every page, through `sender.list_jobs`
+    (prepared requests after the client's first)."""
+    out = []
+    kwargs: dict[str, Any] = {"MaxResults": 100}
+    while True:
+        async with pool.lease(ACCOUNT, region) as client:
+            page = await sender.list_jobs(client, dict(kwargs), ACCOUNT.account_id)
+        assert page is not None
+        out.append((page.entries, page.next_token is not None))
+        if page.next_token is None:
+            return out
+        kwargs["NextToken"] = page.next_token
+
+
+def as_entries(plain: list[dict[str, Any]]) -> list[tuple[list[JobEntry], bool]]:
+    """botocore's pages (from `pages`) as `sender_pages` gives them."""
+    return [
+        ([JobEntry.from_api(ACCOUNT.account_id, e) for e in p["JobListEntries"]], p["NextToken"])
+        for p in plain
+    ]
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -179,9 +198,9 @@ async def test_prepared_requests_equal_botocores_send(
     plain_pool, _ = await stack.open(protocol, direct_path=False)
     pool, sender = await stack.open(protocol, direct_path=True)
     plain = await pages(plain_pool)
-    ours = await pages(pool, sender=sender)
-    assert ours == plain
-    assert sum(len(p["JobListEntries"]) for p in ours) == 250
+    ours = await sender_pages(pool, sender)
+    assert ours == as_entries(plain)
+    assert sum(len(entries) for entries, _ in ours) == 250
     prepared = 2 if protocol == "json" else 0
     assert (sender.requests, sender.prepared_requests, sender.fallbacks) == (3, prepared, 0)
     assert sb.stats().signature_mismatch == 0
@@ -199,8 +218,8 @@ async def test_a_request_botocore_changed_is_not_prepared(stacks: tuple[Any, Sta
 
     pool_session = stack.broker.member_session
     pool_session.register("provide-client-params.snowball.ListJobs", forty)
-    ours = await pages(pool, sender=sender)
-    assert [len(p["JobListEntries"]) for p in ours] == [40] * 6 + [10]
+    ours = await sender_pages(pool, sender)
+    assert [len(entries) for entries, _ in ours] == [40] * 6 + [10]
     assert (sender.prepared_requests, sender.fallbacks) == (0, 0)
 
 
@@ -234,7 +253,7 @@ async def test_errors_raise_botocores_client_error(
 
         async def call(client: Any, sender: DirectSender = sender) -> Any:
             if prepared:
-                return await sender.list_jobs(client, {})
+                return await sender.list_jobs(client, {}, ACCOUNT.account_id)
             return await client.list_jobs()
 
         sb.faults = Faults()
@@ -263,15 +282,15 @@ async def test_torn_and_truncated_bodies_raise(stacks: tuple[Any, Stack], protoc
     sb, stack = stacks
     pool, sender = await stack.open(protocol, direct_path=True)
     async with pool.lease(ACCOUNT, "eu-west-1") as client:
-        await sender.list_jobs(client, {})
+        await sender.list_jobs(client, {}, ACCOUNT.account_id)
         sb.faults = Faults(p_malformed=1.0)
         with pytest.raises(botocore.parsers.ResponseParserError):
             await client.list_jobs()
         with pytest.raises(botocore.parsers.ResponseParserError):
-            await sender.list_jobs(client, {})  # prepared (JSON)
+            await sender.list_jobs(client, {}, ACCOUNT.account_id)  # prepared (JSON)
         sb.faults = Faults(p_truncated=1.0)
         with pytest.raises(Exception) as excinfo:
-            await sender.list_jobs(client, {})
+            await sender.list_jobs(client, {}, ACCOUNT.account_id)
     from aggregator.errors import TransientError, translate
 
     err = translate(excinfo.value, account_id="1", region="eu-west-1", operation="ListJobs")

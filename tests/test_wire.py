@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import wire
+from aggregator.records import Page
 from aggregator.sandbox import Faults, cbor_model_path
 
 from .conftest import SandboxFactory
@@ -284,6 +285,70 @@ def test_fast_path_equals_botocore_on_any_body(
     body = orjson.dumps(result) if protocol == "json" else _cbor_body(result)
     model = models[protocol]
     assert _parse(model, body, wired=True) == _parse(model, body, wired=False)
+
+
+def _page_outcome(make: Any) -> tuple[str, Any]:
+    try:
+        return ("ok", make())
+    except Exception as exc:
+        return ("error", type(exc))
+
+
+ODD_ENTRIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "JobId": TEXT | st.integers(0, 9) | st.none(),
+        "IsMaster": st.booleans() | st.integers(0, 2) | st.none(),
+        "CreationDate": st.booleans() | TEXT | st.integers(0, 4_000_000_000) | st.none(),
+        "JobState": st.integers(0, 3) | TEXT,
+    },
+)
+PAGES = st.fixed_dictionaries(
+    {},
+    optional={
+        "JobListEntries": st.lists(ENTRY_VALUES | ODD_ENTRIES | st.integers(), max_size=5)
+        | st.none()
+        | st.integers(),
+        "NextToken": TEXT | st.none() | st.integers(),
+        "Unmodeled": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(result=RESULTS | PAGES)
+def test_one_pass_page_equals_botocores_parse(models: dict[str, Any], result: Any) -> None:
+    """`list_jobs_page` (the prepared path's one pass from body to entries) gives the page
+    that botocore's parse and `Page.from_response` give, or declines (None) and leaves the
+    body to that path, which then decides; it never gives a different page."""
+    body = orjson.dumps(result)
+    operation = models["json"].operation_model("ListJobs")
+    fast = _page_outcome(lambda: wire.list_jobs_page(operation, body, "123456789012"))
+    slow = _page_outcome(
+        lambda: Page.from_response("123456789012", _parse(models["json"], body, wired=False))
+    )
+    if fast != ("ok", None):
+        assert fast == slow
+
+
+def test_one_pass_page_takes_the_plain_shape(models: dict[str, Any]) -> None:
+    """The declining above is not the common case: a plain page is built in one pass."""
+    result = {
+        "JobListEntries": [
+            {"JobId": "JID1", "JobState": "New", "CreationDate": 1.7e9, "IsMaster": False},
+            {"JobId": "JID2", "CreationDate": 1700000000, "Description": None},
+        ],
+        "NextToken": "t",
+    }
+    operation = models["json"].operation_model("ListJobs")
+    page = wire.list_jobs_page(operation, orjson.dumps(result), "123456789012")
+    assert page is not None
+    assert page.next_token == "t"
+    assert [e.creation_date for e in page.entries] == [
+        "2023-11-14T22:13:20.000Z",
+        "2023-11-14T22:13:20.000Z",
+    ]
+    assert wire.list_jobs_page(models["cbor"].operation_model("ListJobs"), b"", "1") is None
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
