@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
-from aggregator.records import JobEntry, JobRecord, iso_millis
+from aggregator.records import JobEntry, JobRecord, iso_millis, iso_seconds
 
 
 def test_entry_maps_fields_and_keeps_unknown_enums() -> None:
@@ -68,8 +68,6 @@ def test_record_round_trips_through_json_dict() -> None:
 
 def test_iso_seconds_converts_to_utc_and_pads() -> None:
     """UTC, an offset converted, a naive value taken as UTC; four-digit years."""
-    from aggregator.records import iso_seconds
-
     instant = datetime(2026, 11, 28, 15, 0, 3, 999_999, tzinfo=UTC)
     assert iso_seconds(instant) == "2026-11-28T15:00:03Z"
     east = instant.astimezone(timezone(timedelta(hours=5, minutes=30)))
