@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -102,9 +101,13 @@ class ClientPool:
     def __len__(self) -> int:
         return len(self._slots)
 
-    @contextlib.asynccontextmanager
-    async def lease(self, account: Account, region: str) -> AsyncIterator[Any]:
-        """Borrow the client for (account, region), creating it (and the session) if needed."""
+    def lease(self, account: Account, region: str) -> _Lease:
+        """Borrow the client for (account, region), creating it (and the session) if needed:
+        `async with pool.lease(account, region) as client:`."""
+        return _Lease(self, account, region)
+
+    async def _acquire(self, account: Account, region: str) -> tuple[_Slot, Any]:
+        """The slot lent to a lease, counted as in use, and its credentials binding."""
         if not self._open:
             raise RuntimeError("ClientPool is not open")
         credentials = None
@@ -138,17 +141,20 @@ class ClientPool:
                 await context.__aexit__(None, None, None)
         self._slots.move_to_end(key)
         slot.users += 1
-        try:
-            if credentials is None:
-                yield slot.client
-            else:
-                broker, fallback = self._broker, credentials
-                with bound_credentials(lambda: broker.current_credentials(account, fallback)):
-                    yield slot.client
-        finally:
-            slot.users -= 1
-            if slot.doomed and slot.users == 0:
-                await _close(slot)
+        binding = None
+        if credentials is not None:
+            broker, fallback = self._broker, credentials
+            binding = bound_credentials(lambda: broker.current_credentials(account, fallback))
+            binding.__enter__()
+        return slot, binding
+
+    async def _release(self, slot: _Slot, binding: Any) -> None:
+        if binding is not None:
+            binding.__exit__(None, None, None)
+        slot.users -= 1
+        if slot.doomed and slot.users == 0:
+            await _close(slot)
+        if len(self._slots) > self._capacity:
             await self._evict()
 
     def session_of(self, client: Any) -> Any:
@@ -170,6 +176,34 @@ class ClientPool:
             if victim is None:
                 return
             await _close(self._slots.pop(victim))
+
+
+class _Lease:
+    """`async with pool.lease(account, region) as client:` (a class rather than an async
+    generator: one is entered per request)."""
+
+    __slots__ = ("_account", "_binding", "_pool", "_region", "_slot")
+
+    def __init__(self, pool: ClientPool, account: Account, region: str) -> None:
+        self._pool = pool
+        self._account = account
+        self._region = region
+        self._slot: _Slot | None = None
+        self._binding: Any = None
+
+    async def __aenter__(self) -> Any:
+        self._slot, self._binding = await self._pool._acquire(self._account, self._region)
+        return self._slot.client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            await self._pool._release(slot, self._binding)
 
 
 async def _close(slot: _Slot) -> None:

@@ -19,7 +19,7 @@ import contextvars
 import platform
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
@@ -104,16 +104,25 @@ _signed: contextvars.ContextVar[AioRefreshableCredentials | None] = contextvars.
 )
 
 
-@contextlib.contextmanager
-def bound_credentials(current: Current) -> Iterator[None]:
-    """Requests that this task makes meanwhile through a client of the shared member session
-    are signed with `current()` (asked at signing time, so a renewal made by another task
-    while this one waited for its turn is used)."""
-    token = _bound.set(current)
-    try:
-        yield
-    finally:
-        _bound.reset(token)
+class bound_credentials:
+    """`with bound_credentials(current):` requests that this task makes meanwhile through a
+    client of the shared member session are signed with `current()` (asked at signing time,
+    so a renewal made by another task while this one waited for its turn is used). A class
+    rather than a generator: one is entered per request."""
+
+    __slots__ = ("_current", "_token")
+
+    def __init__(self, current: Current) -> None:
+        self._current = current
+        self._token: contextvars.Token[Current | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _bound.set(self._current)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _bound.reset(self._token)
+            self._token = None
 
 
 def last_signed_credentials() -> AioRefreshableCredentials | None:
