@@ -60,7 +60,22 @@ def _endpoint_session() -> Any:
     """One botocore session for the endpoint data (each new session parses it again)."""
     import botocore.session
 
-    return botocore.session.get_session()
+    session = botocore.session.get_session()
+    session.register_component("data_loader", data_loader(session))
+    return session
+
+
+def data_loader(session: Any) -> Any:
+    """The botocore data loader for `session`'s data path, one per path and process: the
+    endpoint data and models it has parsed are not parsed again by the next session."""
+    return _loader(session.get_config_variable("data_path"))
+
+
+@cache
+def _loader(data_path: str | None) -> Any:
+    from botocore.loaders import create_loader
+
+    return create_loader(data_path)
 
 
 def _all_known_regions() -> frozenset[str]:

@@ -39,6 +39,7 @@ from botocore.credentials import CredentialProvider, ReadOnlyCredentials
 from botocore.exceptions import NoCredentialsError
 
 from .accounts import Account
+from .config import data_loader
 from .errors import RetryableError, translate
 from .gate import Gate
 from .retry import RetryPolicy
@@ -270,6 +271,7 @@ class CredentialBroker:
         self._stack = contextlib.AsyncExitStack()
         if self._hub is None:
             self._hub = AioSession()
+            self._hub.register_component("data_loader", data_loader(self._hub))
         return self
 
     async def __aexit__(
