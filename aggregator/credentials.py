@@ -223,7 +223,9 @@ class CredentialBroker:
     count against the global concurrency cap), `sleep=asyncio.sleep`, `rng=random.Random()`,
     `hub_session=None` (a fresh AioSession from the standard chain), `http_session_cls=None`
     (aiobotocore's default, or the shared pool's class from transport.py), `session_hooks=None`
-    (called with each new account session before any client is made from it; see wire.py),
+    (the optimised mode: called with each new account session, and with the hub sessions the
+    broker makes itself, before any client is made from them, see wire.py; the STS clients
+    then also send the fixed User-Agent),
     `hub_profiles=None` (partition -> AWS profile of that partition's hub, from
     `[partitions.<name>] profile`; partitions not named use `hub_session`).
     """
@@ -272,6 +274,8 @@ class CredentialBroker:
         if self._hub is None:
             self._hub = AioSession()
             self._hub.register_component("data_loader", data_loader(self._hub))
+            if self._session_hooks is not None:
+                self._session_hooks(self._hub)  # STS's parser gets the fast timestamps
         return self
 
     async def __aexit__(
@@ -308,6 +312,8 @@ class CredentialBroker:
         if hub is None:
             hub = self._hubs[partition] = AioSession(profile=profile)
             hub.register_component("data_loader", self.hub_session.get_component("data_loader"))
+            if self._session_hooks is not None:
+                self._session_hooks(hub)
         return hub
 
     async def _sts_client(self, partition: str) -> Any:
@@ -325,7 +331,9 @@ class CredentialBroker:
                         "sts",
                         region_name=region,
                         config=client_config(
-                            timeout=self._timeout, http_session_cls=self._http_session_cls
+                            timeout=self._timeout,
+                            http_session_cls=self._http_session_cls,
+                            fixed_user_agent=self._session_hooks is not None,
                         ),
                     )
                 )

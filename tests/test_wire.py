@@ -12,6 +12,7 @@ from typing import Any
 import botocore.exceptions
 import botocore.parsers
 import botocore.session
+import botocore.utils
 import cbor2
 import orjson
 import pytest
@@ -294,6 +295,7 @@ def _page_outcome(make: Any) -> tuple[str, Any]:
         return ("error", type(exc))
 
 
+INT64 = st.integers(-(2**63), 2**63 - 1)  # what JSON numbers orjson writes
 ODD_ENTRIES = st.fixed_dictionaries(
     {},
     optional={
@@ -306,10 +308,10 @@ ODD_ENTRIES = st.fixed_dictionaries(
 PAGES = st.fixed_dictionaries(
     {},
     optional={
-        "JobListEntries": st.lists(ENTRY_VALUES | ODD_ENTRIES | st.integers(), max_size=5)
+        "JobListEntries": st.lists(ENTRY_VALUES | ODD_ENTRIES | INT64, max_size=5)
         | st.none()
-        | st.integers(),
-        "NextToken": TEXT | st.none() | st.integers(),
+        | INT64,
+        "NextToken": TEXT | st.none() | INT64,
         "Unmodeled": st.booleans(),
     },
 )
@@ -408,3 +410,21 @@ def test_timestamp_parser() -> None:
     assert wire.parse_timestamp_fast("2016-04-14T23:56:26.003Z") == datetime(
         2016, 4, 14, 23, 56, 26, 3000, tzinfo=UTC
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    instant=st.datetimes(
+        min_value=datetime(1000, 1, 1), max_value=datetime(9999, 12, 31), timezones=st.just(UTC)
+    ),
+    digits=st.integers(0, 7),
+    offset=st.sampled_from(["Z", "+00:00", "+05:30", ""]),
+)
+def test_text_timestamps_equal_botocores(instant: datetime, digits: int, offset: str) -> None:
+    """ISO 8601 text, whether it takes the fast path (UTC `Z`, up to six fractional digits)
+    or botocore's, gives the instant botocore's own parser gives."""
+    text = instant.strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        text += "." + f"{instant.microsecond:06d}{instant.microsecond % 10}"[:digits]
+    text += offset
+    assert wire.parse_timestamp_fast(text) == botocore.utils.parse_timestamp(text)
