@@ -49,6 +49,7 @@ from .records import JobRecord
 
 __all__ = [
     "EVENT_TYPES",
+    "FRAME_END",
     "JOB_ADDED",
     "JOB_RECOVERED",
     "JOB_REMOVED",
@@ -64,6 +65,7 @@ __all__ = [
     "diff",
     "diff_lines",
     "encode_events",
+    "frame_lines",
     "lines_of",
 ]
 
@@ -393,6 +395,11 @@ _STALE = attrgetter("stale")
 _KEY = attrgetter("account_id", "job_id")
 _HEAD = itemgetter(0)
 _ADDED_BOUNDARY = (b'},{"account_id":', b'}\n{"account_id":')
+# The last item of a framed array (`NewBatch.framed`): orjson then writes the last object as if
+# another followed (`},{"account_id":`), so the boundary replacement ends every line, the last
+# one too, and the lines are one slice of the array, with no copy (`frame_lines`).
+FRAME_END = orjson.Fragment(b'{"account_id":')
+_FRAME_END_LEN = len(b'{"account_id":]')
 
 
 def lines_of(chunk: bytes) -> list[bytes]:
@@ -400,9 +407,15 @@ def lines_of(chunk: bytes) -> list[bytes]:
     return io.BytesIO(chunk).readlines()  # 3x faster than split: it looks with memchr
 
 
+def frame_lines(framed: bytes) -> memoryview:
+    """The lines of a framed array, each with its newline (`{...}\\n{...}\\n`), uncopied."""
+    return memoryview(framed)[1:-_FRAME_END_LEN]
+
+
 class NewBatch(NamedTuple):
     """Records of the newer snapshot, in order, and their lines as the store encoded them:
-    the JSON array of the records with a newline at each record boundary (`[{...}\\n{...}]`)."""
+    the JSON array of the records, then `FRAME_END`, with a newline at each record boundary
+    (`[{...}\\n{...}\\n{"account_id":]`; the lines are `frame_lines(framed)`)."""
 
     records: Sequence[JobRecord]
     framed: bytes
@@ -416,6 +429,7 @@ def _probes(framed: bytes) -> list[bytes]:
     """Each line's bytes up to its `"job_type":` key."""
     lines = lines_of(framed)
     lines[0] = lines[0][1:]  # the array's "["
+    lines.pop()  # FRAME_END and "]"
     # rpartition: the key is nearer the end, and one call beats find and slice.
     probes: list[bytes] = list(map(_HEAD, map(bytes.rpartition, lines, repeat(_PROBE_END))))
     if b"" in probes:  # pragma: no cover - every record line has the key
@@ -451,25 +465,35 @@ def _decoded(line: bytes) -> tuple[Core, Extra]:
         raise UnreadableLine(f"not a snapshot record: {exc}") from exc
 
 
-def _encode_added(records: Sequence[JobRecord], previous_id: str | None, snapshot_id: str) -> bytes:
-    """`encode_events` of the `job_added` events of fresh `records`, without the events."""
-    body = orjson.dumps(
-        [
-            {
-                "account_id": r.account_id,
-                "event": JOB_ADDED,
-                "from_state": None,
-                "job_id": r.job_id,
-                "observed_at": r.last_seen,
-                "previous_observed_at": None,
-                "previous_snapshot_id": previous_id,
-                "snapshot_id": snapshot_id,
-                "to_state": r.job_state,
-            }
-            for r in records
-        ]
+def _encode_added(
+    records: Sequence[JobRecord], previous_id: str | None, snapshot_id: str
+) -> memoryview:
+    """`encode_events` of the `job_added` events of fresh `records`, without the events.
+
+    The fields that are the same in every event are written by orjson as two fragments of
+    already encoded JSON, and the lines are a slice of orjson's output: per event, a dict of
+    six keys and one copy of its line instead of nine keys and three copies.
+    """
+    kind = orjson.Fragment(b'"job_added","from_state":null')  # "event", then "from_state"
+    ids = orjson.Fragment(  # "previous_observed_at", then the snapshot ids
+        b'null,"previous_snapshot_id":'
+        + orjson.dumps(previous_id)
+        + b',"snapshot_id":'
+        + orjson.dumps(snapshot_id)
     )
-    return body[1:-1].replace(*_ADDED_BOUNDARY) + b"\n"
+    items: list[Any] = [
+        {
+            "account_id": r.account_id,
+            "event": kind,
+            "job_id": r.job_id,
+            "observed_at": r.last_seen,
+            "previous_observed_at": ids,
+            "to_state": r.job_state,
+        }
+        for r in records
+    ]
+    items.append(FRAME_END)
+    return frame_lines(orjson.dumps(items).replace(*_ADDED_BOUNDARY))
 
 
 def _first_unsorted(keys: Sequence[tuple[str, str]], last: tuple[str, str]) -> tuple[str, str]:
@@ -493,10 +517,10 @@ async def diff_lines(
     *,
     old_manifest: Mapping[str, Any] | None,
     new_manifest: Mapping[str, Any],
-) -> AsyncIterator[tuple[bytes, dict[str, int]]]:
-    """The events of `diff`, encoded (`encode_events`) with their counts by type, from the
-    lines of the older snapshot (batches of non-blank lines, each with its newline, in file
-    order) and the records of the newer one (`NewBatch`es).
+) -> AsyncIterator[tuple[bytes | memoryview, dict[str, int]]]:
+    """The events of `diff`, encoded (`encode_events`, as bytes or a memoryview) with their
+    counts by type, from the lines of the older snapshot (batches of non-blank lines, each with
+    its newline, in file order) and the records of the newer one (`NewBatch`es).
 
     Same rules, order and `UnsortedError`s as `diff`; a line that has to be decoded and is
     not a record raises `UnreadableLine`.

@@ -37,6 +37,7 @@ import importlib.resources
 import os
 import re
 import secrets
+import sys
 import zlib
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
@@ -49,7 +50,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,7 @@ import structlog
 
 from .changes import (
     EVENT_TYPES,
+    FRAME_END,
     Batch,
     ChangeEvent,
     NewBatch,
@@ -70,6 +72,7 @@ from .changes import (
     diff,
     diff_lines,
     encode_events,
+    frame_lines,
     lines_of,
 )
 from .errors import OutputError
@@ -250,8 +253,8 @@ class _Writer:
         await asyncio.sleep(0)  # encoding runs on the loop: let other tasks in between chunks
 
     async def write_framed(self, framed: bytes) -> None:
-        """Append the lines of `_frame_records` (without its brackets), then a newline."""
-        await self.write(memoryview(framed)[1:-1], b"\n")
+        """Append the lines of `_frame_records`."""
+        await self.write(frame_lines(framed))
 
     async def finish(self) -> tuple[str, int]:
         """Flush, seal the sink; returns (sha256 hex, bytes stored)."""
@@ -299,39 +302,41 @@ _NEWLINE_BOUNDARY = b'}\n{"account_id":'
 
 
 def _frame_records(batch: Sequence[JobRecord]) -> bytes:
-    """The records as a JSON array (keys sorted) with a newline at each record boundary:
-    `[{...}\n{...}]`, the lines of the data file between the brackets."""
+    """The records as a JSON array (keys sorted), then `FRAME_END`, with a newline at each
+    record boundary: `[{...}\n{...}\n{"account_id":]`, whose `frame_lines` are the lines of
+    the data file."""
+    items: list[Any]
     if FAST_RECORD_ENCODER:
-        body = orjson.dumps(
-            [
-                {
-                    "account_id": r.account_id,
-                    "creation_date": r.creation_date,
-                    "description": r.description,
-                    "is_master": r.is_master,
-                    "job_id": r.job_id,
-                    "job_state": r.job_state,
-                    "job_type": r.job_type,
-                    "last_seen": r.last_seen,
-                    "observed_at": r.observed_at,
-                    "regions": r.regions,
-                    "snapshot_id": r.snapshot_id,
-                    "snowball_type": r.snowball_type,
-                    "stale": r.stale,
-                }
-                for r in batch
-            ]
-        )
+        items = [
+            {
+                "account_id": r.account_id,
+                "creation_date": r.creation_date,
+                "description": r.description,
+                "is_master": r.is_master,
+                "job_id": r.job_id,
+                "job_state": r.job_state,
+                "job_type": r.job_type,
+                "last_seen": r.last_seen,
+                "observed_at": r.observed_at,
+                "regions": r.regions,
+                "snapshot_id": r.snapshot_id,
+                "snowball_type": r.snowball_type,
+                "stale": r.stale,
+            }
+            for r in batch
+        ]
+        items.append(FRAME_END)
+        body = orjson.dumps(items)
     else:  # pragma: no cover - only while JobRecord and _RECORD_FIELDS disagree
-        body = orjson.dumps([r.to_json_dict() for r in batch], option=_OPTS)
+        items = [r.to_json_dict() for r in batch]
+        items.append(FRAME_END)
+        body = orjson.dumps(items, option=_OPTS)
     return body.replace(_BOUNDARY, _NEWLINE_BOUNDARY)
 
 
 def _encode_records(batch: Sequence[JobRecord]) -> bytes:
     """JSON Lines for `batch` (keys sorted, trailing newline); b"" for an empty batch."""
-    if not batch:
-        return b""
-    return _frame_records(batch)[1:-1] + b"\n"
+    return bytes(frame_lines(_frame_records(batch)))
 
 
 async def _encoded(
@@ -353,8 +358,8 @@ async def _replay(kept: list[bytes]) -> AsyncGenerator[list[bytes], None]:
     kept.reverse()
     while kept:
         lines = lines_of(kept.pop())
-        lines[0] = lines[0][1:]  # the array's brackets
-        lines[-1] = lines[-1][:-1] + b"\n"
+        lines[0] = lines[0][1:]  # the array's "["
+        lines.pop()  # FRAME_END and "]"
         yield lines
         await asyncio.sleep(0)  # the comparison runs on the loop: let other tasks in
 
@@ -388,6 +393,33 @@ def _gc_paused() -> Iterator[None]:
         _gc_depth -= 1
         if _gc_depth == 0 and _gc_was_enabled:
             gc.enable()
+
+
+_SWITCH_INTERVAL = 0.0005
+_switch_depth = 0
+_switch_was = 0.0
+
+
+@contextlib.contextmanager
+def _quick_gil_handover() -> Iterator[None]:
+    """Shorten the interpreter's switch interval (default 5 ms) while a snapshot is written.
+
+    The encoder holds the GIL on the event loop; the writer threads hash, write and flush
+    with it released, but each time one of their calls returns the thread waits for the GIL,
+    up to a whole interval: with the default, the writer falls behind the encoder and the
+    encoder then waits for it. Overlapping writes nest.
+    """
+    global _switch_depth, _switch_was
+    if _switch_depth == 0:
+        _switch_was = sys.getswitchinterval()
+        sys.setswitchinterval(min(_switch_was, _SWITCH_INTERVAL))
+    _switch_depth += 1
+    try:
+        yield
+    finally:
+        _switch_depth -= 1
+        if _switch_depth == 0:
+            sys.setswitchinterval(_switch_was)
 
 
 async def _abort(sink: Sink) -> None:
@@ -535,7 +567,7 @@ class Store(ABC):
         `merge` computes). Raises `OutputError` if the location cannot be written; the previous
         snapshot then stays LATEST.
         """
-        with _gc_paused():
+        with _gc_paused(), _quick_gil_handover():
             return await self._write(snapshot_id, records, manifest, previous, changes)
 
     async def _write(
@@ -941,6 +973,8 @@ class _LocalSink(Sink):
         final.parent.mkdir(parents=True, exist_ok=True)
         self._fh: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in seal/abort
         self._unsynced = 0
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncing: Future[None] | None = None
 
     def write_blocking(self, data: _Buffer) -> None:
         assert self._fh is not None
@@ -948,10 +982,28 @@ class _LocalSink(Sink):
             self._fh.write(data)
             self._unsynced += len(data)
             if self._unsynced >= _SYNC_EVERY and _fdatasync is not None:
-                # Flush to disk as we go, in this thread, while the next chunks are encoded:
-                # otherwise the kernel waits for seal's fsync to write the whole file.
+                # Flush to disk as we go, or seal's fsync has the whole file to write. In a
+                # thread of its own: the writes go on into the page cache meanwhile (waiting
+                # here would stall the encoding too); at most one flush at a time.
                 self._unsynced = 0
-                _fdatasync(self._fh.fileno())
+                self._wait_for_sync()
+                if self._syncer is None:
+                    self._syncer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-sync")
+                self._syncing = self._syncer.submit(_fdatasync, self._fh.fileno())
+
+    def _wait_for_sync(self) -> None:
+        """Wait for the flush in progress, raising its error."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            syncing.result()
+
+    def _stop_syncing(self) -> None:
+        """Wait for the flush in progress (its error is dropped) and end its thread: the file
+        may be closed after."""
+        syncer, self._syncer = self._syncer, None
+        if syncer is not None:
+            syncer.shutdown(wait=True)
+        self._syncing = None
 
     async def write(self, data: bytes) -> None:
         self.write_blocking(data)
@@ -960,6 +1012,11 @@ class _LocalSink(Sink):
         fh = self._fh
         assert fh is not None
         with self._store.guard("write the snapshot"):
+            if self._syncer is not None:
+                try:
+                    await asyncio.to_thread(self._wait_for_sync)
+                finally:
+                    await asyncio.to_thread(self._stop_syncing)
             fh.flush()
             await asyncio.to_thread(os.fsync, fh.fileno())
             self._fh = None
@@ -972,6 +1029,8 @@ class _LocalSink(Sink):
 
     async def abort(self) -> None:
         fh, self._fh = self._fh, None
+        if self._syncer is not None:  # no fdatasync on a closed (and maybe reused) descriptor
+            await asyncio.to_thread(self._stop_syncing)
         if fh is not None:
             with contextlib.suppress(OSError):  # the file goes anyway; the first error matters
                 fh.close()

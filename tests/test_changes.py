@@ -266,6 +266,57 @@ def test_encoded_events_are_sorted_json_lines() -> None:
     assert encode_events([]) == b""
 
 
+# Strings that an encoder splitting at `},{"account_id":` could get wrong.
+TRICKY = [
+    'x"},{"account_id":"y',
+    'line\nbreak \\ back\\slash "quoted" },{ \u2028 é \U0001f680',
+    "",
+    '"previous_observed_at":null,"to_state":',
+]
+
+
+@pytest.mark.parametrize("previous_id", [None, OLD_ID])
+async def test_first_snapshot_events_are_encoded_as_encode_events_does(
+    previous_id: str | None,
+) -> None:
+    """The `job_added` events of fresh records, encoded in bulk by `diff_lines`, are byte for
+    byte what `encode_events` writes, whatever the strings hold (a None state, no regions)."""
+    new = [
+        as_record(rec(f"J{i}{text}", state, account=account), NEW_ID, description=text)
+        for i, (account, text, state) in enumerate(
+            (account, text, state)
+            for account in (A, B + TRICKY[0])
+            for text in TRICKY
+            for state in ("New", None, TRICKY[1])
+        )
+    ]
+    new = sorted(
+        (dataclasses.replace(r, regions=()) if i % 2 else r for i, r in enumerate(new)),
+        key=lambda r: (r.account_id, r.job_id),
+    )
+    want = encode_events(
+        [
+            ChangeEvent(
+                r.account_id,
+                "job_added",
+                None,
+                r.job_id,
+                r.last_seen,
+                None,
+                previous_id,
+                NEW_ID,
+                r.job_state,
+            )
+            for r in new
+        ]
+    )
+    old_m = None if previous_id is None else manifest(OLD_ID)
+    for size in (1, 5, 1000):
+        body, counts = await compared([], new, old_m, manifest(NEW_ID), new_size=size)
+        assert body == want
+        assert counts == {"job_added": len(new)}
+
+
 # --- a reference model, and a property test against it -------------------------------------
 
 STATES = ["New", "WithCustomer", "Complete", None]

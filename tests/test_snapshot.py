@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import gzip
 import hashlib
 import os
+import sys
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -240,6 +243,87 @@ async def test_a_cancelled_write_cleans_up(tmp_path: Path, monkeypatch: pytest.M
     assert not tmp_files(tmp_path)
     assert snapshot_ids(tmp_path) == [sid(0)]
     assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
+
+
+async def test_the_data_is_flushed_to_disk_in_a_thread_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every `_SYNC_EVERY` bytes a file is flushed (fdatasync) by a thread of its own, one flush
+    of a file at a time, and the files are those of a write without flushes."""
+    flushes: list[str] = []
+    active: collections.Counter[int] = collections.Counter()
+    overlapped = False
+    real = getattr(os, "fdatasync", os.fsync)
+
+    def flush(fd: int) -> None:
+        nonlocal overlapped
+        active[fd] += 1
+        overlapped = overlapped or active[fd] > 1
+        flushes.append(threading.current_thread().name)
+        real(fd)
+        active[fd] -= 1
+
+    states = {f"J{i:05d}": "New" for i in range(3000)}
+    async with LocalStore(tmp_path / "plain") as store:
+        plain = await write(store, sid(0), states)
+    monkeypatch.setattr(snapshot, "_RECORD_BATCH", 100)
+    monkeypatch.setattr(snapshot, "_SYNC_EVERY", 4096)
+    monkeypatch.setattr(snapshot, "_fdatasync", flush)
+    async with LocalStore(tmp_path / "flushed") as store:
+        flushed = await write(store, sid(0), states)
+    assert len(flushes) > 10 and all(n.startswith("snapshot-sync") for n in flushes)
+    assert not overlapped
+    assert flushed == plain
+    for rel in (plain.data_path, plain.changes_path, plain.manifest_path, "LATEST"):
+        assert rel is not None
+        assert (tmp_path / "flushed" / rel).read_bytes() == (tmp_path / "plain" / rel).read_bytes()
+    assert not tmp_files(tmp_path)
+
+
+async def test_a_failed_flush_fails_the_write_and_keeps_the_previous_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error of a flush made in the background fails the write with `OutputError`: no
+    temporary file is left and LATEST still names the previous snapshot."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(snapshot, "_SYNC_EVERY", 4096)
+        monkeypatch.setattr(snapshot, "_fdatasync", failing)
+        with pytest.raises(OutputError, match="Input/output error"):
+            await write(store, sid(1), {f"J{i:05d}": "New" for i in range(3000)})
+    assert snapshot_ids(tmp_path) == [sid(0)]
+    assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
+    assert not files_of(tmp_path, f"*/*/{sid(1)}*") and not tmp_files(tmp_path)
+
+
+async def test_the_switch_interval_is_short_while_writing_and_restored_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a snapshot is written, the writer threads get the GIL back within 0.5 ms; the
+    interpreter's switch interval is restored after the write, also after a failed one."""
+    seen: list[float] = []
+    real_write = snapshot._LocalSink.write_blocking
+
+    def spy(self: Any, data: bytes) -> None:
+        seen.append(sys.getswitchinterval())
+        real_write(self, data)
+
+    monkeypatch.setattr(snapshot._LocalSink, "write_blocking", spy)
+    before = sys.getswitchinterval()
+    assert before > 0.0005
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        assert seen and max(seen) <= 0.0005
+        assert sys.getswitchinterval() == before
+        bad = records(sid(1), {"B": "New"})
+        bad[0] = replace(bad[0], description=object())  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await store.write(sid(1), bad, {"partition_status": PARTITIONS}, previous=None)
+    assert sys.getswitchinterval() == before
 
 
 async def test_unreadable_previous_snapshot_skips_the_change_file(tmp_path: Path) -> None:
