@@ -10,7 +10,6 @@ millisecond precision.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -121,9 +120,13 @@ class Page(NamedTuple):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    """One line of a snapshot (see the record schema in README.md)."""
+class JobRecord(NamedTuple):
+    """One line of a snapshot (see the record schema in README.md).
+
+    A NamedTuple like `JobEntry`, for the same reason: merge builds one per job each cycle,
+    and a frozen dataclass of 13 fields costs 2.0 µs to build against 0.36 µs for a tuple
+    (a million jobs: 1.6 s of a cycle). Change a field with `record._replace(...)`.
+    """
 
     account_id: str
     job_id: str

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import os
 import re
@@ -408,7 +407,7 @@ async def _read_shard(
                 raise ShardError(f"{label}: account {account} belongs to shard {owner}/{count}")
             if record.snapshot_id != own_id:
                 raise ShardError(f"{label}: {store.locate(rel)} holds records of another snapshot")
-            into.append(dataclasses.replace(record, snapshot_id=snapshot_id))
+            into.append(record._replace(snapshot_id=snapshot_id))
     except OutputError as exc:
         raise ShardError(f"{label}: {exc}") from exc
     records = len(into) - start

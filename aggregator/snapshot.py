@@ -51,7 +51,7 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -296,7 +296,7 @@ _RECORD_FIELDS = (
     "snowball_type",
     "stale",
 )
-FAST_RECORD_ENCODER = tuple(sorted(f.name for f in fields(JobRecord))) == _RECORD_FIELDS
+FAST_RECORD_ENCODER = tuple(sorted(JobRecord._fields)) == _RECORD_FIELDS
 _BOUNDARY = b'},{"account_id":'
 _NEWLINE_BOUNDARY = b'}\n{"account_id":'
 

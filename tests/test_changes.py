@@ -291,7 +291,7 @@ async def test_first_snapshot_events_are_encoded_as_encode_events_does(
         )
     ]
     new = sorted(
-        (dataclasses.replace(r, regions=()) if i % 2 else r for i, r in enumerate(new)),
+        (r._replace(regions=()) if i % 2 else r for i, r in enumerate(new)),
         key=lambda r: (r.account_id, r.job_id),
     )
     want = encode_events(
@@ -498,7 +498,7 @@ STYLES = ["canonical", "canonical", "canonical", "spaced", "unsorted", "minimal"
 
 def as_record(d: dict[str, Any], snapshot_id: str, description: str | None = None) -> JobRecord:
     record = JobRecord.from_json_dict({**d, "snapshot_id": snapshot_id})
-    return dataclasses.replace(record, description=description)
+    return record._replace(description=description)
 
 
 def old_line(d: dict[str, Any], style: str, description: str | None = None) -> bytes:

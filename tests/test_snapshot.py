@@ -10,7 +10,6 @@ import hashlib
 import os
 import sys
 import threading
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ def record(job_id: str, snapshot_id: str = "20261128T150000Z-abcd", **fields: An
             "observed_at": "2026-11-28T15:00:03Z",
         }
     )
-    return replace(base, **fields)
+    return base._replace(**fields)
 
 
 def records(snapshot_id: str, states: dict[str, str]) -> list[JobRecord]:
@@ -181,7 +180,7 @@ async def test_failure_while_writing_data_leaves_the_previous_snapshot(tmp_path:
         await write(store, sid(0), {"A": "New"})
         latest = (tmp_path / "LATEST").read_bytes()
         bad = records(sid(1), {f"J{i:05d}": "New" for i in range(20_000)})
-        bad[15_000] = replace(bad[15_000], description=object())  # type: ignore[arg-type]
+        bad[15_000] = bad[15_000]._replace(description=object())  # type: ignore[arg-type]
         with pytest.raises(TypeError):
             await store.write(sid(1), bad, {"partition_status": PARTITIONS}, previous=None)
     assert (tmp_path / "LATEST").read_bytes() == latest
@@ -320,7 +319,7 @@ async def test_the_switch_interval_is_short_while_writing_and_restored_after(
         assert seen and max(seen) <= 0.0005
         assert sys.getswitchinterval() == before
         bad = records(sid(1), {"B": "New"})
-        bad[0] = replace(bad[0], description=object())  # type: ignore[arg-type]
+        bad[0] = bad[0]._replace(description=object())  # type: ignore[arg-type]
         with pytest.raises(TypeError):
             await store.write(sid(1), bad, {"partition_status": PARTITIONS}, previous=None)
     assert sys.getswitchinterval() == before
@@ -563,8 +562,7 @@ async def test_the_change_file_equals_diff_of_the_two_snapshots(
         record(f"J{i:05d}", sid(0), stale=i % 211 == 3, description=f"d{i % 7}") for i in range(n)
     ]
     after = [
-        replace(
-            r,
+        r._replace(
             snapshot_id=sid(1),
             observed_at="2026-11-28T15:01:03Z",
             last_seen=r.last_seen if i % 97 == 5 else "2026-11-28T15:01:03Z",
