@@ -1,4 +1,4 @@
-"""Snapshot writing through the real async store, first write and steady state.
+"""Snapshot writing through the real async store: first write, steady state, data only.
 
 `python -m tests.benchmarks.snapshot_bench [--records N] [--work DIR] [--gzip] [--daemon]`
 prints one JSON object (see `run`). The steady state is what every run after the first does
@@ -178,6 +178,8 @@ def _check(root: Path, written: WrittenSnapshot) -> None:
     manifest = orjson.loads((root / (root / "LATEST").read_text().strip()).read_bytes())
     assert manifest["snapshot_id"] == written.snapshot_id, manifest["snapshot_id"]
     for part in ("data", "changes"):
+        if not manifest.get(part):  # a write with changes=False
+            continue
         digest, size, lines = hashlib.sha256(), 0, 0
         with open(root / manifest[part]["path"], "rb") as fh:
             while chunk := fh.read(1 << 20):
@@ -188,7 +190,8 @@ def _check(root: Path, written: WrittenSnapshot) -> None:
         assert digest.hexdigest() == manifest[part]["sha256"], part
         if part == "data" and not manifest[part]["compression"]:
             assert lines == written.records
-    assert manifest["changes"]["events"] == written.events
+    if manifest.get("changes"):
+        assert manifest["changes"]["events"] == written.events
 
 
 async def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -208,7 +211,8 @@ async def _main(
     daemon: bool,
 ) -> dict[str, Any]:
     first_dir, steady_dir, daemon_dir = work / "first", work / "steady", work / "daemon"
-    for d in (first_dir, steady_dir, daemon_dir):
+    data_dir = work / "data"
+    for d in (first_dir, steady_dir, daemon_dir, data_dir):
         shutil.rmtree(d, ignore_errors=True)
     options: dict[str, Any] = {"compress": compress}
     if remember is not None:
@@ -234,12 +238,19 @@ async def _main(
             previous = await store.latest_manifest()
             return await store.write(CURRENT_ID, new, manifest, previous=previous)
 
+    async def data_only() -> WrittenSnapshot:
+        async with open_store(data_dir, **options) as store:
+            return await store.write(CURRENT_ID, new, manifest, changes=False)
+
     written_first, first_wall, first_cpu = await _timed(first)
     _check(first_dir, written_first)
     shutil.rmtree(first_dir, ignore_errors=True)
     written, wall, cpu = await _timed(steady)
     _check(steady_dir, written)
     shutil.rmtree(steady_dir, ignore_errors=True)
+    written_data, data_wall, data_cpu = await _timed(data_only)
+    _check(data_dir, written_data)
+    shutil.rmtree(data_dir, ignore_errors=True)
     out: dict[str, Any] = {
         "records": written.records,
         "compress": compress,
@@ -255,6 +266,9 @@ async def _main(
         "first_rate": round(records / first_wall),
         "first_cpu_rate": round(records / first_cpu) if first_cpu else None,
         "first_changes": written_first.events,
+        "data_wall": round(data_wall, 4),
+        "data_cpu": round(data_cpu, 4),
+        "data_rate": round(records / data_wall),
     }
     if daemon:
         # The daemon's next cycle: the store that wrote the previous snapshot writes again
@@ -297,7 +311,9 @@ def run(
     Returns `records`; `wall`, `cpu` (seconds, CPU of every thread), `rate` (records/s, wall)
     and `cpu_rate` of the steady-state write, its `changes` (events) and `bytes` (data file);
     the same `first_*` figures for a first write (no previous snapshot: a `job_added` per
-    job); `rss_records_mb` (resident set with the records in memory, before the timed writes)
+    job); `data_wall`/`data_cpu`/`data_rate` for a write without the change file
+    (`changes=False`, as a shard writes: the data file and the manifest alone);
+    `rss_records_mb` (resident set with the records in memory, before the timed writes)
     and `rss_mb` (peak). With `daemon`, also `daemon_wall`/`daemon_cpu`/`daemon_rate`: a write
     by the store that wrote the previous snapshot.
 
