@@ -11,7 +11,9 @@ So, for the length of a cycle, `cycle_gc()` moves everything alive at its start 
 permanent generation (`gc.freeze()`, the CPython idiom for long-lived heaps) and raises the
 young threshold to 100,000 allocations. The collector still runs, so cyclic garbage (failed
 requests' tracebacks, say) stays bounded. On leaving, the thresholds are restored and the
-frozen objects are handed back to the collector, so nothing frozen outlives the cycle.
+frozen objects are handed back to the collector, so nothing frozen outlives the cycle; the
+daemon runs a full collection between cycles (service.run_forever), which finds the garbage
+cycles made before a cycle (frozen with the rest while it ran).
 Reentrant: nested or concurrent cycles in one process change the settings once. A process
 that froze its own heap before (a pre-fork server, say) keeps it frozen: the policy then only
 raises the threshold, since unfreezing would undo the host's freeze too.

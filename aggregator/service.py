@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -513,6 +514,9 @@ async def run_forever(
                         failed = getattr(observer, "cycle_failed", None)
                         if failed is not None:
                             failed(str(exc))
+                # Between cycles, a full collection: a cycle runs with the heap frozen (see
+                # gcpolicy.py), so garbage cycles made before it are only found out here.
+                gc.collect()
                 if stop.is_set():
                     break
                 interval = settings.daemon.interval

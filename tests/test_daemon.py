@@ -283,3 +283,39 @@ async def test_sighup_reloads_valid_config_and_keeps_old_on_invalid(
         assert await asyncio.to_thread(daemon.proc.wait, 30) == 0
     finally:
         daemon.close()
+
+
+async def test_garbage_cycles_are_collected_between_daemon_cycles(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A cycle runs with the heap frozen (gcpolicy.py); the daemon collects between cycles,
+    so a reference cycle dropped during a cycle is freed even with automatic GC off."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    refs: list[weakref.ref[Node]] = []
+
+    class Dropper(Recorder):
+        def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
+            node = Node()
+            node.self = node  # type: ignore[attr-defined]
+            refs.append(weakref.ref(node))
+            super().cycle_finished(summary, records)
+
+    sb = await make_sandbox(accounts=1, seed=2)
+    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
+    stop = asyncio.Event()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        await asyncio.wait_for(
+            run_forever(settings, stop=stop, observers=[Dropper(1, stop)], output=tmp_path), 60
+        )
+        assert len(refs) == 1
+        assert refs[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
