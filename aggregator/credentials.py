@@ -97,6 +97,8 @@ def client_config(
 
 
 Current = Callable[[], AioRefreshableCredentials]
+# (sts client, AssumeRole parameters, the hub session the client was made from) -> response
+AssumeRole = Callable[[Any, dict[str, Any], AioSession], Awaitable[dict[str, Any]]]
 _bound: contextvars.ContextVar[Current | None] = contextvars.ContextVar(
     "snowball_aggregator_bound_credentials", default=None
 )
@@ -227,7 +229,9 @@ class CredentialBroker:
     broker makes itself, before any client is made from them, see wire.py; the STS clients
     then also send the fixed User-Agent),
     `hub_profiles=None` (partition -> AWS profile of that partition's hub, from
-    `[partitions.<name>] profile`; partitions not named use `hub_session`).
+    `[partitions.<name>] profile`; partitions not named use `hub_session`), `assume_role=None`
+    (what makes the AssumeRole call instead of `sts.assume_role(**params)`: the direct path's
+    prepared request, `DirectSender.assume_role`).
     """
 
     def __init__(
@@ -244,11 +248,13 @@ class CredentialBroker:
         http_session_cls: Any = None,
         session_hooks: Callable[[AioSession], None] | None = None,
         hub_profiles: Mapping[str, str] | None = None,
+        assume_role: AssumeRole | None = None,
     ) -> None:
         self._hub_profiles = dict(hub_profiles or {})
         self._hubs: dict[str, AioSession] = {}
         self._http_session_cls = http_session_cls
         self._session_hooks = session_hooks
+        self._assume_role = assume_role
         self._session_name = session_name
         self._duration = duration_seconds
         self._timeout = timeout
@@ -356,7 +362,11 @@ class CredentialBroker:
             try:
                 async with self._gate:
                     self.assume_role_calls += 1
-                    response = await sts.assume_role(**kwargs)
+                    if self._assume_role is not None:
+                        hub = self.hub_session_for(account.partition)
+                        response = await self._assume_role(sts, kwargs, hub)
+                    else:
+                        response = await sts.assume_role(**kwargs)
                 self.outcomes["ok"] += 1
                 break
             except Exception as exc:

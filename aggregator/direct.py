@@ -36,6 +36,14 @@ signed, sent and parsed as above, and a non-2xx answer raises the exception clas
 raises (`client.exceptions.from_code`) with botocore's parse of the error. Parameters are ours
 (MaxResults and the NextToken the service gave), so botocore's validation has nothing to
 catch; other protocols (CBOR) and clients that never passed the check stay on the hook.
+
+AssumeRole is prepared the same way (`assume_role(sts_client, params, hub)`): a
+`before-call.sts.AssumeRole` handler only learns from the first request botocore builds and
+sends (the query protocol's form body, checked against botocore's parameters); later calls
+sign it with the hub session's own credentials, send it, and read the Credentials element
+of a 200 with ElementTree. Anything else (an error status, a document without the four
+Credentials fields) goes through botocore's query parser, and errors raise botocore's
+exception classes, as for ListJobs.
 """
 
 from __future__ import annotations
@@ -47,11 +55,12 @@ import json
 import ssl
 import urllib.request
 import weakref
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiobotocore.session import AioSession
@@ -66,11 +75,20 @@ from .sigv4 import sign
 __all__ = ["DirectSender"]
 
 HANDLER_ID = "snowball-aggregator.direct.list-jobs"
+STS_HANDLER_ID = "snowball-aggregator.direct.assume-role"
 _SIGV4 = frozenset({"v4", "sigv4"})
+_STS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
+_CREDENTIALS = tuple(
+    _STS + name for name in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
+)
 
-# (client, params) of a `list_jobs` going through botocore, for the handler to learn from.
+# (client, params) of a call going through botocore, for the handler to learn from; one per
+# operation (an AssumeRole can run inside a ListJobs call, when its credentials refresh).
 _learning: contextvars.ContextVar[tuple[Any, dict[str, Any]] | None] = contextvars.ContextVar(
     "snowball_aggregator_direct_learning", default=None
+)
+_learning_sts: contextvars.ContextVar[tuple[Any, dict[str, Any]] | None] = contextvars.ContextVar(
+    "snowball_aggregator_direct_learning_sts", default=None
 )
 
 
@@ -93,6 +111,41 @@ class _Prepared:
 def _json_body(params: dict[str, Any]) -> bytes:
     """The body botocore's JSON serializer makes of `params` (`json.dumps`, UTF-8)."""
     return json.dumps(params).encode("utf-8")
+
+
+def _query_params(model: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The form fields botocore's query serializer makes of a call with scalar `params`."""
+    return {"Action": model.name, "Version": model.metadata["apiVersion"], **params}
+
+
+def _form_body(fields: dict[str, Any]) -> bytes:
+    """The form body botocore's request preparer encodes `fields` into."""
+    pairs = [(k.encode(), v.encode() if isinstance(v, str) else v) for k, v in fields.items()]
+    return urlencode(pairs, doseq=True).encode("ascii")
+
+
+def _assumed_credentials(body: bytes) -> dict[str, Any] | None:
+    """`{"Credentials": {...}}` of an AssumeRole document, as botocore parses those four
+    fields; None for anything else (botocore's parser then reads the document)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    node = root.find(f"{_STS}AssumeRoleResult/{_STS}Credentials")
+    if root.tag != f"{_STS}AssumeRoleResponse" or node is None:
+        return None
+    values = [node.findtext(tag) for tag in _CREDENTIALS]
+    if any(not value for value in values):
+        return None
+    access_key, secret_key, token, expiration = values
+    return {
+        "Credentials": {
+            "AccessKeyId": access_key,
+            "SecretAccessKey": secret_key,
+            "SessionToken": token,
+            "Expiration": wire.parse_timestamp_fast(expiration),
+        }
+    }
 
 
 class DirectSender:
@@ -136,6 +189,7 @@ class DirectSender:
         emitter) on the direct path."""
         self._ca_bundle = session.get_config_variable("ca_bundle")
         session.register("before-call.snowball.ListJobs", self._before_call, unique_id=HANDLER_ID)
+        session.register("before-call.sts.AssumeRole", self._learn_sts, unique_id=STS_HANDLER_ID)
 
     async def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
@@ -161,7 +215,6 @@ class DirectSender:
         context: dict[str, Any],
         **_: Any,
     ) -> tuple[AWSResponse, dict[str, Any]] | None:
-        signing = context.get("signing") or {}
         if (
             (context.get("auth_type") or request_signer.signature_version) not in _SIGV4
             or params.get("method") != "POST"
@@ -174,9 +227,25 @@ class DirectSender:
         if credentials is None:
             self.fallbacks += 1
             return None
+        prepared = self._prepare(model, params, request_signer, context)
+        learning = _learning.get()
+        if learning is not None and model.service_model.resolved_protocol == "json":
+            client, sent = learning
+            if _json_body(sent) == params["body"] and client not in self._prepared:
+                self._prepared[client] = prepared
+        status, response_headers, raw = await self._send(prepared, params["body"], credentials)
+        parsed = await self._parse(prepared, status, response_headers, raw)
+        return AWSResponse(prepared.url, status, response_headers, None), parsed
+
+    @staticmethod
+    def _prepare(
+        model: Any, params: dict[str, Any], request_signer: Any, context: dict[str, Any]
+    ) -> _Prepared:
+        """The request botocore built, less its body, with its signing scope."""
+        signing = context.get("signing") or {}
         url: str = params["url"]
         split = urlsplit(url)
-        prepared = _Prepared(
+        return _Prepared(
             model=model,
             url=url,
             host=split.netloc,
@@ -188,14 +257,59 @@ class DirectSender:
             service=signing.get("signing_name") or request_signer.signing_name,
             no_retries=_no_retries(context),
         )
-        learning = _learning.get()
-        if learning is not None and model.service_model.resolved_protocol == "json":
-            client, sent = learning
-            if _json_body(sent) == params["body"] and client not in self._prepared:
-                self._prepared[client] = prepared
-        status, response_headers, raw = await self._send(prepared, params["body"], credentials)
-        parsed = await self._parse(prepared, status, response_headers, raw)
-        return AWSResponse(url, status, response_headers, None), parsed
+
+    def _learn_sts(
+        self,
+        model: Any,
+        params: dict[str, Any],
+        request_signer: Any,
+        context: dict[str, Any],
+        **_: Any,
+    ) -> None:
+        """Keep the AssumeRole request botocore built (and sends: returns None) as the STS
+        client's prepared request, if our form body of the call's parameters is botocore's."""
+        learning = _learning_sts.get()
+        if learning is None or learning[0] in self._prepared:
+            return
+        client, sent = learning
+        body = params.get("body")
+        if (
+            (context.get("auth_type") or request_signer.signature_version) not in _SIGV4
+            or params.get("method") != "POST"
+            or params.get("query_string")
+            or type(body) is not dict
+            or list(body.items()) != list(_query_params(model, sent).items())
+        ):
+            return
+        self._prepared[client] = self._prepare(model, params, request_signer, context)
+
+    async def assume_role(self, client: Any, params: dict[str, Any], hub: Any) -> dict[str, Any]:
+        """`client.assume_role(**params)` (an STS client made from session `hub`), from its
+        prepared request once there is one (see the module docstring): `Credentials` as
+        botocore parses them; raises what botocore raises."""
+        prepared = self._prepared.get(client)
+        if prepared is not None:
+            keys = await hub.get_credentials()
+            credentials = await keys.get_frozen_credentials() if keys is not None else None
+            if credentials is not None:
+                self.prepared_requests += 1
+                body = _form_body(_query_params(prepared.model, params))
+                status, headers, raw = await self._send(prepared, body, credentials)
+                if status == 200:
+                    result = _assumed_credentials(raw)
+                    if result is not None:
+                        return result
+                parsed = await self._parse(prepared, status, headers, raw)
+                if status >= 300:
+                    code = parsed.get("Error", {}).get("Code")
+                    raise client.exceptions.from_code(code)(parsed, prepared.model.name)
+                return parsed
+        token = _learning_sts.set((client, params))
+        try:
+            response: dict[str, Any] = await client.assume_role(**params)
+        finally:
+            _learning_sts.reset(token)
+        return response
 
     async def list_jobs(self, client: Any, params: dict[str, Any], account_id: str) -> Page | None:
         """The page of `client.list_jobs(**params)` for `account_id` (None for a 200 without

@@ -191,6 +191,7 @@ class Aggregator:
                     hub_session=self._hub_session,
                     http_session_cls=session_cls,
                     session_hooks=hooks,
+                    assume_role=None if self._sender is None else self._sender.assume_role,
                     hub_profiles={
                         name: p.profile for name, p in self.settings.partitions.items() if p.profile
                     },

@@ -12,6 +12,7 @@ from typing import Any
 
 import botocore.exceptions
 import botocore.parsers
+import botocore.session
 import pytest
 from aiobotocore.session import AioSession
 from botocore.auth import SigV4Auth
@@ -376,3 +377,90 @@ async def test_assumed_credentials_skip_the_expiry_check_only_far_from_expiry(
         assert frozen[-1].access_key == f"ASIA{refreshes}"
     else:
         assert all(f is frozen[0] for f in frozen)
+
+
+# --- prepared AssumeRole -----------------------------------------------------------------
+
+
+def test_assume_role_document_reads_as_botocore_reads_it() -> None:
+    """The four Credentials fields of an AssumeRole document: what botocore's query parser
+    (with wire's timestamp parser) makes of them; a document without them is declined."""
+    from aggregator.sandbox.protocols import assume_role_xml
+
+    body = assume_role_xml(
+        access_key_id="ASIAEXAMPLE",
+        secret_access_key="secret/with+chars=",
+        session_token="FwoGZXIvYXdzEJr//////////wEaD+abc=",
+        expiration="2026-11-28T16:00:03Z",
+        assumed_role_id="AROA:s",
+        arn="arn:aws:sts::200000000001:assumed-role/R/s",
+        request_id="r-1",
+    )
+    model = botocore.session.get_session().get_service_model("sts").operation_model("AssumeRole")
+    parser = botocore.parsers.create_parser("query")
+    parsed = parser.parse(
+        {"status_code": 200, "headers": {}, "body": body, "context": {}}, model.output_shape
+    )
+    ours = direct._assumed_credentials(body)
+    assert ours is not None
+    assert ours["Credentials"] == parsed["Credentials"]
+    assert direct._assumed_credentials(body.replace(b"SessionToken", b"Other")) is None
+    assert direct._assumed_credentials(b"<not xml") is None
+
+
+@pytest.mark.parametrize("extra", [{}, {"ExternalId": "a b+c=d/é&x"}], ids=["plain", "external-id"])
+def test_form_body_is_botocores(extra: dict[str, Any]) -> None:
+    """Our form body of AssumeRole's fields is the one botocore's request preparer makes."""
+    model = botocore.session.get_session().get_service_model("sts").operation_model("AssumeRole")
+    fields = direct._query_params(
+        model,
+        {"RoleArn": "arn:aws:iam::1:role/R", "RoleSessionName": "s", "DurationSeconds": 3600}
+        | extra,
+    )
+    prepared = AWSRequest(method="POST", url="https://sts.amazonaws.com/", data=fields).prepare()
+    body = prepared.body
+    assert direct._form_body(fields) == (body.encode() if isinstance(body, str) else body)
+
+
+async def test_prepared_assume_role_works_and_fails_like_botocore(
+    make_sandbox: SandboxFactory,
+) -> None:
+    """Through the broker, AssumeRole after an STS client's first goes out prepared: the
+    credentials sign ListJobs the sandbox accepts, and a denied role raises botocore's
+    error, with its code and message, as on botocore's own path."""
+    sb = await make_sandbox(accounts=4, seed=5, regions=("eu-west-1",))
+    accounts = [Account(a, role_arn(a, "SnowballInventoryReader")) for a in sb.account_ids]
+    errors = []
+    for use_sender in (False, True):
+        async with contextlib.AsyncExitStack() as stack:
+            sender = await stack.enter_async_context(DirectSender(timeout=2))
+
+            def hooks(session: AioSession, sender: DirectSender = sender) -> None:
+                wire.install(session)
+                sender.install(session)
+
+            broker = await stack.enter_async_context(
+                CredentialBroker(
+                    session_hooks=hooks,
+                    timeout=2,
+                    assume_role=sender.assume_role if use_sender else None,
+                )
+            )
+            pool = await stack.enter_async_context(
+                ClientPool(broker=broker, timeout=2, shared=True)
+            )
+            for account in accounts[:3]:
+                async with pool.lease(account, "eu-west-1") as client:
+                    page = await sender.list_jobs(client, {}, account.account_id)
+                assert page is not None
+            assert sender.prepared_requests == (2 if use_sender else 0) + 2
+            sb.faults = Faults(deny_assume_role=frozenset({accounts[3].account_id}))
+            with pytest.raises(Exception) as excinfo:
+                await broker.credentials_for(accounts[3])
+            sb.faults = Faults()
+            cause = excinfo.value.__cause__
+            assert isinstance(cause, botocore.exceptions.ClientError)
+            errors.append((type(cause).__name__, str(cause)))
+    assert errors[0] == errors[1]
+    assert "AccessDenied" in errors[0][1]
+    assert sb.stats().signature_mismatch == 0
