@@ -425,11 +425,15 @@ def test_form_body_is_botocores(extra: dict[str, Any]) -> None:
 async def test_prepared_assume_role_works_and_fails_like_botocore(
     make_sandbox: SandboxFactory,
 ) -> None:
-    """Through the broker, AssumeRole after an STS client's first goes out prepared: the
-    credentials sign ListJobs the sandbox accepts, and a denied role raises botocore's
-    error, with its code and message, as on botocore's own path."""
-    sb = await make_sandbox(accounts=4, seed=5, regions=("eu-west-1",))
-    accounts = [Account(a, role_arn(a, "SnowballInventoryReader")) for a in sb.account_ids]
+    """Through the broker, AssumeRole after an STS client's first goes out prepared (with the
+    ExternalId the sandbox requires): the credentials sign ListJobs the sandbox accepts, and a
+    denied role raises botocore's error, with its code and message, as on botocore's path."""
+    external_id = "ext id+/=é&"  # form-encoded on the prepared path as botocore encodes it
+    sb = await make_sandbox(accounts=4, seed=5, regions=("eu-west-1",), external_id=external_id)
+    accounts = [
+        Account(a, role_arn(a, "SnowballInventoryReader"), external_id=external_id)
+        for a in sb.account_ids
+    ]
     errors = []
     for use_sender in (False, True):
         async with contextlib.AsyncExitStack() as stack:
