@@ -18,8 +18,10 @@ from aiobotocore.session import AioSession
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aggregator import credentials, direct, wire
+from aggregator import credentials, direct, sigv4, wire
 from aggregator.accounts import Account, role_arn
 from aggregator.clients import ClientPool
 from aggregator.credentials import CredentialBroker
@@ -468,3 +470,28 @@ async def test_prepared_assume_role_works_and_fails_like_botocore(
     assert errors[0] == errors[1]
     assert "AccessDenied" in errors[0][1]
     assert sb.stats().signature_mismatch == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    headers=st.dictionaries(
+        st.sampled_from(["X-Amz-Target", "Content-Type", "content-type", "User-Agent", "X-A"]),
+        st.text(alphabet="ab %\t:;=", max_size=8),
+        max_size=4,
+    ),
+    token=st.sampled_from([None, "", "to ken", "a%sb"]),
+    path=st.sampled_from(["/", "", "/a b/%7e"]),
+)
+def test_cached_canonical_template_equals_the_canonical_request(
+    headers: dict[str, str], token: str | None, path: str
+) -> None:
+    """sign() fills a cached template of the canonical request per header set; it is the
+    canonical request computed from scratch (trimmed values, sorted names, `%` kept)."""
+
+    prepared = sigv4._canonical_template("POST", path, "h:1", tuple(headers.items()), bool(token))
+    assert prepared is not None
+    template, names = prepared
+    date, payload = "20261128T150003Z", "p" * 64
+    values = (date, " ".join(token.split()), payload) if token else (date, payload)
+    expected = sigv4._canonical("POST", path, "h:1", headers, date, token, payload)
+    assert (template % values, names) == expected
