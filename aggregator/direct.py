@@ -109,8 +109,20 @@ class _Prepared:
 
 
 def _json_body(params: dict[str, Any]) -> bytes:
-    """The body botocore's JSON serializer makes of `params` (`json.dumps`, UTF-8)."""
-    return json.dumps(params).encode("utf-8")
+    """The body botocore's JSON serializer makes of `params` (`json.dumps`, UTF-8): built
+    from json's own C string encoder for the flat str/int parameters a page has (half the
+    cost of `json.dumps`, whose encoder is set up anew on every call)."""
+    parts = []
+    for key, value in params.items():
+        kind = type(value)
+        if type(key) is not str or (kind is not str and kind is not int):
+            return json.dumps(params).encode("utf-8")
+        encoded = _json_str(value) if kind is str else int.__repr__(value)
+        parts.append(f"{_json_str(key)}: {encoded}")
+    return ("{" + ", ".join(parts) + "}").encode("utf-8")
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps writes strings with
 
 
 def _query_params(model: Any, params: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ JSON 1.1 and Smithy RPC v2 CBOR, over real aiobotocore clients and the sandbox."
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -487,7 +488,6 @@ def test_cached_canonical_template_equals_the_canonical_request(
 ) -> None:
     """sign() fills a cached template of the canonical request per header set; it is the
     canonical request computed from scratch (trimmed values, sorted names, `%` kept)."""
-
     prepared = sigv4._canonical_template("POST", path, "h:1", tuple(headers.items()), bool(token))
     assert prepared is not None
     template, names = prepared
@@ -495,3 +495,17 @@ def test_cached_canonical_template_equals_the_canonical_request(
     values = (date, " ".join(token.split()), payload) if token else (date, payload)
     expected = sigv4._canonical("POST", path, "h:1", headers, date, token, payload)
     assert (template % values, names) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    params=st.dictionaries(
+        st.text(max_size=6),
+        st.text() | st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False),
+        max_size=4,
+    )
+)
+def test_json_body_is_json_dumps(params: dict[str, Any]) -> None:
+    """The prepared request's body is byte for byte `json.dumps`, as botocore serialises
+    (any text, bools and other kinds included, which take json.dumps itself)."""
+    assert direct._json_body(params) == json.dumps(params).encode("utf-8")
