@@ -10,12 +10,13 @@ looks like a deleted job.
 
 from __future__ import annotations
 
+import collections
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .fetch import PartitionResult
-from .plan import US_REGIONS
+from .plan import US_REGIONS, Partition
 from .records import JobEntry, JobRecord
 
 __all__ = ["MergeStats", "Merger"]
@@ -47,15 +48,45 @@ class Merger:
         self._ok: set[tuple[str, str]] = set()
         self._one_region: dict[str, tuple[str]] = {}
         self.duplicates = 0
+        # With `expect`: partitions still to come per account, and the sorted records of the
+        # accounts that are complete (their job ids too, once a stale check needs them).
+        self._remaining: collections.Counter[str] | None = None
+        self._snapshot_id: str | None = None
+        self._built: dict[str, list[JobRecord]] = {}
+        self._built_ids: dict[str, frozenset[str]] = {}
+
+    def expect(self, plan: Iterable[Partition], *, snapshot_id: str) -> None:
+        """Announce the run's partitions: an account's records are then built as soon as its
+        last partition is in, during the run (whose tail mostly waits on a few long chains),
+        rather than all after the last one. `records` must be asked for `snapshot_id`."""
+        self._remaining = collections.Counter(p.account_id for p in plan)
+        self._snapshot_id = snapshot_id
 
     def add(self, result: PartitionResult) -> None:
         """Fold one finished partition in (later results win on field values)."""
+        self._fold(result)
+        remaining = self._remaining
+        if remaining is not None:
+            account_id = result.partition.account_id
+            remaining[account_id] -= 1
+            if remaining[account_id] == 0 and account_id in self._accounts:
+                assert self._snapshot_id is not None
+                jobs = self._accounts.pop(account_id)
+                self._built[account_id] = self._build(jobs, self._snapshot_id)
+
+    def _fold(self, result: PartitionResult) -> None:
         account_id = result.partition.account_id
         if result.status != "ok":
             if result.status == "failed":
                 self._failed.add((account_id, result.partition.region))
                 self._failed.update((account_id, r) for r in result.partition.fallbacks)
             return
+        if account_id in self._built:  # more results than `expect` announced: fold on
+            self._built_ids.pop(account_id, None)
+            self._accounts[account_id] = {
+                r.job_id: (JobEntry(*r[:8]), r.regions, r.observed_at)
+                for r in self._built.pop(account_id)
+            }
         region = result.region
         self._ok.add((account_id, region))
         jobs = self._accounts.setdefault(account_id, {})
@@ -79,26 +110,17 @@ class Merger:
         self, *, snapshot_id: str, previous: Iterable[JobRecord] = ()
     ) -> tuple[list[JobRecord], MergeStats]:
         """Sorted records for `snapshot_id`, with stale carry-forward from `previous`."""
-        # Built in (account_id, job_id) order. JobEntry's fields are JobRecord's first eight,
-        # in order (positional: this runs once per job).
+        if self._built and snapshot_id != self._snapshot_id:
+            raise ValueError(f"records for {snapshot_id!r}, expected {self._snapshot_id!r}")
         out: list[JobRecord] = []
-        for account_id in sorted(self._accounts):
-            jobs = self._accounts[account_id]
-            out.extend(
-                JobRecord(
-                    *e,
-                    regions if len(regions) == 1 else tuple(sorted(regions)),
-                    snapshot_id,
-                    observed,
-                    observed,
-                    False,
-                )
-                for e, regions, observed in (jobs[job_id] for job_id in sorted(jobs))
-            )
+        built, accounts = self._built, self._accounts
+        for account_id in sorted(built.keys() | accounts.keys()):
+            done = built.get(account_id)
+            out.extend(done if done is not None else self._build(accounts[account_id], snapshot_id))
         stale = 0
         if self._failed:
             for old in previous:
-                if old.job_id in self._accounts.get(old.account_id, ()):
+                if self._has(old.account_id, old.job_id):
                     continue
                 if not self._unseen_because_failed(old):
                     continue
@@ -123,6 +145,37 @@ class Merger:
         if stale:
             out.sort(key=_RECORD_KEY)
         return out, MergeStats(jobs=len(out), duplicates=self.duplicates, stale=stale)
+
+    @staticmethod
+    def _build(
+        jobs: dict[str, tuple[JobEntry, tuple[str, ...], str]], snapshot_id: str
+    ) -> list[JobRecord]:
+        """One account's records, in job_id order. JobEntry's fields are JobRecord's first
+        eight, in order (positional: this runs once per job)."""
+        return [
+            JobRecord(
+                *e,
+                regions if len(regions) == 1 else tuple(sorted(regions)),
+                snapshot_id,
+                observed,
+                observed,
+                False,
+            )
+            for e, regions, observed in (jobs[job_id] for job_id in sorted(jobs))
+        ]
+
+    def _has(self, account_id: str, job_id: str) -> bool:
+        """Whether this run read `job_id` of `account_id`."""
+        jobs = self._accounts.get(account_id)
+        if jobs is not None:
+            return job_id in jobs
+        built = self._built.get(account_id)
+        if built is None:
+            return False
+        ids = self._built_ids.get(account_id)
+        if ids is None:
+            ids = self._built_ids[account_id] = frozenset(r.job_id for r in built)
+        return job_id in ids
 
     def _unseen_because_failed(self, old: JobRecord) -> bool:
         """True when no region that could return `old` answered and one of them failed.

@@ -284,6 +284,7 @@ class Aggregator:
             build_plan(accounts, settings.regions), expected_pages(previous_manifest)
         )
         merger = Merger()
+        merger.expect(plan, snapshot_id=snapshot_id)
         # Results without their entries (the merger holds the jobs, deduplicated), so memory
         # grows with unique jobs only; `jobs` keeps each partition's entry count.
         results: list[PartitionResult] = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from aggregator.accounts import Account
 from aggregator.fetch import PartitionResult
 from aggregator.merge import Merger
@@ -124,3 +128,101 @@ def test_skipped_region_carries_nothing_forward() -> None:
     m.add(result("af-south-1", status="skipped"))
     records, _ = m.records(snapshot_id="NEW", previous=[us_record("Z", ["af-south-1"])])
     assert records == []
+
+
+_ACCOUNTS = tuple(
+    Account(account_id=f"11111111111{i}", role_arn=f"arn:aws:iam::11111111111{i}:role/R")
+    for i in range(3)
+)
+_REGIONS = ("eu-west-1", "us-east-1", "us-east-2")
+
+
+@st.composite
+def _runs(draw: st.DrawFn) -> tuple[list[PartitionResult], list[JobRecord], int]:
+    """Every (account, region) partition of three accounts x three regions, each ok (with a
+    few of six jobs, in random states), failed or skipped, in a random finishing order; a
+    previous snapshot of random jobs; and how many of the partitions `expect` is told of."""
+    jobs = [f"J{i}" for i in range(6)]
+    results = []
+    for account in _ACCOUNTS:
+        for region in _REGIONS:
+            status = draw(st.sampled_from(["ok", "ok", "failed", "skipped"]))
+            picked = draw(st.lists(st.sampled_from(jobs), unique=True)) if status == "ok" else []
+            entries = tuple(
+                JobEntry(
+                    account.account_id,
+                    j,
+                    draw(st.sampled_from(["New", "Complete"])),
+                    "IMPORT",
+                    "EDGE",
+                    False,
+                    None,
+                    None,
+                )
+                for j in picked
+            )
+            results.append(
+                PartitionResult(
+                    partition=Partition(account, region),
+                    status=status,
+                    region=region,
+                    entries=entries,
+                    observed_at=draw(st.sampled_from(["T1", "T2"])),
+                    duration=0.0,
+                    requests=1,
+                    pages=1,
+                    retries=0,
+                    throttles=0,
+                    restarts=0,
+                )
+            )
+    order = draw(st.permutations(results))
+    previous = sorted(
+        {
+            (a.account_id, j): JobRecord.from_json_dict(
+                {
+                    "account_id": a.account_id,
+                    "job_id": j,
+                    "regions": [r],
+                    "snapshot_id": "OLD",
+                    "observed_at": "T0",
+                    "last_seen": "T0",
+                }
+            )
+            for a, j, r in draw(
+                st.lists(
+                    st.tuples(
+                        st.sampled_from(_ACCOUNTS), st.sampled_from(jobs), st.sampled_from(_REGIONS)
+                    )
+                )
+            )
+        }.values(),
+        key=lambda r: (r.account_id, r.job_id),
+    )
+    return list(order), previous, draw(st.integers(len(results) - 3, len(results)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_runs())
+def test_records_built_as_accounts_complete_equal_records_built_at_the_end(
+    run: tuple[list[PartitionResult], list[JobRecord], int],
+) -> None:
+    """`expect` only moves work earlier: the same records and stats, stale carry-forward
+    included, even when it was told of fewer partitions than arrive."""
+    results, previous, told = run
+    plain, early = Merger(), Merger()
+    early.expect([r.partition for r in results][:told], snapshot_id="NEW")
+    for r in results:
+        plain.add(r)
+        early.add(r)
+    assert early.records(snapshot_id="NEW", previous=previous) == plain.records(
+        snapshot_id="NEW", previous=previous
+    )
+
+
+def test_records_for_another_snapshot_than_expected_is_an_error() -> None:
+    m = Merger()
+    m.expect([Partition(ACCOUNT, "eu-west-1")], snapshot_id="NEW")
+    m.add(result("eu-west-1", entry("A")))
+    with pytest.raises(ValueError, match="expected 'NEW'"):
+        m.records(snapshot_id="OTHER")
