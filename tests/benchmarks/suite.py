@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,18 @@ class Scenario:
         return args
 
 
+HUGE_ACCOUNT = Scenario(
+    key="c",
+    title="one huge account: 50,000 jobs in one region",
+    accounts=1,
+    regions=("eu-west-1",),
+    latency=0.0,
+    rps=1000.0,
+    max_concurrency=64,
+    jobs=((str(FIRST_ACCOUNT), "eu-west-1", 50_000),),
+    max_jobs=50_000,
+)
+
 SCENARIOS = (
     Scenario(
         key="a",
@@ -122,30 +134,15 @@ SCENARIOS = (
         max_concurrency=64,
         subsets={"stock": 50, "user": 50},
     ),
-    Scenario(
-        key="c",
-        title="one huge account: 50,000 jobs in one region",
-        accounts=1,
-        regions=("eu-west-1",),
-        latency=0.0,
-        rps=1000.0,
-        max_concurrency=64,
-        jobs=((str(FIRST_ACCOUNT), "eu-west-1", 50_000),),
-        max_jobs=50_000,
-    ),
+    HUGE_ACCOUNT,
     # (c) at (a)'s network latency: what the chain costs once a page takes a round trip over
     # a network rather than over loopback to a local process (only the raw floor and ours:
     # every tool spends ~25 s here).
-    Scenario(
+    replace(
+        HUGE_ACCOUNT,
         key="c50",
         title="one huge account at 50 ms latency: 50,000 jobs in one region",
-        accounts=1,
-        regions=("eu-west-1",),
         latency=0.05,
-        rps=1000.0,
-        max_concurrency=64,
-        jobs=((str(FIRST_ACCOUNT), "eu-west-1", 50_000),),
-        max_jobs=50_000,
         tools=("ours",),
     ),
 )
