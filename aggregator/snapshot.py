@@ -317,20 +317,10 @@ _Tail = tuple[Any, ...]
 
 
 class _Tails(dict[_Tail, orjson.Fragment]):
-    """Encoded tails (from job_state on) by their eight values, for one write.
-
-    `shared` turns False when a batch brings mostly tails not seen before (stale records of
-    many past cycles): encoding a tail apart then costs more than it saves, and the rest of
-    the write uses 13-key dicts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.misses = 0
-        self.shared = True
+    """Encoded tails (from job_state on) by their eight values, for one write."""
 
     def __missing__(self, tail: _Tail) -> orjson.Fragment:
-        self.misses += 1
-        if len(self) >= _TAILS_MAX:
+        if len(self) >= _TAILS_MAX:  # a run of stale records from many past cycles
             self.clear()
         job_state, job_type, last_seen, observed_at, regions, snapshot_id, snowball_type, stale = (
             tail
@@ -351,99 +341,53 @@ class _Tails(dict[_Tail, orjson.Fragment]):
         return fragment
 
 
-def _items_sharing_tails(batch: Sequence[JobRecord], tails: _Tails) -> list[Any]:
-    """Six-key dicts, the sixth value the record's encoded tail (raises TypeError for an
-    unhashable value, such as regions given as a list)."""
-    return [
-        {
-            "account_id": account_id,
-            "creation_date": creation_date,
-            "description": description,
-            "is_master": is_master,
-            "job_id": job_id,
-            "job_state": tails[
-                job_state,
-                job_type,
-                last_seen,
-                observed_at,
-                regions,
-                snapshot_id,
-                snowball_type,
-                stale,
-            ],
-        }
-        for (
-            account_id,
-            job_id,
-            job_state,
-            job_type,
-            snowball_type,
-            is_master,
-            creation_date,
-            description,
-            regions,
-            snapshot_id,
-            observed_at,
-            last_seen,
-            stale,
-        ) in batch
-    ]
-
-
-def _items(batch: Sequence[JobRecord]) -> list[Any]:
-    """13-key dicts, keys in sorted order."""
-    return [
-        {
-            "account_id": account_id,
-            "creation_date": creation_date,
-            "description": description,
-            "is_master": is_master,
-            "job_id": job_id,
-            "job_state": job_state,
-            "job_type": job_type,
-            "last_seen": last_seen,
-            "observed_at": observed_at,
-            "regions": regions,
-            "snapshot_id": snapshot_id,
-            "snowball_type": snowball_type,
-            "stale": stale,
-        }
-        for (
-            account_id,
-            job_id,
-            job_state,
-            job_type,
-            snowball_type,
-            is_master,
-            creation_date,
-            description,
-            regions,
-            snapshot_id,
-            observed_at,
-            last_seen,
-            stale,
-        ) in batch
-    ]
-
-
 def _frame_records(batch: Sequence[JobRecord], tails: _Tails | None = None) -> bytes:
     """The records as a JSON array (keys sorted), then `FRAME_END`, with a newline at each
     record boundary: `[{...}\n{...}\n{"account_id":]`, whose `frame_lines` are the lines of
     the data file. `tails`: the encoded tails of this write so far (see `_Tails`)."""
     if tails is None:
         tails = _Tails()
-    items: list[Any] | None = None
-    if FAST_RECORD_ENCODER and tails.shared:
-        misses = tails.misses
-        with contextlib.suppress(TypeError):
-            items = _items_sharing_tails(batch, tails)
-        tails.shared = tails.misses - misses <= len(batch) // 2
-    if FAST_RECORD_ENCODER and items is None:
-        items = _items(batch)
-    if items is not None:
+    items: list[Any] = []
+    if FAST_RECORD_ENCODER:
+        with contextlib.suppress(TypeError):  # an unhashable value (regions as a list)
+            items = [
+                {
+                    "account_id": account_id,
+                    "creation_date": creation_date,
+                    "description": description,
+                    "is_master": is_master,
+                    "job_id": job_id,
+                    "job_state": tails[
+                        job_state,
+                        job_type,
+                        last_seen,
+                        observed_at,
+                        regions,
+                        snapshot_id,
+                        snowball_type,
+                        stale,
+                    ],
+                }
+                for (
+                    account_id,
+                    job_id,
+                    job_state,
+                    job_type,
+                    snowball_type,
+                    is_master,
+                    creation_date,
+                    description,
+                    regions,
+                    snapshot_id,
+                    observed_at,
+                    last_seen,
+                    stale,
+                ) in batch
+            ]
+    if len(items) == len(batch):
         items.append(FRAME_END)
         body = orjson.dumps(items)
-    else:  # pragma: no cover - only while JobRecord and _RECORD_FIELDS disagree
+    else:  # JobRecord and _RECORD_FIELDS disagree, or a value is unhashable
         items = [r.to_json_dict() for r in batch]
         items.append(FRAME_END)
         body = orjson.dumps(items, option=_OPTS)

@@ -181,36 +181,6 @@ def test_encoded_tails_are_shared_across_batches_without_changing_a_byte(
             assert len(tails) <= bound
 
 
-def test_tails_stop_being_shared_when_a_batch_brings_mostly_new_ones() -> None:
-    """Records whose tails repeat keep sharing them; a batch of mostly new tails (stale
-    records last seen in many past cycles) turns sharing off for the rest of the write, which
-    is then encoded with plain dicts, to the same bytes."""
-
-    def expected(batch: list[JobRecord]) -> bytes:
-        return b"".join(
-            orjson.dumps(r.to_json_dict(), option=orjson.OPT_SORT_KEYS) + b"\n" for r in batch
-        )
-
-    tails = snapshot._Tails()
-    repeating = [record(f"J{i:03d}", job_state=("New", "Complete")[i % 2]) for i in range(100)]
-    assert bytes(snapshot.frame_lines(snapshot._frame_records(repeating, tails))) == expected(
-        repeating
-    )
-    assert tails.shared and tails.misses == 2
-    distinct = [
-        record(f"K{i:03d}", stale=True, last_seen=f"2026-11-{1 + i // 24:02d}T{i % 24:02d}:00:00Z")
-        for i in range(100)
-    ]
-    assert bytes(snapshot.frame_lines(snapshot._frame_records(distinct, tails))) == expected(
-        distinct
-    )
-    assert not tails.shared and tails.misses == 102
-    assert bytes(snapshot.frame_lines(snapshot._frame_records(repeating, tails))) == expected(
-        repeating
-    )
-    assert tails.misses == 102  # not looked up any more
-
-
 async def test_gzip_files_round_trip(tmp_path: Path) -> None:
     """compress="gzip" writes .jsonl.gz data and change files whose digest is of the stored
     bytes; records read back unchanged."""
