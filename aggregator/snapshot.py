@@ -303,30 +303,19 @@ _BOUNDARY = b'},{"account_id":'
 _NEWLINE_BOUNDARY = b'}\n{"account_id":'
 
 
-# The eight fields from job_state on repeat across most records of a run: a job's state and
-# types, its partition's observation time (to the second), its regions, the snapshot id. Each
-# combination is encoded once per write, as an `orjson.Fragment` that is the value of
-# "job_state" and carries the seven keys after it; a record's dict then has six keys instead of
-# 13, and orjson copies the rest: a fifth less time to encode a batch. `_Tails` holds them for
-# one write, bounded. The bytes are those of the 13-key dict (tests/test_snapshot.py): tails
-# are looked up by equal values, and equal values of a record's types (str, None, bool, tuples
-# of str) encode alike.
-_TAIL_AT = len(b'{"job_state":')
-_TAILS_MAX = 1 << 16
-_Tail = tuple[Any, ...]
-
-
-class _Tails(dict[_Tail, orjson.Fragment]):
-    """Encoded tails (from job_state on) by their eight values, for one write."""
-
-    def __missing__(self, tail: _Tail) -> orjson.Fragment:
-        if len(self) >= _TAILS_MAX:  # a run of stale records from many past cycles
-            self.clear()
-        job_state, job_type, last_seen, observed_at, regions, snapshot_id, snowball_type, stale = (
-            tail
-        )
-        encoded = orjson.dumps(
+def _frame_records(batch: Sequence[JobRecord]) -> bytes:
+    """The records as a JSON array (keys sorted), then `FRAME_END`, with a newline at each
+    record boundary: `[{...}\n{...}\n{"account_id":]`, whose `frame_lines` are the lines of
+    the data file."""
+    items: list[Any]
+    if FAST_RECORD_ENCODER:
+        items = [
             {
+                "account_id": account_id,
+                "creation_date": creation_date,
+                "description": description,
+                "is_master": is_master,
+                "job_id": job_id,
                 "job_state": job_state,
                 "job_type": job_type,
                 "last_seen": last_seen,
@@ -336,58 +325,25 @@ class _Tails(dict[_Tail, orjson.Fragment]):
                 "snowball_type": snowball_type,
                 "stale": stale,
             }
-        )
-        fragment = self[tail] = orjson.Fragment(encoded[_TAIL_AT:-1])
-        return fragment
-
-
-def _frame_records(batch: Sequence[JobRecord], tails: _Tails | None = None) -> bytes:
-    """The records as a JSON array (keys sorted), then `FRAME_END`, with a newline at each
-    record boundary: `[{...}\n{...}\n{"account_id":]`, whose `frame_lines` are the lines of
-    the data file. `tails`: the encoded tails of this write so far (see `_Tails`)."""
-    if tails is None:
-        tails = _Tails()
-    items: list[Any] = []
-    if FAST_RECORD_ENCODER:
-        with contextlib.suppress(TypeError):  # an unhashable value (regions as a list)
-            items = [
-                {
-                    "account_id": account_id,
-                    "creation_date": creation_date,
-                    "description": description,
-                    "is_master": is_master,
-                    "job_id": job_id,
-                    "job_state": tails[
-                        job_state,
-                        job_type,
-                        last_seen,
-                        observed_at,
-                        regions,
-                        snapshot_id,
-                        snowball_type,
-                        stale,
-                    ],
-                }
-                for (
-                    account_id,
-                    job_id,
-                    job_state,
-                    job_type,
-                    snowball_type,
-                    is_master,
-                    creation_date,
-                    description,
-                    regions,
-                    snapshot_id,
-                    observed_at,
-                    last_seen,
-                    stale,
-                ) in batch
-            ]
-    if len(items) == len(batch):
+            for (
+                account_id,
+                job_id,
+                job_state,
+                job_type,
+                snowball_type,
+                is_master,
+                creation_date,
+                description,
+                regions,
+                snapshot_id,
+                observed_at,
+                last_seen,
+                stale,
+            ) in batch
+        ]
         items.append(FRAME_END)
         body = orjson.dumps(items)
-    else:  # JobRecord and _RECORD_FIELDS disagree, or a value is unhashable
+    else:  # pragma: no cover - only while JobRecord and _RECORD_FIELDS disagree
         items = [r.to_json_dict() for r in batch]
         items.append(FRAME_END)
         body = orjson.dumps(items, option=_OPTS)
@@ -404,10 +360,9 @@ async def _encoded(
 ) -> AsyncGenerator[NewBatch, None]:
     """Encode `records` batch by batch into `writer` (the data file), yielding each batch for
     the comparison; with `keep`, also collect the encoded batches there (`_replay`)."""
-    tails = _Tails()
     for start in range(0, len(records), _RECORD_BATCH):
         batch = records[start : start + _RECORD_BATCH]
-        framed = _frame_records(batch, tails)
+        framed = _frame_records(batch)
         await writer.write_framed(framed)
         if keep is not None:
             keep.append(framed)

@@ -16,8 +16,6 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from aggregator import snapshot
@@ -133,52 +131,6 @@ def test_fast_encoder_is_in_use_and_equals_the_record_dict() -> None:
     assert body == expected
     assert [JobRecord.from_json_dict(orjson.loads(line)) for line in body.splitlines()] == tricky
     assert snapshot._encode_records([]) == b""
-
-
-_TEXT = st.sampled_from(["", "New", "Complete", '"},{"account_id":"1"', "a\nb", "\\", "é\u2028"])
-_OPTIONAL = st.one_of(st.none(), _TEXT)
-_RECORD = st.builds(
-    JobRecord,
-    account_id=st.sampled_from(["111111111111", "222222222222"]),
-    job_id=_TEXT,
-    job_state=_OPTIONAL,
-    job_type=_OPTIONAL,
-    snowball_type=_OPTIONAL,
-    is_master=st.sampled_from([None, True, False]),
-    creation_date=_OPTIONAL,
-    description=_OPTIONAL,
-    regions=st.lists(st.sampled_from(["eu-west-1", "us-east-1", '"'])).map(tuple),
-    snapshot_id=st.sampled_from(["20261128T150000Z-abcd", "20261128T151500Z-a1b2"]),
-    observed_at=st.sampled_from(["2026-11-28T15:00:03Z", "2026-11-28T15:00:04Z"]),
-    last_seen=st.sampled_from(["2026-11-28T15:00:03Z", "2026-11-21T09:00:00Z"]),
-    stale=st.booleans(),
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    batches=st.lists(st.lists(_RECORD, max_size=8), max_size=4),
-    bound=st.sampled_from([1, 2, 1 << 16]),
-    as_list=st.booleans(),
-)
-def test_encoded_tails_are_shared_across_batches_without_changing_a_byte(
-    batches: list[list[JobRecord]], bound: int, as_list: bool
-) -> None:
-    """The records' tails (job_state on) are encoded once per write and reused by the batches
-    after: every line stays what `to_json_dict()` with sorted keys gives, whatever the values
-    repeat, however small the bound on kept tails, and with regions given as a list (not
-    hashable: the batch is encoded field by field)."""
-    tails = snapshot._Tails()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(snapshot, "_TAILS_MAX", bound)
-        for batch in batches:
-            if as_list and batch:
-                batch[-1] = batch[-1]._replace(regions=list(batch[-1].regions))
-            body = bytes(snapshot.frame_lines(snapshot._frame_records(batch, tails)))
-            assert body == b"".join(
-                orjson.dumps(r.to_json_dict(), option=orjson.OPT_SORT_KEYS) + b"\n" for r in batch
-            )
-            assert len(tails) <= bound
 
 
 async def test_gzip_files_round_trip(tmp_path: Path) -> None:
