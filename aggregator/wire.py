@@ -43,7 +43,7 @@ from aiobotocore.session import AioSession
 from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp
 
-from .records import JobEntry, Page, iso_millis
+from .records import JobEntry, Page, epoch_millis
 
 __all__ = ["install", "list_jobs_page", "parse_success", "parse_timestamp_fast", "parser_for"]
 
@@ -276,7 +276,6 @@ def list_jobs_page(operation_model: Any, body: Any, account_id: str) -> Page | N
         return None
     entries: list[JobEntry] = []
     append = entries.append
-    from_timestamp = datetime.fromtimestamp
     for item in items:
         if type(item) is not dict:
             return None
@@ -288,7 +287,7 @@ def list_jobs_page(operation_model: Any, body: Any, account_id: str) -> Page | N
         if created is not None:
             if type(created) is not float and type(created) is not int:
                 return None
-            created = iso_millis(from_timestamp(created, UTC))
+            created = epoch_millis(created)
         is_master = get("IsMaster")
         append(
             JobEntry(

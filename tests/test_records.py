@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta, timezone
 
-from aggregator.records import JobEntry, JobRecord, iso_millis, iso_seconds
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from aggregator import records
+from aggregator.records import JobEntry, JobRecord, epoch_millis, iso_millis, iso_seconds
 
 
 def test_entry_maps_fields_and_keeps_unknown_enums() -> None:
@@ -44,6 +50,60 @@ def test_iso_millis_converts_to_utc() -> None:
     assert (
         iso_millis(datetime(2026, 1, 1, 2, 0, 0, 999999, tzinfo=tz)) == "2026-01-01T00:00:00.999Z"
     )
+
+
+def _through_datetime(value: float) -> str:
+    return iso_millis(datetime.fromtimestamp(value, UTC))
+
+
+_LAST_SECOND = 253402300799  # 9999-12-31T23:59:59Z
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    value=st.one_of(
+        st.floats(min_value=0, max_value=_LAST_SECOND + 0.999),
+        st.integers(min_value=0, max_value=_LAST_SECOND),
+        # a whole second and a fraction close to a millisecond or microsecond boundary
+        st.tuples(
+            st.integers(min_value=0, max_value=4_102_444_800),
+            st.integers(min_value=0, max_value=999_999),
+            st.sampled_from([0.0, 0.4999, 0.5, 0.5001, -0.5, 0.9999]),
+        ).map(lambda t: t[0] + (t[1] + t[2]) / 1e6),
+    )
+)
+@example(value=0.0)
+@example(value=-0.0)
+@example(value=86_399.9999995)  # rounds up into the next day
+@example(value=951_868_799.9999996)  # 2000-02-29T23:59:59 carries into 2000-03-01
+@example(value=1_700_000_000.0005)
+@example(value=_LAST_SECOND - 1 + 0.9999996)
+@example(value=_LAST_SECOND + 0.25)
+def test_epoch_millis_is_what_datetime_gives(value: float) -> None:
+    """Epoch seconds become the text `iso_millis(datetime.fromtimestamp(...))` makes, to the
+    millisecond, whatever the rounding of the fraction and wherever it carries."""
+    assert epoch_millis(value) == _through_datetime(value)
+
+
+@pytest.mark.parametrize("value", [-1.5, -86_400, math.nan, math.inf, 1e20])
+def test_epoch_millis_outside_its_range_takes_the_datetime_path(value: float) -> None:
+    """Before 1970, past year 9999 and not finite: the same text or the same error as the
+    datetime path."""
+    try:
+        expected = _through_datetime(value)
+    except (ValueError, OverflowError, OSError) as exc:
+        with pytest.raises(type(exc)):
+            epoch_millis(value)
+    else:
+        assert epoch_millis(value) == expected
+
+
+def test_epoch_millis_keeps_a_bounded_cache_of_days(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The date part is remembered by day, and the memory is cleared when full."""
+    monkeypatch.setattr(records, "_DAYS", {})
+    for day in range(1 << 16 | 5):
+        assert epoch_millis(day * 86_400.0 + 0.5).endswith("T00:00:00.500Z")
+    assert 0 < len(records._DAYS) <= 1 << 16
 
 
 def test_record_round_trips_through_json_dict() -> None:
