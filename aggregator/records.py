@@ -56,7 +56,7 @@ def epoch_millis(value: float) -> str:
     cache by day, the time from tables. Values outside years 1970 to 9999 (or not finite)
     take the datetime path, and raise as it does.
     """
-    if not 0 <= value < _EPOCH_END - 1:  # the last second could carry into year 10000
+    if not 0 <= value < _LAST_SECOND:  # that second's fraction could carry into year 10000
         return iso_millis(datetime.fromtimestamp(value, UTC))
     fraction, whole = _modf(value)
     micro = round(fraction * 1e6)
@@ -85,7 +85,7 @@ def _day(day: int) -> str:
 
 _modf = math.modf
 _EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
-_EPOCH_END = float((datetime(10000 - 1, 12, 31).toordinal() + 1 - _EPOCH_ORDINAL) * 86_400)
+_LAST_SECOND = float(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
 _DAYS: dict[int, str] = {}
 _HOURS = tuple(f"{hour:02d}:" for hour in range(24))
 _MINUTES_SECONDS = tuple(f"{s // 60:02d}:{s % 60:02d}" for s in range(3_600))
