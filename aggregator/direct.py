@@ -12,7 +12,8 @@ FIPS/dual-stack rules apply as before), and:
    (`credentials.bound_frozen_credentials`);
 2. sends it through one aiohttp session (shared connection pool, the clients' timeouts,
    `HTTPS_PROXY`/`NO_PROXY` from the environment, read once per host, TLS verified against
-   botocore's CA bundle or `AWS_CA_BUNDLE`; no cookies, no `.netrc`);
+   botocore's CA bundle or `AWS_CA_BUNDLE`; no cookies, no `.netrc`, no redirects: a 3xx is
+   an error, as after botocore's own send, and the signed headers go to no other host);
 3. parses a 200 with `wire.py`'s C-decoder path, and anything else (errors, bodies that path
    does not vouch for) with botocore's own response parser for the protocol, so error codes,
    messages and modeled exceptions are exactly botocore's: botocore raises them from the
@@ -369,7 +370,12 @@ class DirectSender:
         http = await self._session()
         self.requests += 1
         proxy = _proxy_for(prepared.scheme, prepared.hostname)
-        async with http.post(prepared.url, data=body, headers=headers, proxy=proxy) as response:
+        # Never follow a redirect (botocore's send does not either): the 3xx is answered as
+        # botocore answers it, and the signed headers (session token included) go to no
+        # other host.
+        async with http.post(
+            prepared.url, data=body, headers=headers, proxy=proxy, allow_redirects=False
+        ) as response:
             raw = await response.read()
             status = response.status
             response_headers = {k.lower(): v for k, v in response.headers.items()}

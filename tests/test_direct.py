@@ -16,6 +16,7 @@ import botocore.parsers
 import botocore.session
 import pytest
 from aiobotocore.session import AioSession
+from aiohttp import web
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -509,3 +510,49 @@ def test_json_body_is_json_dumps(params: dict[str, Any]) -> None:
     """The prepared request's body is byte for byte `json.dumps`, as botocore serialises
     (any text, bools and other kinds included, which take json.dumps itself)."""
     assert direct._json_body(params) == json.dumps(params).encode("utf-8")
+
+
+async def test_a_redirect_is_an_error_and_is_not_followed(
+    stacks: tuple[Any, Stack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint that answers 307 (to another host) gets botocore's error for the 3xx, on
+    the hook and from a prepared request, and the signed request (session token included) is
+    never sent to the address the redirect names."""
+    _, stack = stacks
+    elsewhere: list[dict[str, str]] = []
+
+    async def other_host(request: web.Request) -> web.Response:
+        elsewhere.append(dict(request.headers))
+        return web.json_response({"JobListEntries": []})
+
+    async def redirector(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{other}/")
+
+    async with contextlib.AsyncExitStack() as servers:
+        urls = []
+        for handler in (other_host, redirector):
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            servers.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        other, moved = urls
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SNOWBALL", moved)  # STS stays on the sandbox
+        pool, sender = await stack.open("json", direct_path=True)
+        statuses = []
+        async with pool.lease(ACCOUNT, "eu-west-1") as client:
+            for call in (
+                client.list_jobs(),  # the hook
+                # botocore's build through the hook, kept as the client's prepared request
+                sender.list_jobs(client, {"MaxResults": 100}, ACCOUNT.account_id),
+                sender.list_jobs(client, {"MaxResults": 100}, ACCOUNT.account_id),  # prepared
+            ):
+                with pytest.raises(botocore.exceptions.ClientError) as excinfo:
+                    await call
+                statuses.append(excinfo.value.response["ResponseMetadata"]["HTTPStatusCode"])
+    assert statuses == [307, 307, 307]
+    assert (sender.requests, sender.prepared_requests, sender.fallbacks) == (3, 1, 0)
+    assert elsewhere == []
