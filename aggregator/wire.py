@@ -57,7 +57,7 @@ _EMPTY_BODY = {"json": b"", "smithy-rpc-v2-cbor": b"\xa0"}
 
 # ISO 8601 in UTC as AWS's XML and JSON services write it: `2026-11-28T16:00:03Z`, or with
 # up to six fractional digits. `datetime.fromisoformat` reads it 400x faster than dateutil.
-_ISO_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z")
+_ISO_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?Z")
 
 
 def parse_timestamp_fast(value: Any) -> datetime:
@@ -157,7 +157,7 @@ def _cached_plan(shape: Any) -> _Plan | None:
 
 
 def _json_time(value: Any) -> datetime | None:
-    # bool is a subclass of int: botocore would reject it, so the fast path must too.
+    # Exact types: a bool (an int subclass) is left to botocore, which decides what it means.
     if type(value) is float or type(value) is int:
         return datetime.fromtimestamp(value, UTC)
     return None
@@ -171,6 +171,12 @@ def _cbor_time(value: Any) -> datetime | None:
     return None
 
 
+# What a JSON document decodes to. CBOR can also carry undefined, byte strings, simple values
+# and tags (sets, big numbers, ...), which botocore's CBOR parser drops, converts or rejects:
+# a CBOR structure holding any of them (other than a timestamp) is left to botocore.
+_PLAIN = frozenset({str, bool, int, float, list, dict})
+
+
 def _clean(
     node: Any, known: frozenset[str], timestamps: tuple[str, ...], to_time: Any
 ) -> dict[str, Any] | None:
@@ -178,6 +184,10 @@ def _clean(
     if type(node) is not dict:
         return None
     entry: dict[str, Any] = node
+    if to_time is _cbor_time:
+        for name, value in entry.items():
+            if type(value) not in _PLAIN and value is not None and name not in timestamps:
+                return None
     if not entry.keys() <= known or None in entry.values():
         # Unknown members are ignored and nulls left out, as botocore's parsers do.
         entry = {k: v for k, v in entry.items() if k in known and v is not None}

@@ -410,6 +410,9 @@ def test_timestamp_parser() -> None:
     assert wire.parse_timestamp_fast("2016-04-14T23:56:26.003Z") == datetime(
         2016, 4, 14, 23, 56, 26, 3000, tzinfo=UTC
     )
+    # Digits other than ASCII ones (here full-width) are not the fast path's: botocore reads them.
+    wide = "\uff12\uff10\uff11\uff16-04-14T23:56:26.003Z"
+    assert wire.parse_timestamp_fast(wide) == botocore.utils.parse_timestamp(wide)
 
 
 @settings(max_examples=300, deadline=None)
@@ -428,3 +431,39 @@ def test_text_timestamps_equal_botocores(instant: datetime, digits: int, offset:
         text += "." + f"{instant.microsecond:06d}{instant.microsecond % 10}"[:digits]
     text += offset
     assert wire.parse_timestamp_fast(text) == botocore.utils.parse_timestamp(text)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        cbor2.undefined,
+        cbor2.CBORTag(258, ["a", "b"]),  # a set
+        cbor2.CBORTag(4242, "x"),  # a tag neither side knows
+        b"raw bytes",
+        cbor2.CBORSimpleValue(99),
+    ],
+    ids=["undefined", "set", "unknown-tag", "bytes", "simple-value"],
+)
+@pytest.mark.parametrize("where", ["entry", "top", "unknown-member"])
+def test_cbor_values_beyond_json_are_left_to_botocore(
+    models: dict[str, Any], value: Any, where: str
+) -> None:
+    """CBOR can carry values JSON cannot (undefined, tags, byte strings, simple values):
+    the fast path never passes one through, so botocore's parser decides (the same result,
+    or the same exception) and no such value reaches a record."""
+    entry: dict[str, Any] = {"JobId": "a", "JobState": "New"}
+    result: dict[str, Any] = {"JobListEntries": [entry]}
+    if where == "entry":
+        entry["Description"] = value
+    elif where == "top":
+        result["NextToken"] = value
+    else:
+        entry["SomethingNew"] = value
+    body = bytes(cbor2.dumps(result))
+    outcomes = []
+    for wired in (False, True):
+        try:
+            outcomes.append(("ok", _parse(models["cbor"], body, wired=wired)))
+        except Exception as exc:
+            outcomes.append(("error", type(exc)))
+    assert outcomes[0] == outcomes[1]
