@@ -17,12 +17,16 @@ AggregatorError
 
 `translate()` is the only function that looks inside botocore and aiohttp exceptions. Messages
 never contain credentials: botocore error messages are built from the service's response body,
-and we add only account, region, operation and code.
+and we add only account, region, operation and code. A service's message can echo the request
+(a signature mismatch quotes the canonical request, session token included, and an incomplete
+signature the Authorization header), so `AwsError` drops everything from the quoted canonical
+request on and masks any session token or signature left in the text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import aiohttp
@@ -72,6 +76,23 @@ class OutputError(AggregatorError):
     """The output location cannot be written (permissions, disk full, not a directory)."""
 
 
+# Where a signature-mismatch message starts quoting the request (canonical request, then the
+# string to sign); and a session token or a signature anywhere else in a message.
+_ECHOED_REQUEST = re.compile(
+    r"\s*The (?:Canonical String|String-to-Sign)[^\n]* should have been.*",
+    re.IGNORECASE | re.DOTALL,
+)
+_SIGNED_VALUES = re.compile(
+    r"(x-amz-security-token\s*[:=]\s*|Signature\s*=\s*)[^\s,;&'\"]+", re.IGNORECASE
+)
+
+
+def _redact(message: str) -> str:
+    """`message` without the parts of a request a service may echo that are secrets."""
+    message = _ECHOED_REQUEST.sub(" (the request the service quoted is withheld)", message)
+    return _SIGNED_VALUES.sub(r"\1<redacted>", message)
+
+
 class AwsError(AggregatorError):
     """One AWS call failed.
 
@@ -92,7 +113,7 @@ class AwsError(AggregatorError):
         self.region = region
         self.operation = operation
         self.code = code
-        self.detail = " ".join(detail.split())[:500]
+        self.detail = " ".join(_redact(detail).split())[:500]
         super().__init__(
             f"{operation} in {account_id}/{region} failed: {code}"
             + (f": {self.detail}" if self.detail else "")

@@ -1,0 +1,84 @@
+"""Errors: what AWS says reaches logs and manifests without the secrets it may echo."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError
+
+from aggregator.errors import AccessDeniedError, ClientFailureError, translate
+
+TOKEN = "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQDexampletoken+/="
+SIGNATURE = "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7"
+
+
+def _client_error(code: str, message: str, status: int = 400) -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "ListJobs",
+    )
+
+
+# As AWS words them: a signature mismatch quotes the canonical request (session token
+# included) and the string to sign; an incomplete signature quotes the Authorization header.
+MISMATCH = (
+    "The request signature we calculated does not match the signature you provided. Check your "
+    "AWS Secret Access Key and signing method. Consult the service documentation for details.\n"
+    "\nThe Canonical String for this request should have been\n'POST\n/\n\n"
+    "content-type:application/x-amz-json-1.1\nhost:snowball.eu-west-1.amazonaws.com\n"
+    f"x-amz-date:20261129T020000Z\nx-amz-security-token:{TOKEN}\n\n"
+    "content-type;host;x-amz-date;x-amz-security-token\n"
+    "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a'\n\n"
+    "The String-to-Sign should have been\n'AWS4-HMAC-SHA256\n20261129T020000Z\n"
+    "20261129/eu-west-1/snowball/aws4_request\n"
+    "2b3b4f3c1d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a'\n"
+)
+INCOMPLETE = (
+    "'Credential=ASIAEXAMPLEEXAMPLE/20261129/eu-west-1/snowball/aws4_request, "
+    f"SignedHeaders=host;x-amz-date, Signature={SIGNATURE}' not a valid key=value pair "
+    "(missing equal-sign) in Authorization header: 'AWS4-HMAC-SHA256 "
+    "Credential=ASIAEXAMPLEEXAMPLE/20261129/eu-west-1/snowball/aws4_request, "
+    f"Signature={SIGNATURE}'."
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "kept"),
+    [
+        ("InvalidSignatureException", MISMATCH, "The request signature we calculated"),
+        ("IncompleteSignatureException", INCOMPLETE, "not a valid key=value pair"),
+        (
+            "InvalidSignatureException",
+            f"Signature expired; X-Amz-Security-Token={TOKEN}&X-Amz-Signature={SIGNATURE}",
+            "Signature expired",
+        ),
+    ],
+    ids=["canonical-request", "authorization-header", "query-form"],
+)
+def test_echoed_secrets_never_reach_the_error(code: str, message: str, kept: str) -> None:
+    err = translate(
+        _client_error(code, message), account_id="1", region="eu-west-1", operation="ListJobs"
+    )
+    text = str(err)
+    assert isinstance(err, ClientFailureError)
+    assert kept in text and kept in err.detail
+    for secret in (TOKEN, TOKEN[:24], SIGNATURE, SIGNATURE[:24]):
+        assert secret not in text
+    assert "\n" not in text
+
+
+def test_ordinary_messages_are_kept_whole() -> None:
+    message = (
+        "User: arn:aws:sts::111111111111:assumed-role/Reader/s is not authorized to perform: "
+        "snowball:ListJobs with an explicit deny (Signature V4 is fine here)"
+    )
+    err = translate(
+        _client_error("AccessDeniedException", message),
+        account_id="1",
+        region="eu-west-1",
+        operation="ListJobs",
+    )
+    assert isinstance(err, AccessDeniedError)
+    assert err.detail == message
