@@ -6,7 +6,10 @@ connections per client. We make a client per (account, region), thousands per cy
 share instead: `shared_session_class()` returns an `AIOHTTPSession` subclass for aiobotocore's
 documented `AioConfig(http_session_cls=...)` option whose instances all draw from one
 `SharedPool`. aiobotocore's own request code, proxy support and error mapping stay in use; the
-subclass only decides which aiohttp session a client sends through.
+subclass only decides which aiohttp session a client sends through, and that it never follows
+a redirect: botocore's own send does not (a 3xx is the service's answer, handled by botocore),
+while aiohttp by default would re-send the signed request, session token included, to whatever
+address the answer names, and hand its answer back as the service's.
 """
 
 from __future__ import annotations
@@ -47,11 +50,24 @@ class SharedPool:
             await session.close()
 
 
+class _NoRedirects:
+    """An aiohttp session as aiobotocore uses one (`request`), with redirects not followed."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
+        kwargs["allow_redirects"] = False
+        return self.session.request(method, url, **kwargs)
+
+
 def shared_session_class(pool: SharedPool) -> type[AIOHTTPSession]:
     """An `http_session_cls` whose instances send through `pool`'s shared sessions."""
 
     class SharedHTTPSession(AIOHTTPSession):  # type: ignore[misc]
-        async def _get_session(self, proxy_url: str | None) -> aiohttp.ClientSession:
+        async def _get_session(self, proxy_url: str | None) -> Any:
             key = (proxy_url, self._verify, self._cert_file, self._key_file, self._timeout)
             session = pool.sessions.get(key)
             if session is None:
@@ -67,6 +83,6 @@ def shared_session_class(pool: SharedPool) -> type[AIOHTTPSession]:
                             auto_decompress=False,
                         )
                         pool.sessions[key] = session
-            return session
+            return _NoRedirects(session)
 
     return SharedHTTPSession

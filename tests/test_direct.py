@@ -31,6 +31,7 @@ from aggregator.direct import DirectSender
 from aggregator.records import JobEntry
 from aggregator.sandbox import Faults, cbor_model_path
 from aggregator.sigv4 import sign
+from aggregator.transport import SharedPool, shared_session_class
 
 from .conftest import SandboxFactory
 
@@ -109,7 +110,9 @@ class Stack:
         self.stack = stack
         self.models = models
 
-    async def open(self, protocol: str, *, direct_path: bool) -> tuple[ClientPool, DirectSender]:
+    async def open(
+        self, protocol: str, *, direct_path: bool, http_session_cls: Any = None
+    ) -> tuple[ClientPool, DirectSender]:
         hub = AioSession()
         if protocol == "cbor":
             hub.set_config_variable("data_path", str(self.models))
@@ -124,7 +127,7 @@ class Stack:
             CredentialBroker(hub_session=hub, session_hooks=hooks, timeout=2)
         )
         pool = await self.stack.enter_async_context(
-            ClientPool(broker=broker, timeout=2, shared=True)
+            ClientPool(broker=broker, timeout=2, shared=True, http_session_cls=http_session_cls)
         )
         return pool, sender
 
@@ -512,12 +515,14 @@ def test_json_body_is_json_dumps(params: dict[str, Any]) -> None:
     assert direct._json_body(params) == json.dumps(params).encode("utf-8")
 
 
+@pytest.mark.parametrize("direct_path", [True, False], ids=["direct", "botocore-send"])
 async def test_a_redirect_is_an_error_and_is_not_followed(
-    stacks: tuple[Any, Stack], monkeypatch: pytest.MonkeyPatch
+    stacks: tuple[Any, Stack], monkeypatch: pytest.MonkeyPatch, direct_path: bool
 ) -> None:
-    """An endpoint that answers 307 (to another host) gets botocore's error for the 3xx, on
-    the hook and from a prepared request, and the signed request (session token included) is
-    never sent to the address the redirect names."""
+    """An endpoint that answers 307 (to another host) gets botocore's error for the 3xx, as
+    botocore's own send does: on the hook, from a prepared request, and through botocore's
+    send over the shared transport (aiohttp's default would follow). The signed request
+    (session token included) is never sent to the address the redirect names."""
     _, stack = stacks
     elsewhere: list[dict[str, str]] = []
 
@@ -541,7 +546,10 @@ async def test_a_redirect_is_an_error_and_is_not_followed(
             urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
         other, moved = urls
         monkeypatch.setenv("AWS_ENDPOINT_URL_SNOWBALL", moved)  # STS stays on the sandbox
-        pool, sender = await stack.open("json", direct_path=True)
+        shared = await servers.enter_async_context(SharedPool())
+        pool, sender = await stack.open(
+            "json", direct_path=direct_path, http_session_cls=shared_session_class(shared)
+        )
         statuses = []
         async with pool.lease(ACCOUNT, "eu-west-1") as client:
             for call in (
@@ -554,5 +562,6 @@ async def test_a_redirect_is_an_error_and_is_not_followed(
                     await call
                 statuses.append(excinfo.value.response["ResponseMetadata"]["HTTPStatusCode"])
     assert statuses == [307, 307, 307]
-    assert (sender.requests, sender.prepared_requests, sender.fallbacks) == (3, 1, 0)
+    counts = (3, 1, 0) if direct_path else (0, 0, 0)
+    assert (sender.requests, sender.prepared_requests, sender.fallbacks) == counts
     assert elsewhere == []
