@@ -67,6 +67,8 @@ import aiohttp
 from aiobotocore.session import AioSession
 from botocore.awsrequest import AWSResponse
 from botocore.httpsession import get_cert_path
+from botocore.utils import normalize_url_path
+from yarl import URL
 
 from . import wire
 from .credentials import bound_frozen_credentials
@@ -98,7 +100,7 @@ class _Prepared:
     """A client's ListJobs request as botocore built it; only the body varies per call."""
 
     model: Any
-    url: str
+    url: URL
     host: str
     path: str
     scheme: str
@@ -248,7 +250,7 @@ class DirectSender:
                 self._prepared[client] = prepared
         status, response_headers, raw = await self._send(prepared, params["body"], credentials)
         parsed = await self._parse(prepared, status, response_headers, raw)
-        return AWSResponse(prepared.url, status, response_headers, None), parsed
+        return AWSResponse(params["url"], status, response_headers, None), parsed
 
     @staticmethod
     def _prepare(
@@ -260,9 +262,11 @@ class DirectSender:
         split = urlsplit(url)
         return _Prepared(
             model=model,
-            url=url,
+            # As botocore builds, sends (as written: aiobotocore's `encoded=True`) and signs it
+            # (the path normalised: dot segments and empty segments resolved, as AWS does).
+            url=URL(url, encoded=True),
             host=split.netloc,
-            path=split.path,
+            path=normalize_url_path(split.path),
             scheme=split.scheme,
             hostname=split.hostname or "",
             headers=dict(params["headers"]),

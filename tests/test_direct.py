@@ -565,3 +565,20 @@ async def test_a_redirect_is_an_error_and_is_not_followed(
     counts = (3, 1, 0) if direct_path else (0, 0, 0)
     assert (sender.requests, sender.prepared_requests, sender.fallbacks) == counts
     assert elsewhere == []
+
+
+@pytest.mark.parametrize("suffix", ["/./", "/a/../"], ids=["dot", "dot-dot"])
+async def test_an_endpoint_path_with_dot_segments_signs_as_botocore_does(
+    stacks: tuple[Any, Stack], monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    """An endpoint URL whose path holds dot segments is sent as botocore sends it (as
+    written) and signed as botocore signs it (normalised), so
+    the sandbox, which checks signatures as AWS does, accepts every page: on the hook and
+    from prepared requests."""
+    sb, stack = stacks
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SNOWBALL", sb.url + suffix)
+    pool, sender = await stack.open("json", direct_path=True)
+    ours = await sender_pages(pool, sender)
+    assert sum(len(entries) for entries, _ in ours) == 250
+    assert (sender.requests, sender.prepared_requests, sender.fallbacks) == (3, 2, 0)
+    assert sb.stats().signature_mismatch == 0

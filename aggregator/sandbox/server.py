@@ -61,6 +61,7 @@ from .sigv4 import (
     SigningKeys,
     canonical_request,
     parse_authorization,
+    remove_dot_segments,
     request_timestamp,
     sign,
     signatures_match,
@@ -584,7 +585,7 @@ class Sandbox:
     # --- routing --------------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
+        path = remove_dot_segments(request.path)  # routed as AWS routes: `/./` is `/`
         if request.method == "GET":
             return self._admin(request, path)
         if request.method != "POST":

@@ -44,6 +44,7 @@ __all__ = [
     "canonical_request",
     "canonical_uri",
     "parse_authorization",
+    "remove_dot_segments",
     "request_timestamp",
     "sign",
     "signatures_match",
@@ -118,7 +119,7 @@ def request_timestamp(amz_date: str | None, date: str | None) -> str | None:
     return when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def _remove_dot_segments(path: str) -> str:
+def remove_dot_segments(path: str) -> str:
     """RFC 3986 section 5.2.4, and consecutive slashes collapsed, as AWS services expect."""
     segments: list[str] = []
     for segment in path.split("/"):
@@ -133,7 +134,7 @@ def _remove_dot_segments(path: str) -> str:
 
 def canonical_uri(raw_path: str) -> str:
     """The CanonicalURI of a path as it was received (percent-encoded once)."""
-    return quote(_remove_dot_segments(raw_path), safe="/~")
+    return quote(remove_dot_segments(raw_path), safe="/~")
 
 
 def canonical_query(raw_query: str) -> str:
