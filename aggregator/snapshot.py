@@ -1053,6 +1053,9 @@ class _LocalSink(Sink):
         self._tmp.unlink(missing_ok=True)
 
 
+_STALE_LATEST_TMP = 60.0
+
+
 class LocalStore(Store):
     """Snapshots in a local directory (created on first write).
 
@@ -1070,6 +1073,32 @@ class LocalStore(Store):
     def guard(self, action: str) -> _Guard:
         """Context manager mapping OSError to OutputError naming the directory."""
         return _Guard(self.location, action)
+
+    async def prune(self, retain: int) -> Pruned:
+        """`Store.prune`, and the temporary files of LATEST that a process killed while
+        replacing it left behind (`.LATEST.<pid>.<random>.tmp`): those older than LATEST by
+        more than `_STALE_LATEST_TMP` seconds. A replacement takes milliseconds, so no write
+        still in progress has one that old."""
+        pruned = await super().prune(retain)
+        with self.guard("delete old snapshots"):
+            try:
+                latest = (self.root / LATEST).stat().st_mtime
+            except FileNotFoundError:
+                return pruned
+            swept = 0
+            for entry in os.scandir(self.root):
+                if (
+                    entry.name.startswith(f".{LATEST}.")
+                    and entry.name.endswith(".tmp")
+                    and entry.is_file(follow_symlinks=False)
+                    and entry.stat().st_mtime < latest - _STALE_LATEST_TMP
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    swept += 1
+        if swept:
+            log.info("snapshot.pruned", latest_temporaries=swept)
+        return pruned
 
     def locate(self, rel: str) -> Path:
         return self.root / rel

@@ -503,6 +503,25 @@ async def test_orphaned_temporary_files_of_old_runs_are_removed(tmp_path: Path) 
     assert not leftover.exists() and newer.exists()
 
 
+async def test_a_latest_temporary_left_by_a_kill_is_removed(tmp_path: Path) -> None:
+    """A `.LATEST...tmp` left by a process killed while replacing LATEST is removed once it
+    is older than LATEST by more than a minute; a younger one (a replacement that may still
+    be in progress) and anything else in the directory stay."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(1), {"A": "New"})
+        latest = (tmp_path / "LATEST").stat().st_mtime
+        killed = tmp_path / ".LATEST.4242.deadbeef.tmp"
+        recent = tmp_path / ".LATEST.4243.cafef00d.tmp"
+        other = tmp_path / ".LATEST.notes"
+        for path, age in ((killed, 61.0), (recent, 59.0), (other, 3600.0)):
+            path.write_bytes(b"snapshots/date=2026-11-28/x.manifest.json\n")
+            os.utime(path, (latest - age, latest - age))
+        await store.prune(5)
+    assert not killed.exists()
+    assert recent.exists() and other.exists()
+    assert (tmp_path / "LATEST").exists()
+
+
 async def test_the_service_keeps_output_retain_snapshots(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
