@@ -360,7 +360,9 @@ class CredentialBroker:
         region = sts.meta.region_name
         for attempt in range(1, self._policy.max_attempts + 1):
             try:
-                async with self._gate:
+                # A renewal that botocore starts while signing a ListJobs that holds a slot
+                # goes in that slot: waiting for another one could deadlock (gate.py).
+                async with self._gate.slot():
                     self.assume_role_calls += 1
                     if self._assume_role is not None:
                         hub = self.hub_session_for(account.partition)

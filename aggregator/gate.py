@@ -12,6 +12,12 @@ latency and 5 req/s (1,024 workers, 256 slots, the client's CPU the bottleneck),
 chains that started at once took 15.5 s instead of 4.2 s. Serving later pages first keeps
 chains at their paced rate while first pages take up what is left; nothing starves, because
 each partition's later pages are limited by its own pacer.
+
+A task that holds a slot may have to make another request before its own goes out: botocore
+renews expiring credentials (AssumeRole) while it signs. Waiting for a second slot there could
+deadlock the run (every slot held by a request waiting for its own renewal), and the renewal is
+the only request the task has in flight at that point, so `held()` tells the caller it may go
+ahead in the slot it already has.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from types import TracebackType
 
 __all__ = ["Gate"]
+
+# The gate whose slot the current task holds (tasks it starts inherit it), if any.
+_holding: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("gate_slot", default=None)
 
 
 class Gate:
@@ -70,8 +80,13 @@ class Gate:
                     return
         self._free += 1
 
+    def held(self) -> bool:
+        """Whether the current task holds one of this gate's slots (see the module docstring)."""
+        return _holding.get() is self
+
     async def __aenter__(self) -> None:
         await self.acquire()
+        _holding.set(self)
 
     async def __aexit__(
         self,
@@ -79,13 +94,26 @@ class Gate:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        _holding.set(None)
         self.release()
 
     @contextlib.asynccontextmanager
     async def next_page(self) -> AsyncIterator[None]:
         """A slot for a later page of a chain under way."""
         await self.acquire(first=False)
+        token = _holding.set(self)
         try:
             yield
         finally:
+            _holding.reset(token)
             self.release()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """A slot for a first request, unless the current task already holds one of this
+        gate's: then the request goes in that slot (see the module docstring)."""
+        if self.held():
+            yield
+            return
+        async with self:
+            yield

@@ -104,6 +104,31 @@ async def test_expired_credentials_are_renewed_once_and_the_page_continues(
     assert project(read_snapshot(second.data_path)) == truth_for(sb, ["eu-west-1"])
 
 
+@pytest.mark.timeout(60)
+async def test_credentials_renewed_while_signing_never_wait_for_a_second_slot(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Credentials inside botocore's refresh window (here: AssumeRole says they expire in
+    5 minutes, so every signing renews them) are renewed by a request that already holds a
+    slot of the concurrency cap; the renewal goes in that slot. Waiting for a second one would
+    deadlock with one slot (or with every slot held by a renewing request) until the partition
+    deadline failed the partitions."""
+    sb = await make_sandbox(
+        accounts=3, seed=35, regions=("eu-west-1",), faults=Faults(advertised_credential_ttl=300)
+    )
+    settings = make_settings(
+        sb.account_ids,
+        regions={"names": ["eu-west-1"]},
+        limits={"max_concurrency": 1},
+    )
+    policy = replace(FAST, partition_deadline=10.0)
+    summary = await run_once(settings, output=tmp_path, policy=policy)
+    assert summary.status == "complete", summary.failed
+    assert sb.stats().requests["sts:AssumeRole"] > len(sb.account_ids)  # renewed while signing
+    assert sb.stats().peak_in_flight == 1
+    assert project(read_snapshot(summary.data_path)) == truth_for(sb, ["eu-west-1"])
+
+
 async def test_attempt_budget_means_what_it_says(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:

@@ -64,3 +64,25 @@ async def test_a_cancelled_waiter_does_not_lose_the_slot() -> None:
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Gate(0)
+
+
+async def test_a_task_holding_a_slot_goes_ahead_in_it() -> None:
+    """`slot()` in a task that holds a slot (a renewal while signing) takes no second one;
+    in a task that holds none it waits like `async with gate`. Holding ends with the slot."""
+    gate = Gate(1)
+    other = Gate(1)
+    for enter in (lambda: gate, gate.next_page):
+        async with enter():
+            assert gate.held() and not other.held()
+            async with asyncio.timeout(1):
+                async with gate.slot():
+                    assert gate.in_flight == 1
+        assert not gate.held() and gate.in_flight == 0
+
+    await gate.acquire()  # held by someone else: this task must wait
+    waiting = asyncio.create_task(gate.slot().__aenter__())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    gate.release()
+    await waiting
+    assert gate.in_flight == 1
