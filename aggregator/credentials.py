@@ -349,7 +349,15 @@ class CredentialBroker:
     async def _assume(self, account: Account) -> tuple[dict[str, Any], float]:
         """One AssumeRole with retries; returns botocore refresh metadata and the seconds
         until the keys expire."""
-        sts = await self._sts_client(account.partition)
+        try:
+            sts = await self._sts_client(account.partition)
+        except Exception as exc:  # a hub profile that does not exist, a bad STS endpoint...
+            region = _STS_REGION.get(account.partition, "us-east-1")
+            err = translate(
+                exc, account_id=account.account_id, region=region, operation="AssumeRole"
+            )
+            self.outcomes[err.code] += 1
+            raise err from exc
         kwargs: dict[str, Any] = {
             "RoleArn": account.role_arn,
             "RoleSessionName": self._session_name,

@@ -36,6 +36,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     HTTPClientError,
     NoCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -252,4 +253,6 @@ def translate(exc: BaseException, *, account_id: str, region: str, operation: st
         return TransientError(code="TruncatedBody", detail="response body ended early", **ctx)
     if isinstance(exc, NoCredentialsError):
         return AccessDeniedError(code="NoCredentials", detail="no hub credentials found", **ctx)
+    if isinstance(exc, ProfileNotFound):  # a hub profile named in the config is not there
+        return AccessDeniedError(code="ProfileNotFound", detail=str(exc), **ctx)
     return ClientFailureError(code=type(exc).__name__, detail="unexpected error", **ctx)

@@ -146,6 +146,19 @@ async def fetch_partition(
                     detail=f"partition took longer than {policy.partition_deadline} s",
                 )
                 continue
+            except Exception as exc:  # one partition never stops the others
+                # Anything else (a profile that does not exist, an answer botocore cannot
+                # read, a bug) fails this partition only; its jobs are carried forward.
+                error = translate(
+                    exc, account_id=partition.account_id, region=region, operation="ListJobs"
+                )
+                log.warning(
+                    "partition.attempt_failed",
+                    code=error.code,
+                    operation=error.operation,
+                    error_type=type(exc).__name__,
+                )
+                continue
         return PartitionResult(
             partition=partition,
             status="ok",

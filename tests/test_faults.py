@@ -129,6 +129,29 @@ async def test_credentials_renewed_while_signing_never_wait_for_a_second_slot(
     assert project(read_snapshot(summary.data_path)) == truth_for(sb, ["eu-west-1"])
 
 
+async def test_an_unexpected_error_fails_its_partitions_alone(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """An error outside the AWS error tree (here: the aws-cn hub profile the config names
+    does not exist, so its STS client cannot even be made) fails that account's partitions,
+    named by the error; every other partition completes and the snapshot holds their jobs."""
+    sb = await make_sandbox(accounts=3, seed=36, regions=("eu-west-1",))
+    china = "333333333333"
+    settings = make_settings(
+        sb.account_ids,
+        accounts={"list": [{"id": china, "role_arn": f"arn:aws-cn:iam::{china}:role/Reader"}]},
+        partitions={"aws-cn": {"profile": "no-such-profile"}},
+        regions={"names": ["eu-west-1", "cn-north-1"]},
+    )
+    summary = await run_once(settings, output=tmp_path, policy=FAST)
+    assert summary.status == "partial" and summary.exit_code == 1
+    assert {(f["account_id"], f["error_code"]) for f in summary.failed} == {
+        (china, "ProfileNotFound")
+    }
+    assert "no-such-profile" in summary.failed[0]["message"]
+    assert project(read_snapshot(summary.data_path)) == truth_for(sb, ["eu-west-1"])
+
+
 async def test_attempt_budget_means_what_it_says(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
