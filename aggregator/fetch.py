@@ -6,9 +6,12 @@ the partition's pacer (rate per account-region) and then for a slot of the globa
 partition never holds a slot while it waits. Retryable errors (throttling, 5xx, resets,
 timeouts, torn bodies) are retried up to `RetryPolicy.max_attempts` per page with full-jitter
 backoff; a throttle also slows the pacer down. An InvalidNextToken
-mid-chain restarts the partition from its first page (at most `max_restarts` times) and
-discards the pages read so far, so a result is always one consistent pass over the list.
-Expired credentials are refreshed once per page and the same page is asked again.
+mid-chain restarts the partition from its first page (at most `max_restarts` times in each
+region it tries) and discards the pages read so far, so a result is always one consistent pass
+over the list; so does a NextToken the chain has already returned (a service stuck in a loop
+would otherwise be paged until the deadline), which fails the attempt as `NextTokenLoop` once
+the restarts are spent. Expired credentials are refreshed once per page and the same page is
+asked again. `partition_deadline` bounds the whole partition, fallback regions included.
 """
 
 from __future__ import annotations
@@ -126,10 +129,12 @@ async def fetch_partition(
     started = monotonic()
     regions = (partition.region, *partition.fallbacks)
     error: AwsError | None = None
+    deadline = policy.partition_deadline
+    ends_at = None if deadline is None else asyncio.get_running_loop().time() + deadline
     for region in regions:
         with bound_contextvars(account_id=partition.account_id, region=region):
             try:
-                async with asyncio.timeout(policy.partition_deadline):
+                async with asyncio.timeout_at(ends_at):
                     entries = await _paginate(
                         partition, region, clients, pacer, gate, policy, sleep, rng, counters
                     )
@@ -207,24 +212,40 @@ async def _paginate(
 ) -> list[JobEntry]:
     entries: list[JobEntry] = []
     token: str | None = None
+    seen: set[str] = set()  # the chain's tokens so far
+    restarts = 0  # in this region
     while True:
         try:
             page = await _page(
                 partition, region, token, clients, pacer, gate, policy, sleep, rng, counters
             )
         except InvalidNextTokenError:
-            if token is None or counters.restarts >= policy.max_restarts:
+            if token is None or restarts >= policy.max_restarts:
                 raise
-            counters.restarts += 1
-            log.info("partition.restarted", restarts=counters.restarts)
-            entries.clear()
-            token = None
-            continue
-        counters.pages += 1
-        entries.extend(page.entries)
-        token = page.next_token
-        if token is None:
-            return entries
+            page = None
+        if page is not None:
+            counters.pages += 1
+            entries.extend(page.entries)
+            token = page.next_token
+            if token is None:
+                return entries
+            if token not in seen:
+                seen.add(token)
+                continue
+            if restarts >= policy.max_restarts:
+                raise TransientError(
+                    account_id=partition.account_id,
+                    region=region,
+                    operation="ListJobs",
+                    code="NextTokenLoop",
+                    detail=f"a NextToken came back after {len(seen)} pages of the same chain",
+                )
+        restarts += 1
+        counters.restarts += 1
+        log.info("partition.restarted", restarts=counters.restarts, loop=page is not None)
+        entries.clear()
+        seen.clear()
+        token = None
 
 
 async def _page(

@@ -152,6 +152,41 @@ async def test_an_unexpected_error_fails_its_partitions_alone(
     assert project(read_snapshot(summary.data_path)) == truth_for(sb, ["eu-west-1"])
 
 
+@pytest.mark.timeout(30)  # without loop detection the chain never ends
+async def test_a_looping_next_token_restarts_then_fails_the_partition(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A service that answers a later page with the NextToken it was given (a chain that
+    never ends) is caught at once: each US region tried gets its own `max_restarts` fresh
+    starts, then the partition fails as `NextTokenLoop`, with a bounded number of requests;
+    the other account completes, and nothing it has is lost."""
+    looping = "200000000001"
+    sb = await make_sandbox(
+        accounts=2,
+        seed=37,
+        regions=("us-east-1", "us-east-2"),
+        jobs={(looping, "us-east-1"): 250},
+        faults=Faults(looping_tokens=frozenset({looping})),
+    )
+    settings = make_settings(
+        sb.account_ids,
+        regions={"names": ["us-east-1", "us-east-2"], "us_strategy": "one"},
+    )
+    policy = replace(FAST, max_restarts=2)
+    summary = await run_once(settings, output=tmp_path, policy=policy)
+    assert summary.status == "partial"
+    assert [(f["account_id"], f["error_code"]) for f in summary.failed] == [
+        (looping, "NextTokenLoop")
+    ]
+    # two regions x (1 + 2 restarts): each pass is caught on its second page, the first
+    # answer that repeats a token
+    assert summary.restarts == 4
+    assert sb.stats().faults["looping_token"] == 6
+    others = [job for job in truth_for(sb, ["us-east-1", "us-east-2"], "one")]
+    others = [job for job in others if job["account_id"] != looping]
+    assert project(read_snapshot(summary.data_path)) == others
+
+
 async def test_attempt_budget_means_what_it_says(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:

@@ -61,6 +61,8 @@ class Faults:
         answers 403 ``UnrecognizedClientException`` as real AWS does.
       p_sts_500: STS answers ``InternalFailure`` (HTTP 500).
       p_sts_reset: STS aborts the connection.
+      looping_tokens: account ids whose ListJobs, asked for a later page, answers it with the
+        NextToken it was given (a service stuck on one page: the chain never ends).
     """
 
     p_500: float = 0.0
@@ -83,6 +85,7 @@ class Faults:
     disabled_regions: Mapping[str, frozenset[str]] = field(default_factory=dict)
     p_sts_500: float = 0.0
     p_sts_reset: float = 0.0
+    looping_tokens: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in (

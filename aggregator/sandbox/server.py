@@ -761,6 +761,14 @@ class Sandbox:
                 token = self._next_token(account_id, job_list, offset + count, now)
                 payload = list_jobs_json(entries, token)
 
+        if next_token is not None and token is not None and account_id in faults.looping_tokens:
+            self._fault_counts["looping_token"] += 1
+            token = next_token
+            payload = (
+                list_jobs_cbor(entries, count, token)
+                if wire is _Wire.CBOR
+                else list_jobs_json(entries, token)
+            )
         if fault is FaultKind.TRUNCATED:
             return await self._truncated(request, payload, content_type)
         if fault is FaultKind.MALFORMED:
