@@ -5,7 +5,8 @@ job (the US regions all return the account's US jobs), the record keeps the unio
 regions and the fields of the latest observation, so a job whose state changed during the run
 ends with its newest state. Failed partitions contribute the previous snapshot's records of that
 account and region, marked `stale` with their original `last_seen`, so a transient failure never
-looks like a deleted job.
+looks like a deleted job. So do skipped ones (the region answered that the account has not
+enabled it): a region that returned jobs before and now says so has not shown them deleted.
 """
 
 from __future__ import annotations
@@ -76,10 +77,9 @@ class Merger:
 
     def _fold(self, result: PartitionResult) -> None:
         account_id = result.partition.account_id
-        if result.status != "ok":
-            if result.status == "failed":
-                self._failed.add((account_id, result.partition.region))
-                self._failed.update((account_id, r) for r in result.partition.fallbacks)
+        if result.status != "ok":  # failed or skipped: no answer about the jobs there
+            self._failed.add((account_id, result.partition.region))
+            self._failed.update((account_id, r) for r in result.partition.fallbacks)
             return
         if account_id in self._built:  # more results than `expect` announced: fold on
             self._built_ids.pop(account_id, None)

@@ -15,7 +15,7 @@ import dataclasses
 import gc
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -328,7 +328,7 @@ class Aggregator:
             assume_calls = broker.assume_role_calls - assume_before
             organizations_calls = sum(organizations.values())
             previous: list[JobRecord] = []
-            if previous_manifest is not None and any(r.status == "failed" for r in results):
+            if previous_manifest is not None and _carries_forward(results, previous_manifest):
                 previous = [r async for r in base.read_records(previous_manifest)]
             records, stats = merger.records(snapshot_id=snapshot_id, previous=previous)
 
@@ -560,3 +560,24 @@ def _reload(reload: Callable[[], Settings] | None, current: Settings) -> Setting
         return current
     log.info("config.reloaded", source=new.source)
     return new
+
+
+def _carries_forward(results: Iterable[PartitionResult], manifest: Mapping[str, Any]) -> bool:
+    """Whether the previous snapshot may hold jobs this run must carry forward as stale: a
+    partition failed, or one was skipped (its region not enabled) that had jobs before, or
+    failed before, or may have carried stale jobs (the previous snapshot has some)."""
+    skipped: set[tuple[str, str]] = set()
+    for r in results:
+        if r.status == "failed":
+            return True
+        if r.status == "skipped":
+            skipped.add((r.partition.account_id, r.partition.region))
+    if not skipped:
+        return False
+    if int(manifest.get("stale_jobs") or 0) > 0:
+        return True
+    return any(
+        (entry.get("account_id"), entry.get("region")) in skipped
+        and (entry.get("status") == "failed" or int(entry.get("jobs") or 0) > 0)
+        for entry in manifest.get("partition_status") or ()
+    )

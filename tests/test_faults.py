@@ -264,6 +264,47 @@ async def test_failed_partition_keeps_its_jobs_as_stale(
     )
 
 
+async def test_a_region_that_answers_not_enabled_keeps_its_jobs_as_stale(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Run 1 reads jobs in an opt-in region; runs 2 and 3 are told the account has not
+    enabled it (skipped, not failed): its jobs stay, stale, with last_seen kept, and the
+    change file says they went stale, not that they were removed."""
+    sb = await make_sandbox(
+        accounts=2,
+        seed=38,
+        regions=("eu-west-1", "af-south-1"),
+        jobs={("200000000000", "af-south-1"): 7},
+    )
+    victim = "200000000000"
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "af-south-1"]})
+    first = await run_once(settings, output=tmp_path, policy=FAST)
+    before = {r["job_id"]: r for r in read_snapshot(first.data_path)}
+    hidden = {
+        j for j, r in before.items() if r["account_id"] == victim and r["regions"] == ["af-south-1"]
+    }
+    assert len(hidden) == 7
+    sb.faults = replace(sb.faults, disabled_regions={victim: frozenset({"af-south-1"})})
+    for _ in range(2):
+        summary = await run_once(settings, output=tmp_path, policy=FAST)
+        assert summary.status == "complete" and summary.partitions["skipped"] == 1
+        after = {r["job_id"]: r for r in read_snapshot(summary.data_path)}
+        assert set(after) == set(before)
+        assert {j for j, r in after.items() if r["stale"]} == hidden
+        assert all(after[j]["last_seen"] == before[j]["last_seen"] for j in hidden)
+        assert summary.stale == 7
+    events = _change_events(tmp_path)
+    assert {e["event"] for e in events if e["job_id"] in hidden} == {"job_added", "job_went_stale"}
+
+
+def _change_events(root: Path) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line)
+        for path in sorted(root.glob("changes/*/*.jsonl"))
+        for line in path.read_bytes().splitlines()
+    ]
+
+
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(

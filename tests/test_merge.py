@@ -122,12 +122,14 @@ def test_us_job_is_stale_when_every_us_region_failed() -> None:
     assert [(r.job_id, r.stale) for r in records] == [("U", True)]
 
 
-def test_skipped_region_carries_nothing_forward() -> None:
-    """A region that is now skipped (not enabled) is not a failure: nothing is kept."""
+def test_skipped_region_keeps_its_previous_jobs_as_stale() -> None:
+    """A region that now answers that the account has not enabled it (skipped) has not shown
+    its jobs deleted: they are carried forward, stale, as for a failure."""
     m = Merger()
     m.add(result("af-south-1", status="skipped"))
-    records, _ = m.records(snapshot_id="NEW", previous=[us_record("Z", ["af-south-1"])])
-    assert records == []
+    records, stats = m.records(snapshot_id="NEW", previous=[us_record("Z", ["af-south-1"])])
+    assert [(r.job_id, r.stale, r.snapshot_id) for r in records] == [("Z", True, "NEW")]
+    assert stats.stale == 1
 
 
 _ACCOUNTS = tuple(
