@@ -121,13 +121,20 @@ class _S3Sink(Sink):
 
     async def _send(self, body: bytes) -> None:
         """Upload one part in the background, keeping at most `max_uploads` in flight."""
-        while len(self._tasks) >= self._store.max_uploads:
-            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                self._tasks.remove(task)
-                task.result()
+        await self._reap(self._store.max_uploads - 1)
         number, self._next_part = self._next_part, self._next_part + 1
         self._tasks.append(asyncio.create_task(self._upload_part(number, body)))
+
+    async def _reap(self, keep: int) -> None:
+        """Wait until at most `keep` part uploads are in flight, raising the first failure.
+        A task leaves `_tasks` only once it is done and its outcome taken, so after a failure
+        the uploads still running stay there for `abort` to cancel and await."""
+        while len(self._tasks) > keep:
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in self._tasks[:]:
+                if task in done:
+                    self._tasks.remove(task)
+                    task.result()
 
     async def _upload_part(self, number: int, body: bytes) -> None:
         store = self._store
@@ -147,9 +154,7 @@ class _S3Sink(Sink):
         if self._buf:
             await self._send(bytes(self._buf))
             self._buf.clear()
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            await task
+        await self._reap(0)
 
     async def publish(self) -> None:
         store = self._store

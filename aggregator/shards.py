@@ -21,21 +21,24 @@ version) and writes one snapshot with the normal layout under `<dir>` (moving `<
 records sorted by (account_id, job_id) and re-stamped with the merged snapshot id, so they are
 byte for byte what one unsharded run writes. An incomplete or mismatched set is refused with a
 `ShardError` naming what is missing or wrong, and nothing is written. The merged snapshot id is
-derived from the run (start of the earliest shard, digest of the run id), so merging the same
-shard snapshots again changes nothing.
+derived from the shard snapshots (start of the earliest shard, digest of the run id and the
+shard snapshot ids), and a merge of exactly the shard snapshots a published snapshot already
+merged changes nothing. After a shard is run again, merging again writes a new snapshot with a
+new id, never one already written: LATEST only ever moves forward (see `merge_run`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ import structlog
 from .accounts import Account
 from .errors import AggregatorError, ConfigError, OutputError
 from .records import JobRecord, iso_seconds
-from .snapshot import Store, WrittenSnapshot, open_store, snapshot_date
+from .snapshot import Store, WrittenSnapshot, manifest_path, open_store
 
 __all__ = [
     "RUN_ID_ENV",
@@ -329,12 +332,26 @@ class MergedRun:
     shard_snapshot_ids: tuple[str, ...]
 
 
-def merged_snapshot_id(run_id: str, started_at: str) -> str:
-    """`<start of the earliest shard>-<4 hex digits of SHA-256(run_id)>`: the same id however
-    often the same run is merged."""
+_ID_TIME = "%Y%m%dT%H%M%SZ"
+
+
+def merged_snapshot_id(
+    run_id: str, started_at: str, shard_snapshot_ids: Sequence[str], *, after: str | None = None
+) -> str:
+    """`<start of the earliest shard>-<4 hex digits of SHA-256(run id, shard snapshot ids)>`:
+    the same id however often the same shard snapshots are merged, another one once a shard
+    has been run again.
+
+    `after=None`: an id the result must sort after (the one LATEST names, when that is an
+    earlier merge of this run); if it would not, its time is that id's plus one second.
+    """
     when = datetime.strptime(started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    suffix = hashlib.sha256(run_id.encode()).hexdigest()[:4]
-    return f"{when:%Y%m%dT%H%M%SZ}-{suffix}"
+    suffix = hashlib.sha256("\n".join([run_id, *shard_snapshot_ids]).encode()).hexdigest()[:4]
+    snapshot_id = f"{when:{_ID_TIME}}-{suffix}"
+    if after is not None and snapshot_id <= after:
+        then = datetime.strptime(after[:16], _ID_TIME) + timedelta(seconds=1)
+        snapshot_id = f"{then:{_ID_TIME}}-{suffix}"
+    return snapshot_id
 
 
 async def _load(
@@ -536,7 +553,11 @@ async def merge_shards(
         versions = sorted({str(m.get("schema_version")) for m in manifests})
         if len(versions) > 1:
             raise ShardError(f"run {run_id}: the shards have different schema versions {versions}")
-        snapshot_id = merged_snapshot_id(run_id, min(str(m["started_at"]) for m in manifests))
+        snapshot_id = merged_snapshot_id(
+            run_id,
+            min(str(m["started_at"]) for m in manifests),
+            [str(m["snapshot_id"]) for m in manifests],
+        )
         records: list[JobRecord] = []
         for i, (store, manifest) in enumerate(zip(stores, manifests, strict=True)):
             label = f"run {run_id}: shard {i}/{count}"
@@ -569,27 +590,60 @@ class MergeResult:
         return 0 if self.status == "complete" else 1
 
 
-async def _merged_before(store: Store, merged: MergedRun) -> WrittenSnapshot | None:
-    try:
-        manifest = await store.read_manifest(merged.snapshot_id)
-    except OutputError:
-        return None
-    shards = (manifest.get("sharded") or {}).get("shards") or []
-    if tuple(s.get("snapshot_id") for s in shards) != merged.shard_snapshot_ids:
-        return None
-    data = manifest["data"]
-    changes = manifest.get("changes") or {}
-    return WrittenSnapshot(
-        snapshot_id=merged.snapshot_id,
-        data_path=data["path"],
-        manifest_path=f"snapshots/date={snapshot_date(merged.snapshot_id)}/"
-        f"{merged.snapshot_id}.manifest.json",
-        sha256=data["sha256"],
-        bytes=data["bytes"],
-        records=data["records"],
-        changes_path=changes.get("path"),
-        events=changes.get("events"),
-    )
+def _merged_shards(manifest: Mapping[str, Any]) -> tuple[str | None, tuple[Any, ...]]:
+    """(run id, shard snapshot ids) of a merged snapshot's manifest; (None, ()) for others."""
+    sharded = manifest.get("sharded")
+    if not isinstance(sharded, dict):
+        return None, ()
+    shards = sharded.get("shards") or []
+    return sharded.get("run_id"), tuple(s.get("snapshot_id") for s in shards)
+
+
+async def _merged_before(
+    store: Store, merged: MergedRun, latest: dict[str, Any] | None
+) -> WrittenSnapshot | None:
+    """The published snapshot that merged exactly these shard snapshots, if there is one.
+
+    Published means on the chain back from LATEST (a manifest that a crash left unnamed does
+    not count: merging again publishes it). The walk stops at the first snapshot older than
+    the run's earliest shard, where no merge of it can be."""
+    oldest = merged.snapshot_id[:16]
+    want = (merged.run_id, merged.shard_snapshot_ids)
+    manifest = latest
+    seen: set[str] = set()
+    while manifest is not None:
+        snapshot_id = str(manifest.get("snapshot_id"))
+        if snapshot_id[:16] < oldest or snapshot_id in seen:
+            return None
+        seen.add(snapshot_id)
+        if _merged_shards(manifest) == want:
+            data = manifest["data"]
+            changes = manifest.get("changes") or {}
+            return WrittenSnapshot(
+                snapshot_id=snapshot_id,
+                data_path=data["path"],
+                manifest_path=manifest_path(snapshot_id),
+                sha256=data["sha256"],
+                bytes=data["bytes"],
+                records=data["records"],
+                changes_path=changes.get("path"),
+                events=changes.get("events"),
+            )
+        previous = manifest.get("previous_snapshot_id")
+        if not previous:
+            return None
+        try:
+            manifest = await store.read_manifest(str(previous))
+        except OutputError:  # pruned or unreadable: the chain ends here
+            return None
+    return None
+
+
+def _restamped(merged: MergedRun, snapshot_id: str) -> MergedRun:
+    if snapshot_id == merged.snapshot_id:
+        return merged
+    records = [r._replace(snapshot_id=snapshot_id) for r in merged.records]
+    return dataclasses.replace(merged, snapshot_id=snapshot_id, records=records)
 
 
 async def merge_run(
@@ -608,10 +662,19 @@ async def merge_run(
     """`snowball-aggregator merge`: wait for the shards (`wait_for_shards`), check and merge
     them (`merge_shards`), and write the merged snapshot under `output` with the normal layout
     (change file against the snapshot LATEST named before, LATEST moved, then `prune(retain)`
-    when `retain` is given).
+    when `retain` is given; a prune that fails is a warning, as in `run`: the snapshot is
+    complete and the next prune catches up).
+
+    Nothing is written, and `already_merged` is set, when a published snapshot (on the chain
+    back from LATEST) merged exactly these shard snapshots. Otherwise the merged snapshot gets
+    a new id, after the one LATEST names: when LATEST is an earlier merge of this run (a shard
+    was run again since), the id's time moves past LATEST's if need be; when LATEST is a newer
+    snapshot of something else, the merge is refused. A snapshot is never written again under
+    an id that LATEST, or the chain behind it, names.
 
     Keyword options as for `wait_for_shards` and `merge_shards`, plus `retain=None`.
-    Raises `ShardError` (missing or mismatched shards: nothing written) or `OutputError`.
+    Raises `ShardError` (missing or mismatched shards, or LATEST newer than the run: nothing
+    written) or `OutputError`.
     """
     options = dict(store_options or {})
     await wait_for_shards(
@@ -620,22 +683,38 @@ async def merge_run(
     merged = await merge_shards(output, run_id, count, now=now, store_options=options)
     status = str(merged.manifest["status"])
     async with open_store(output, **options) as store:
-        before = await _merged_before(store, merged)
-        if before is not None:
-            log.info("merge.already_merged", run_id=run_id, snapshot_id=merged.snapshot_id)
-            return MergeResult(written=before, status=status, already_merged=True)
-        await store.check_writable()
         previous = await store.latest_manifest()
-        if previous is not None and previous.get("snapshot_id") == merged.snapshot_id:
-            # This run was merged from other shard snapshots before: diff against what it
-            # replaced, not against itself.
-            old = previous.get("previous_snapshot_id")
-            previous = await store.read_manifest(old) if old else None
+        before = await _merged_before(store, merged, previous)
+        if before is not None:
+            log.info("merge.already_merged", run_id=run_id, snapshot_id=before.snapshot_id)
+            return MergeResult(written=before, status=status, already_merged=True)
+        latest = None if previous is None else str(previous.get("snapshot_id"))
+        if previous is not None and _merged_shards(previous)[0] == run_id:
+            # A shard was run again since this run's last merge: a new snapshot replaces it.
+            merged = _restamped(
+                merged,
+                merged_snapshot_id(
+                    run_id,
+                    str(merged.manifest["started_at"]),
+                    merged.shard_snapshot_ids,
+                    after=latest,
+                ),
+            )
+        if latest is not None and merged.snapshot_id <= latest:
+            raise ShardError(
+                f"run {run_id}: LATEST names snapshot {latest}, newer than this run (merged "
+                f"snapshot {merged.snapshot_id}): merging it would move LATEST back; nothing "
+                "written"
+            )
+        await store.check_writable()
         written = await store.write(
             merged.snapshot_id, merged.records, merged.manifest, previous=previous
         )
         if retain is not None:
-            await store.prune(retain)
+            try:
+                await store.prune(retain)
+            except OutputError as exc:  # the snapshot is complete; the next prune catches up
+                log.warning("snapshot.prune_failed", error=str(exc))
     log.info(
         "merge.finished",
         run_id=run_id,

@@ -294,3 +294,79 @@ async def test_two_runs_to_s3_read_the_previous_snapshot_back(
     await diff_command(f"s3://{bucket}/runs", second.snapshot_id, third.snapshot_id, out=out)
     kinds = {orjson.loads(line)["event"] for line in out.getvalue().splitlines()}
     assert kinds == {"job_recovered"}
+
+
+async def test_a_failed_part_cancels_the_other_part_uploads(bucket: str) -> None:
+    """When one part of a multipart upload fails, the parts still in flight are cancelled and
+    awaited before the upload is aborted: none is sent after the abort, none is left running."""
+    import asyncio
+
+    release = asyncio.Event()
+    late: list[int] = []
+    calls: list[str] = []
+
+    async def upload_part(params: dict[str, Any], **_: Any) -> dict[str, Any] | None:
+        if params["PartNumber"] == 1:
+            return {**params, "Bucket": f"{bucket}-gone"}  # moto answers NoSuchBucket
+        await release.wait()  # the other parts are still uploading when part 1 fails
+        late.append(params["PartNumber"])
+        return None
+
+    def abort_upload(**_: Any) -> None:
+        calls.append("AbortMultipartUpload")
+        release.set()
+
+    states = {f"J{i:06d}": "New" for i in range(14_000)}
+    async with S3Store(
+        f"s3://{bucket}/torn", multipart_threshold=5 * MiB, part_size=5 * MiB, max_uploads=4
+    ) as store:
+        events = store.client.meta.events
+        events.register("provide-client-params.s3.UploadPart", upload_part)
+        events.register("provide-client-params.s3.AbortMultipartUpload", abort_upload)
+        with pytest.raises(OutputError, match="cannot write the snapshot: NoSuchBucket"):
+            await store.write(
+                sid(0), records(sid(0), states, description="x" * 600), {}, changes=False
+            )
+        left = [
+            t for t in asyncio.all_tasks() if not t.done() and "_upload_part" in repr(t.get_coro())
+        ]
+        assert left == [] and late == [], "a part upload outlived the abort"
+        assert calls == ["AbortMultipartUpload"]
+        assert await store.latest_manifest() is None
+    async with AioSession().create_client("s3") as s3:
+        uploads = await s3.list_multipart_uploads(Bucket=bucket, Prefix="torn/")
+    assert not uploads.get("Uploads") and await objects(bucket, "torn/") == {}
+
+
+async def test_merge_warns_when_prune_fails(make_sandbox: SandboxFactory, bucket: str) -> None:
+    """A prune that fails after the merged snapshot is written is a warning, as for `run`: the
+    merge returns its own status (exit code 0 here, not 2), LATEST names the merged snapshot
+    and the snapshot that prune could not delete is left for the next prune."""
+    from structlog.testing import capture_logs
+
+    from aggregator.service import run_once
+    from aggregator.shards import Shard, merge_run
+
+    url = f"s3://{bucket}/merged"
+    old = "20200101T000000Z-0000"
+    async with open_store(url) as store:
+        await write(store, old, {"A": "New"})
+    sb = await make_sandbox(accounts=6, seed=9, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    for i in range(2):
+        await run_once(settings, output=url, shard=Shard(i, 2, "r1"))
+    session = AioSession()
+    session.register(  # moto answers NoSuchBucket: prune cannot delete the expired snapshot
+        "provide-client-params.s3.DeleteObjects",
+        lambda params, **_: {**params, "Bucket": f"{bucket}-gone"},
+    )
+    with capture_logs() as logs:
+        result = await merge_run(url, "r1", 2, retain=1, store_options={"session": session})
+    assert result.status == "complete" and result.exit_code == 0 and not result.already_merged
+    warnings = [e for e in logs if e["event"] == "snapshot.prune_failed"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert "cannot delete old snapshots: NoSuchBucket" in warnings[0]["error"]
+    stored = await objects(bucket, "merged/")
+    assert stored["LATEST"].decode().strip() == result.written.manifest_path
+    own = [k for k in stored if not k.startswith("shards/")]
+    assert snapshot_ids(own) == [old, result.written.snapshot_id]

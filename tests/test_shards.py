@@ -4,6 +4,8 @@ merge of N shard snapshots into one snapshot equal to an unsharded run's."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +174,39 @@ def test_shard_manifest_entry() -> None:
 # --- running shards and merging them ---------------------------------------------------------
 
 
-async def run_shard(settings: Settings, output: Path, shard: Shard) -> None:
-    await run_once(settings, output=output, shard=shard)
+async def run_shard(settings: Settings, output: Path, shard: Shard, **options: Any) -> None:
+    await run_once(settings, output=output, shard=shard, **options)
+
+
+def at(minute: int) -> Callable[[], datetime]:
+    """A clock stopped at 15:<minute> on 2026-11-28 (a run's start, hence its snapshot id)."""
+    when = datetime(2026, 11, 28, 15, minute, tzinfo=UTC)
+    return lambda: when
+
+
+def published(output: Path) -> dict[str, bytes]:
+    """Every snapshot and change file of the location (not the shards' folders), by path."""
+    return {
+        p.relative_to(output).as_posix(): p.read_bytes()
+        for top in ("snapshots", "changes")
+        for p in (output / top).rglob("*")
+        if p.is_file()
+    }
+
+
+def chain(output: Path) -> list[str]:
+    """Snapshot ids from LATEST back along previous_snapshot_id (stops at a repeat)."""
+    rel = (output / "LATEST").read_text().strip()
+    ids: list[str] = []
+    while rel and len(ids) < 10:
+        manifest = manifest_of(output, rel)
+        ids.append(manifest["snapshot_id"])
+        previous = manifest["previous_snapshot_id"]
+        if previous is None or previous in ids:
+            break
+        rel = f"snapshots/date={previous[:4]}-{previous[4:6]}-{previous[6:8]}/{previous}"
+        rel += ".manifest.json"
+    return ids
 
 
 _VOLATILE = re.compile(rb'"(snapshot_id|observed_at|last_seen)":"[^"]*"')
@@ -251,6 +284,81 @@ async def test_merging_again_is_a_no_op(make_sandbox: SandboxFactory, tmp_path: 
     assert again.already_merged and again.written == first.written
     assert (tmp_path / first.written.data_path).stat().st_mtime_ns == before
     assert again.status == first.status == "complete"
+
+
+async def test_merging_after_a_shard_ran_again_writes_a_new_snapshot(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """When shard 1 is run again after the merge (it was partial), merging again writes a new
+    snapshot after the first, linked to it, and leaves the first byte for byte; merging once
+    more changes nothing."""
+    sb = await make_sandbox(accounts=8, seed=2, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    denied = next(a for a in sb.account_ids if shard_of(a, 2) == 1)
+    sb.faults = Faults(deny_list_jobs=frozenset({denied}))
+    for i in range(2):
+        await run_shard(settings, tmp_path, Shard(i, 2, "r1"), now=at(0))
+    first = await merge_run(tmp_path, "r1", 2)
+    assert first.status == "partial"
+    before = published(tmp_path)
+
+    sb.faults = Faults()
+    await run_shard(settings, tmp_path, Shard(1, 2, "r1"), now=at(20))
+    second = await merge_run(tmp_path, "r1", 2)
+    assert not second.already_merged and second.status == "complete"
+    assert second.written.snapshot_id > first.written.snapshot_id
+    assert {k: v for k, v in published(tmp_path).items() if k in before} == before
+    assert chain(tmp_path) == [second.written.snapshot_id, first.written.snapshot_id]
+    manifest = manifest_of(tmp_path, second.written.manifest_path)
+    jobs = [j for j in sb.truth() if j["account_id"] == denied]
+    assert manifest["changes"]["counts"]["job_added"] == manifest["changes"]["events"] == len(jobs)
+
+    third = await merge_run(tmp_path, "r1", 2)
+    assert third.already_merged and third.written == second.written
+
+
+async def test_merging_again_never_moves_latest_back(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Merge r1, then an unsharded run, then shard 1 of r1 again: merging the same shards is a
+    no-op, and merging the changed ones is refused (the unsharded snapshot is newer than the
+    run); nothing published is rewritten and the chain stays linear."""
+    sb = await make_sandbox(accounts=8, seed=2, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    for i in range(2):
+        await run_shard(settings, tmp_path, Shard(i, 2, "r1"), now=at(0))
+    first = await merge_run(tmp_path, "r1", 2)
+    single = await run_once(settings, output=tmp_path, now=at(10))
+    again = await merge_run(tmp_path, "r1", 2)
+    assert again.already_merged and again.written == first.written
+    before = published(tmp_path)
+
+    await run_shard(settings, tmp_path, Shard(1, 2, "r1"), now=at(20))
+    with pytest.raises(ShardError) as info:
+        await merge_run(tmp_path, "r1", 2)
+    assert str(info.value).startswith(
+        f"run r1: LATEST names snapshot {single.snapshot_id}, newer than this run"
+    )
+    assert published(tmp_path) == before
+    assert chain(tmp_path) == [single.snapshot_id, first.written.snapshot_id]
+
+
+async def test_a_merge_that_crashed_before_latest_is_published_by_the_next(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A merged manifest that a crash left unnamed by LATEST does not count as merged: merging
+    again publishes the run (nothing is lost)."""
+    sb = await make_sandbox(accounts=8, seed=2, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    older = await run_once(settings, output=tmp_path, now=at(0))
+    for i in range(2):
+        await run_shard(settings, tmp_path, Shard(i, 2, "r1"), now=at(10))
+    latest = (tmp_path / "LATEST").read_bytes()
+    first = await merge_run(tmp_path, "r1", 2)
+    (tmp_path / "LATEST").write_bytes(latest)  # as if killed just before LATEST moved
+    again = await merge_run(tmp_path, "r1", 2)
+    assert not again.already_merged and again.written == first.written
+    assert chain(tmp_path) == [first.written.snapshot_id, older.snapshot_id]
 
 
 async def test_merge_refuses_a_missing_shard(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
