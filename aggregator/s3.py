@@ -329,13 +329,14 @@ class S3Store(Store):
                 while chunk := await body.read(READ_CHUNK):
                     yield chunk
 
-    async def _list(self) -> list[str]:
-        out: list[str] = []
+    async def _list(self) -> dict[str, float]:
+        out: dict[str, float] = {}
         paginator = self.client.get_paginator("list_objects_v2")
         with self.errors("list the output location"):
             for top in ("snapshots/", "changes/"):
                 async for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(top)):
-                    out.extend(self._rel(o["Key"]) for o in page.get("Contents", ()))
+                    for o in page.get("Contents", ()):
+                        out[self._rel(o["Key"])] = o["LastModified"].timestamp()
         return out
 
     async def _delete(self, rels: Sequence[str]) -> None:

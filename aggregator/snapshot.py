@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import sys
+import time
 import zlib
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
@@ -151,7 +152,9 @@ def load_schema(name: str) -> dict[str, Any]:
 class WrittenSnapshot:
     """Where a snapshot landed (paths relative to the location), its data digest and size,
     and the number of change events (`changes_path`/`events` are None when the previous
-    snapshot could not be read and no change file was written)."""
+    snapshot could not be read and no change file was written). `published` is False when
+    LATEST was left at a newer snapshot that another writer published meanwhile (this one is
+    complete but off the chain, and a later prune removes it)."""
 
     snapshot_id: str
     data_path: str
@@ -161,6 +164,7 @@ class WrittenSnapshot:
     records: int
     changes_path: str | None = None
     events: int | None = None
+    published: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,16 +463,26 @@ class Store(ABC):
     default 6), `remember` (default True: keep the lines of the last snapshot this store
     wrote, its data file uncompressed, about 400 bytes a job, so that the next write compares
     against them without reading that snapshot back; used only while it is still the
-    previous snapshot).
+    previous snapshot), `debris_age` (seconds, default 3600: `prune` leaves the files of an
+    unpublished or manifest-less snapshot alone until they are this old, since another writer
+    may still be producing them) and `clock` (epoch seconds, default `time.time`).
     """
 
     location: str
 
     def __init__(
-        self, *, compress: Compression | None = None, gzip_level: int = 6, remember: bool = True
+        self,
+        *,
+        compress: Compression | None = None,
+        gzip_level: int = 6,
+        remember: bool = True,
+        debris_age: float = 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if compress not in (None, "none", "gzip"):
             raise ValueError(f"compress must be 'none' or 'gzip', not {compress!r}")
+        self._debris_age = debris_age
+        self._clock = clock
         self.compress: Compression = compress or "none"
         self._level = gzip_level
         self._entered = False
@@ -529,8 +543,9 @@ class Store(ABC):
         return self._stream(rel)
 
     @abstractmethod
-    async def _list(self) -> list[str]:
-        """Every object under `snapshots/` and `changes/` (temporary ones included)."""
+    async def _list(self) -> dict[str, float]:
+        """Every object under `snapshots/` and `changes/` (temporary ones included), with
+        the time it was last modified (epoch seconds)."""
 
     @abstractmethod
     async def _delete(self, rels: Sequence[str]) -> None: ...
@@ -657,7 +672,20 @@ class Store(ABC):
             if changes_sink is not None:
                 await _abort(changes_sink)
             raise
-        await self._put(LATEST, [manifest_rel.encode() + b"\n"])
+        # LATEST never moves back: a writer that started later (by its id's start time; ids
+        # of the same second are told apart by publication order) but finished first, like a
+        # manual run while the daemon writes, keeps it, and this snapshot stays off the chain.
+        newer = ARTIFACT_RE.fullmatch(await self._latest_rel() or "")
+        published = newer is None or newer["id"][:16] <= snapshot_id[:16]
+        if published:
+            await self._put(LATEST, [manifest_rel.encode() + b"\n"])
+        else:
+            log.warning(
+                "snapshot.not_published",
+                snapshot_id=snapshot_id,
+                latest=newer["id"] if newer else None,
+                reason="a newer snapshot was published while this one was written",
+            )
         self._previous_of[snapshot_id] = previous_id
         # The lines of the data file, kept whole whether or not the change file was written.
         self._view = None if kept is None else (snapshot_id, kept)
@@ -677,6 +705,7 @@ class Store(ABC):
             records=len(records),
             changes_path=None if changes is None else changes_rel,
             events=None if changes is None else changes["events"],
+            published=published,
         )
 
     async def _stage_changes(
@@ -899,13 +928,17 @@ class Store(ABC):
         latest = found["id"]
         files: dict[str, list[str]] = defaultdict(list)
         manifests: set[str] = set()
-        for rel in await self._list():
+        young: set[str] = set()  # snapshots with a file modified within `debris_age`
+        recent = self._clock() - self._debris_age
+        for rel, modified in (await self._list()).items():
             m = ARTIFACT_RE.fullmatch(rel)
             if m is None:
                 continue
             files[m["id"]].append(rel)
             if m["kind"] == "manifest.json" and not m["tmp"]:
                 manifests.add(m["id"])
+            if modified > recent:
+                young.add(m["id"])
         if latest not in manifests:
             log.warning("snapshot.prune_skipped", reason="LATEST names a missing manifest")
             return Pruned()
@@ -925,12 +958,16 @@ class Store(ABC):
             chain.append(beyond)
         lo, hi = min(chain), max(chain)
         on_chain = set(chain)
-        orphaned = sorted(i for i in manifests if lo < i < hi and i not in on_chain)
+        # Unpublished or manifest-less snapshots are debris only once they are old: a writer
+        # elsewhere may still be producing one (its LATEST not written yet).
+        orphaned = sorted(
+            i for i in manifests if lo < i < hi and i not in on_chain and i not in young
+        )
         rest = sorted((i for i in manifests if i < lo), reverse=True)
         ordered = chain + rest  # newest first; anything above `hi` is left alone
         expired = sorted(ordered[retain:])
         kept = len(ordered) - len(expired)
-        incomplete = sorted(i for i in files if i not in manifests and i < hi)
+        incomplete = sorted(i for i in files if i not in manifests and i < hi and i not in young)
 
         doomed = expired + orphaned
         if doomed or incomplete:
@@ -1133,8 +1170,8 @@ class LocalStore(Store):
             for chunk in _file_chunks(self.root / rel):
                 yield chunk
 
-    async def _list(self) -> list[str]:
-        out: list[str] = []
+    async def _list(self) -> dict[str, float]:
+        out: dict[str, float] = {}
         with self.guard("list the output directory"):
             for top in ("snapshots", "changes"):
                 try:
@@ -1143,11 +1180,10 @@ class LocalStore(Store):
                     continue
                 for folder in folders:
                     if folder.is_dir() and folder.name.startswith("date="):
-                        out.extend(
-                            f"{top}/{folder.name}/{f.name}"
-                            for f in os.scandir(folder.path)
-                            if f.is_file()
-                        )
+                        for f in os.scandir(folder.path):
+                            if f.is_file():
+                                with contextlib.suppress(FileNotFoundError):  # just renamed
+                                    out[f"{top}/{folder.name}/{f.name}"] = f.stat().st_mtime
         return out
 
     async def _delete(self, rels: Sequence[str]) -> None:

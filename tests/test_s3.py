@@ -211,10 +211,10 @@ async def test_retention_on_s3(bucket: str) -> None:
     """Exactly `retain` snapshots stay, the newest; an unpublished snapshot and uploads that
     crashed runs left are cleaned up; LATEST's snapshot and newer uploads are kept."""
     url = f"s3://{bucket}/keep"
-    async with open_store(url) as store:
+    async with open_store(url, debris_age=0) as store:
         for n in range(4):
             await write(store, sid(n), {"A": "New", f"J{n}": "New"})  # a crash before prune
-    async with open_store(url) as store:
+    async with open_store(url, debris_age=0) as store:
         pruned = await store.prune(2)
     assert pruned.expired == (sid(0), sid(1))
     assert snapshot_ids(await objects(bucket, "keep/")) == [sid(2), sid(3)]
@@ -226,7 +226,7 @@ async def test_retention_on_s3(bucket: str) -> None:
         new = await s3.create_multipart_upload(
             Bucket=bucket, Key=f"keep/snapshots/date=2026-11-28/{sid(9)}.jsonl"
         )
-        async with open_store(url) as store:
+        async with open_store(url, debris_age=0) as store:
             latest = (await objects(bucket, "keep/"))["LATEST"]
             await write(store, sid(4), {"A": "Complete"})
             await s3.put_object(Bucket=bucket, Key="keep/LATEST", Body=latest)  # crash

@@ -10,6 +10,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ async def test_failure_before_latest_keeps_latest_and_staged_changes_vanish(
 ) -> None:
     """If the manifest cannot be written, the staged change file is removed and LATEST still
     names the previous snapshot; the data file left behind is pruned later as incomplete."""
-    async with LocalStore(tmp_path) as store:
+    async with LocalStore(tmp_path, debris_age=0) as store:
         await write(store, sid(0), {"A": "New"})
         real_put = store._put
 
@@ -447,7 +448,7 @@ async def test_unpublished_snapshot_is_removed_and_the_chain_holds(tmp_path: Pat
     """A snapshot whose manifest landed but LATEST never named (crash just before LATEST)
     is not published: the next cycle compares with LATEST's snapshot and prune removes it,
     so change files never overlap."""
-    async with LocalStore(tmp_path) as store:
+    async with LocalStore(tmp_path, debris_age=0) as store:
         await write(store, sid(0), {"A": "New"})
         published = (tmp_path / "LATEST").read_bytes()
         await write(store, sid(1), {"A": "Complete"})
@@ -491,7 +492,7 @@ async def test_prune_without_latest_does_nothing(tmp_path: Path) -> None:
 
 async def test_orphaned_temporary_files_of_old_runs_are_removed(tmp_path: Path) -> None:
     """Temporary files a killed process left behind (older than LATEST's) are removed."""
-    async with LocalStore(tmp_path) as store:
+    async with LocalStore(tmp_path, debris_age=0) as store:
         await write(store, sid(1), {"A": "New"})
         folder = tmp_path / "snapshots" / "date=2026-11-28"
         leftover = folder / f".{sid(0)}.jsonl.4242.deadbeef.tmp"
@@ -501,6 +502,58 @@ async def test_orphaned_temporary_files_of_old_runs_are_removed(tmp_path: Path) 
         pruned = await store.prune(5)
     assert pruned.incomplete == (sid(0),)
     assert not leftover.exists() and newer.exists()
+
+
+async def test_latest_never_moves_back_to_an_older_concurrent_write(tmp_path: Path) -> None:
+    """Two writers from the same previous snapshot: the one that started later finishes
+    first and publishes; the older one, finishing after, leaves LATEST where it is (no
+    backwards step, no fork in the chain), and prune then removes it as never published.
+    LATEST always names a manifest that exists."""
+    async with LocalStore(tmp_path) as early, LocalStore(tmp_path, debris_age=0) as late:
+        await write(early, sid(1), {"A": "New"})
+        base = await early.latest_manifest()
+        manifest = {"status": "complete", "partition_status": PARTITIONS}
+        newer = await late.write(sid(3), records(sid(3), {"A": "Done"}), manifest, previous=base)
+        older = await early.write(sid(2), records(sid(2), {"A": "New"}), manifest, previous=base)
+        assert newer.published and not older.published
+        assert (await early.latest_manifest() or {})["snapshot_id"] == sid(3)
+        pruned = await late.prune(5)
+    assert pruned.orphaned == (sid(2),)
+    assert snapshot_ids(tmp_path) == [sid(1), sid(3)]
+    latest = (tmp_path / (tmp_path / "LATEST").read_text().strip()).read_bytes()
+    assert orjson.loads(latest)["previous_snapshot_id"] == sid(1)
+
+
+async def test_files_another_writer_may_still_be_producing_survive_prune(tmp_path: Path) -> None:
+    """A snapshot whose manifest landed but whose writer has not moved LATEST yet, and a data
+    file still without manifest, look like crash debris; while they are younger than
+    `debris_age` prune leaves them (a writer elsewhere may be about to publish), and once they
+    are older it removes them."""
+    later = [time.time()]
+    async with LocalStore(tmp_path, clock=lambda: later[0]) as store:
+        await write(store, sid(1), {"A": "New"})
+        base = await store.latest_manifest()
+        manifest = {"status": "complete", "partition_status": PARTITIONS}
+        real_put = store._put
+
+        async def no_latest(rel: str, *args: Any, **kwargs: Any) -> Any:
+            if rel == "LATEST":
+                raise OutputError("paused before LATEST (simulated)")
+            return await real_put(rel, *args, **kwargs)
+
+        store._put = no_latest  # type: ignore[method-assign]
+        with pytest.raises(OutputError):
+            await store.write(sid(2), records(sid(2), {"A": "Done"}), manifest, previous=base)
+        store._put = real_put  # type: ignore[method-assign]
+        folder = tmp_path / "snapshots" / "date=2026-11-28"
+        (folder / f"{sid(3)}.jsonl").write_bytes(b"written, manifest to come\n")
+        await write(store, sid(4), {"A": "Done"})
+        assert await store.prune(5) == snapshot.Pruned(kept=2)
+        assert snapshot_ids(tmp_path) == [sid(1), sid(2), sid(4)]
+        later[0] += 3601
+        pruned = await store.prune(5)
+    assert (pruned.orphaned, pruned.incomplete) == ((sid(2),), (sid(3),))
+    assert snapshot_ids(tmp_path) == [sid(1), sid(4)]
 
 
 async def test_a_latest_temporary_left_by_a_kill_is_removed(tmp_path: Path) -> None:
