@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +21,14 @@ import orjson
 import structlog
 
 from .accounts import DiscoveryError
-from .config import Settings, load_settings, parse_duration, settings_from_mapping
+from .config import (
+    Settings,
+    check_output_location,
+    key_source,
+    load_settings,
+    parse_duration,
+    settings_from_mapping,
+)
 from .errors import ConfigError, OutputError
 from .logs import configure_logging
 from .service import RunSummary, run_once
@@ -126,6 +135,8 @@ def _summary_json(summary: RunSummary) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    if args.output is not None:
+        check_output_location(args.output)
     shard = resolve_shard(args.shard, args.run_id, os.environ)
     interactive = sys.stderr.isatty() and not (args.quiet or args.json)
     # On a TTY the progress bar replaces info logs; warnings and errors still show.
@@ -160,6 +171,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .shards import merge_run
 
     settings = load_settings(args.config)
+    if args.output is not None:
+        check_output_location(args.output)
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     try:
         check_run_id(args.run_id)
@@ -210,6 +223,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .snapshot import diff_command
 
+    if args.output is not None:
+        check_output_location(args.output)
     location = args.output or (
         load_settings(args.config).output.directory if args.config else "var/snapshots"
     )
@@ -244,7 +259,18 @@ async def _daemon(config: str, settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     metrics = Metrics()
     state = HealthState(interval=settings.daemon.interval)
-    async with HealthServer(state=state, metrics=metrics, listen=settings.daemon.listen) as http:
+    listen = settings.daemon.listen
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            http = await stack.enter_async_context(
+                HealthServer(state=state, metrics=metrics, listen=listen)
+            )
+        except OSError as exc:
+            raise ConfigError(
+                key_source(settings, "daemon.listen"),
+                "daemon.listen",
+                f"cannot listen on {listen!r}: {_os_reason(exc)}",
+            ) from None
         log = structlog.get_logger()
         log.info("daemon.started", listen=f"{settings.daemon.listen}", port=http.port)
         await run_forever(
@@ -256,6 +282,14 @@ async def _daemon(config: str, settings: Settings) -> int:
         )
         log.info("daemon.stopped")
     return 0
+
+
+def _os_reason(exc: OSError) -> str:
+    """The OS's words for `exc` (e.g. "Address already in use"), without the address and
+    wording asyncio wraps around them."""
+    if exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:

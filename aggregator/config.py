@@ -16,6 +16,7 @@ account id`.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -38,10 +39,19 @@ from pydantic import (
 
 from .errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings", "parse_duration"]
+__all__ = [
+    "ENV_PREFIX",
+    "MAX_INTERVAL",
+    "Settings",
+    "check_output_location",
+    "key_source",
+    "load_settings",
+    "parse_duration",
+]
 
 ENV_PREFIX = "SNOWBALL_AGGREGATOR_"
 PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
+MAX_INTERVAL = 7 * 24 * 3600.0  # daemon.interval: a week; longer is a cron job, not a daemon
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _ROLE_ARN_RE = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
 _ROLE_NAME_RE = re.compile(r"^[\w+=,.@/-]{1,64}$")
@@ -113,6 +123,8 @@ def parse_duration(value: object) -> float:
         seconds = h * 3600 + mi * 60 + s
     else:
         raise ValueError(f"{value!r} is not a duration such as '15m', '30s' or '1h'")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if not seconds > 0:
         raise ValueError(f"{value!r}: a duration must be positive")
     return seconds
@@ -125,9 +137,17 @@ def _listen(value: str) -> str:
     return value
 
 
+def _interval(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds > MAX_INTERVAL:
+        raise ValueError(f"{value!r} is longer than the maximum interval of 7 days")
+    return seconds
+
+
 AccountId = Annotated[str, AfterValidator(_account_id)]
 Region = Annotated[str, AfterValidator(_region)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Interval = Annotated[float, BeforeValidator(_interval)]
 
 
 class _Model(BaseModel):
@@ -226,6 +246,17 @@ def _output_location(value: str) -> str:
     return value
 
 
+def check_output_location(value: str, *, flag: str = "--output") -> str:
+    """Check an output location given on the command line exactly as `output.directory` is
+    checked; `ConfigError` naming `flag` and the same problem if it is malformed."""
+    if not value:
+        raise ConfigError(flag, "", "must not be empty")
+    try:
+        return _output_location(value)
+    except ValueError as exc:
+        raise ConfigError(flag, "", str(exc)) from None
+
+
 class OutputSettings(_Model):
     """`[output]`: where snapshots go (a directory or `s3://bucket/prefix`), how many are kept,
     and whether data and change files are gzip-compressed."""
@@ -242,7 +273,7 @@ class DaemonSettings(_Model):
     may take to finish after SIGTERM (`shutdown_deadline`), and the random delay added to each
     wait, as a fraction of the interval (`jitter`)."""
 
-    interval: Duration = 900.0
+    interval: Interval = 900.0
     listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9464"
     shutdown_deadline: Duration = 30.0
     jitter: float = Field(default=0.05, ge=0, le=0.5)
@@ -301,24 +332,54 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
+def _env_paths(env: Mapping[str, str]) -> list[tuple[str, list[str]]]:
+    """(variable name, key path) of every override in `env`, in the order they apply."""
+    out = []
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX):
+            path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+            if path:
+                out.append((name, path))
+    return out
+
+
+def _env_source(name: str) -> str:
+    return f"{name} (environment)"
+
+
+def _overrides(key: str, overridden: str) -> bool:
+    """Whether an override of the dotted key `overridden` set the value at `key`."""
+    return key == overridden or key.startswith((overridden + ".", overridden + "["))
+
+
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
     """Apply overrides in place; returns {dotted key: variable name} for error messages."""
     origins: dict[str, str] = {}
-    for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
-        if not path:
-            continue
+    for name, path in _env_paths(env):
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(name, ".".join(path), f"{part!r} is not a table")
+                raise ConfigError(
+                    _env_source(name), _key_path(tuple(path)), f"{part!r} is not a table"
+                )
             node = child
         node[path[-1]] = _env_value(env[name])
-        origins[".".join(path)] = name
+        key = _key_path(tuple(path))
+        origins.pop(key, None)  # keep the dict in the order the overrides were applied
+        origins[key] = name
     return origins
+
+
+def key_source(settings: Settings, key: str, *, env: Mapping[str, str] | None = None) -> str:
+    """Where the value of the dotted `key` came from, for an error found after loading (such
+    as `daemon.listen` that cannot be bound): the environment variable that set it, as in
+    validation errors, else `settings.source`. `env` defaults to `os.environ`."""
+    origin = None
+    for name, path in _env_paths(os.environ if env is None else env):
+        if _overrides(key, _key_path(tuple(path))):
+            origin = name  # the last one applied wins
+    return _env_source(origin) if origin else settings.source
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -389,12 +450,16 @@ def settings_from_mapping(
         errors = exc.errors()
         first = errors[0]
         key = _key_path(first["loc"])
-        origin = next((v for k, v in origins.items() if key == k or key.startswith(k + ".")), None)
+        # The last override applied that covers the key (a table, then a key inside it).
+        origin = None
+        for overridden, name in origins.items():
+            if _overrides(key, overridden):
+                origin = name
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         problem = _problem(first)
         if not key and ": " in problem and problem.split(": ", 1)[0].isidentifier():
             key, problem = problem.split(": ", 1)
-        return_source = f"{origin} (environment)" if origin else source
+        return_source = _env_source(origin) if origin else source
         raise ConfigError(return_source, key, problem + more) from None
 
 
@@ -408,7 +473,7 @@ def load_settings(
     p = Path(path)
     name = str(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is fine
     except FileNotFoundError:
         raise ConfigError(name, "", "file not found") from None
     except IsADirectoryError:

@@ -4,6 +4,7 @@ a separately started `snowball-aggregator sandbox` process."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,6 +15,8 @@ import orjson
 import pytest
 
 from aggregator.cli import main
+from aggregator.config import load_settings
+from aggregator.errors import ConfigError
 
 from .conftest import SandboxFactory
 
@@ -180,3 +183,73 @@ async def test_tty_run_draws_progress_and_summary_table(
     assert code == 0, screen
     assert "partitions" in screen and "snapshot" in screen and "complete" in screen
     assert "duplicates removed" in screen
+
+
+BAD_S3 = "s3://Bad_Bucket/x"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "--config", "{cfg}"],
+        ["diff", "latest", "latest"],
+        ["merge", "--config", "{cfg}", "--run-id", "r1", "--shards", "2"],
+    ],
+)
+def test_malformed_s3_output_flag_is_one_line_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A malformed `--output s3://...` exits 2 with the same one line as a bad
+    `output.directory`, naming `--output` instead of the file."""
+    cfg = config_file(tmp_path, ["111111111111"], ["eu-west-1"], tmp_path / "out")
+    argv = [arg.format(cfg=cfg) for arg in command]
+    assert main([*argv, "--output", BAD_S3]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "out"), BAD_S3))
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert info.value.key == "output.directory"
+    assert err == f"error: --output: {info.value.problem}\n"
+
+
+def test_malformed_s3_output_flag_never_prints_a_traceback(tmp_path: Path) -> None:
+    """The real console entry point exits 2 with one line for a bad `--output`."""
+    cfg = config_file(tmp_path, ["111111111111"], ["eu-west-1"], tmp_path / "out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "aggregator", "run", "--config", str(cfg), "--output", BAD_S3],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --output: 'Bad_Bucket' in 's3://Bad_Bucket/x'")
+    assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("via", ["file", "environment"])
+def test_daemon_listen_address_in_use_is_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    via: str,
+) -> None:
+    """A `daemon.listen` address that cannot be bound exits 2 with one line naming where the
+    address came from, the key and the OS reason."""
+    cfg = config_file(tmp_path, ["111111111111"], ["eu-west-1"], tmp_path / "out")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        address = f"127.0.0.1:{blocker.getsockname()[1]}"
+        if via == "file":
+            cfg.write_text(cfg.read_text() + f'[daemon]\nlisten = "{address}"\n')
+            source = str(cfg)
+        else:
+            monkeypatch.setenv("SNOWBALL_AGGREGATOR_DAEMON__LISTEN", address)
+            source = "SNOWBALL_AGGREGATOR_DAEMON__LISTEN (environment)"
+        assert main(["daemon", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"error: {source}: daemon.listen: cannot listen on {address!r}: "), err
+    assert "address already in use" in err.lower(), err

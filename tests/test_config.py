@@ -90,6 +90,26 @@ def test_settings_are_frozen() -> None:
             "prod.toml: daemon.listen: 'localhost' is not HOST:PORT",
         ),
         ('bogus = 1\n[accounts]\nids = ["111111111111"]\n', "prod.toml: bogus: unknown key"),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = inf\n',
+            "prod.toml: daemon.interval: inf is not a finite duration",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = -inf\n',
+            "prod.toml: daemon.interval: -inf is not a finite duration",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = nan\n',
+            "prod.toml: daemon.interval: nan is not a finite duration",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = 1e300\n',
+            "prod.toml: daemon.interval: 1e+300 is longer than the maximum interval of 7 days",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = "200h"\n',
+            "prod.toml: daemon.interval: '200h' is longer than the maximum interval of 7 days",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -129,6 +149,42 @@ def test_environment_overrides_and_names_the_variable(tmp_path: Path) -> None:
     assert str(info.value).startswith(
         "SNOWBALL_AGGREGATOR_LIMITS__MAX_ATTEMPTS (environment): limits.max_attempts:"
     )
+
+
+def test_environment_errors_on_indexed_keys_name_the_variable(tmp_path: Path) -> None:
+    """An override whose error lies inside it (`accounts.ids[0]`) names the variable, not the
+    file; so does an override whose path runs through a value that is not a table."""
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={"SNOWBALL_AGGREGATOR_ACCOUNTS__IDS": '["12345"]'})
+    assert str(info.value) == (
+        "SNOWBALL_AGGREGATOR_ACCOUNTS__IDS (environment): accounts.ids[0]: "
+        "'12345' is not a 12-digit AWS account id"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={"SNOWBALL_AGGREGATOR_ACCOUNTS__IDS__X": "1"})
+    assert str(info.value) == (
+        "SNOWBALL_AGGREGATOR_ACCOUNTS__IDS__X (environment): accounts.ids.x: 'ids' is not a table"
+    )
+    with pytest.raises(ConfigError) as info:  # the file's own mistakes still name the file
+        load_settings(
+            write(tmp_path, '[accounts]\nids = ["1"]\n'),
+            env={"SNOWBALL_AGGREGATOR_ACCOUNTS__EXCLUDE": '["222222222222"]'},
+        )
+    assert str(info.value).startswith(f"{tmp_path / 'prod.toml'}: accounts.ids[0]: ")
+
+
+def test_utf8_bom_is_accepted_and_other_encodings_are_one_line(tmp_path: Path) -> None:
+    """A file saved with a UTF-8 byte order mark loads; UTF-16 (or any non-UTF-8 bytes) is
+    still one clear line."""
+    path = tmp_path / "bom.toml"
+    text = '[accounts]\nids = ["111111111111"]\n'
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_settings(path, env={}).accounts.ids == ("111111111111",)
+    path.write_bytes(text.encode("utf-16"))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert str(info.value) == f"{path}: not UTF-8 text"
 
 
 @pytest.mark.parametrize(
