@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -143,6 +144,8 @@ def _hint(code: str, parent: str | None, partition: str) -> str:
         return "the hub account is not a member of an organization"
     if code in {"ParentNotFoundException", "TargetNotFoundException"} and parent:
         return f"accounts.organizations.ou_ids: {parent} is not a root or OU of this organization"
+    if code == "ProfileNotFound":
+        return f"[partitions.{partition}] profile names a profile the AWS config does not have"
     if code in {"NoCredentials", "UnrecognizedClientException", "InvalidClientTokenId"}:
         return (
             f"no valid hub credentials for partition {partition}: set [partitions.{partition}] "
@@ -215,6 +218,7 @@ class _Lister:
         key their results by id, so repeats are harmless)."""
         for restart in range(self._policy.max_restarts + 1):
             token: str | None = None
+            seen: set[str] = set()
             try:
                 while True:
                     extra = {"NextToken": token} if token else {}
@@ -225,6 +229,9 @@ class _Lister:
                     token = page.get("NextToken")
                     if not token:
                         return
+                    if token in seen:  # the service is stuck on a page: start over
+                        raise _TokenRejected
+                    seen.add(token)
             except _TokenRejected:
                 log.warning("discovery.restarted", operation=operation, restart=restart + 1)
         raise DiscoveryError(
@@ -301,11 +308,26 @@ async def discover_accounts(
     if hasattr(source, "create_client"):
         from .credentials import client_config  # credentials imports this module
 
-        async with source.create_client(
-            "organizations",
-            region_name=ORGANIZATIONS_REGION.get(partition, "us-east-1"),
-            config=client_config(timeout=request_timeout, http_session_cls=http_session_cls),
-        ) as client:
+        region = ORGANIZATIONS_REGION.get(partition, "us-east-1")
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                client = await stack.enter_async_context(
+                    source.create_client(
+                        "organizations",
+                        region_name=region,
+                        config=client_config(
+                            timeout=request_timeout, http_session_cls=http_session_cls
+                        ),
+                    )
+                )
+            except Exception as exc:  # a profile that does not exist, no region...
+                err = translate(exc, account_id=_HUB, region=region, operation="ListAccounts")
+                raise DiscoveryError(
+                    operation="ListAccounts",
+                    code=err.code,
+                    detail=err.detail,
+                    hint=_hint(err.code, None, partition),
+                ) from exc
             return await _discover(client, settings, partition, policy, sleep, rng, requests)
     return await _discover(source, settings, partition, policy, sleep, rng, requests)
 
@@ -352,6 +374,14 @@ async def _discover(
         accounts=len(found),
         ou_ids=len(org.ou_ids),
     )
+    if not found:
+        # An empty inventory published as complete would make every job look gone.
+        raise DiscoveryError(
+            operation="ListAccountsForParent" if org.ou_ids else "ListAccounts",
+            code="NoAccounts",
+            detail=f"{listed} accounts listed, {inactive} not ACTIVE, none left to inventory",
+            hint="check accounts.organizations.include, ou_ids and accounts.exclude",
+        )
     return tuple(sorted(found.values(), key=lambda a: a.account_id))
 
 

@@ -286,6 +286,29 @@ async def test_unknown_ou_is_a_clear_error(org: Org) -> None:
     assert "\n" not in message
 
 
+async def test_discovery_that_keeps_no_account_is_an_error(org: Org) -> None:
+    """A discovery whose include list matches no ACTIVE account (a typo) fails in one line
+    instead of returning an empty inventory, which a run would publish as complete with
+    every job gone."""
+    with pytest.raises(DiscoveryError) as info:
+        await discover(org_settings(include=("999999999999",)))
+    message = str(info.value)
+    assert info.value.code == "NoAccounts"
+    assert "31 accounts listed, 7 not ACTIVE" in message and "include" in message
+    assert "\n" not in message
+
+
+async def test_a_hub_profile_that_does_not_exist_is_a_clear_error(org: Org) -> None:
+    """The hub session's profile is missing from the AWS config: a one-line DiscoveryError
+    naming it, not botocore's exception escaping."""
+    with pytest.raises(DiscoveryError) as info:
+        await discover_accounts(AioSession(profile="no-such-profile"), org_settings(), policy=FAST)
+    message = str(info.value)
+    assert info.value.code == "ProfileNotFound"
+    assert "no-such-profile" in message and "[partitions.aws] profile" in message
+    assert "\n" not in message
+
+
 def _answer_error(code: str, calls: int) -> Any:
     """A botocore `before-call` handler answering error `code` to the first `calls` calls
     (what the service says when it throttles us or the hub is in no organization)."""
