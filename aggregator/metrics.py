@@ -129,6 +129,11 @@ class Metrics:
         if summary.status in {"complete", "partial"}:
             self.last_success.set(time.time())
 
+    def cycle_failed(self, reason: str) -> None:
+        """A cycle that raised (discovery or the output location failed): no snapshot, but
+        counted as a failed cycle like one whose partitions all failed."""
+        self.cycles.labels("failed").inc()
+
     def cycle_skipped(self, missed: int) -> None:
         """Scheduled cycles that did not run because the previous one overran."""
         self.skipped_cycles.inc(missed)
