@@ -276,12 +276,20 @@ async def _daemon(config: str, settings: Settings) -> int:
         await run_forever(
             settings,
             stop=stop,
-            reload=lambda: load_settings(config),
+            reload=lambda: _reload_settings(config),
             reload_requested=reload_requested,
             observers=[metrics, state],
         )
         log.info("daemon.stopped")
     return 0
+
+
+def _reload_settings(config: str) -> Settings:
+    """The daemon's SIGHUP: the config file read again; its `[logging]` applies at once (the
+    rest from the next cycle, see `run_forever`). Raises `ConfigError` (the old settings stay)."""
+    settings = load_settings(config)
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
+    return settings
 
 
 def _os_reason(exc: OSError) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from aggregator.cli import main
 from aggregator.config import load_settings
@@ -253,3 +254,23 @@ def test_daemon_listen_address_in_use_is_one_line(
     assert err.count("\n") == 1, err
     assert err.startswith(f"error: {source}: daemon.listen: cannot listen on {address!r}: "), err
     assert "address already in use" in err.lower(), err
+
+
+def test_a_reload_applies_the_new_logging_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGHUP's reload applies `[logging]` at once: after reloading a config that says
+    `level = "warning"`, info events are dropped and warnings are written as JSON."""
+    from aggregator import cli
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[accounts]\nids = ["111111111111"]\n[logging]\nlevel = "warning"\nformat = "json"\n'
+    )
+    settings = cli._reload_settings(str(config))
+    assert settings.logging.level == "warning"
+    log = structlog.get_logger()
+    log.info("reload.test_info")
+    log.warning("reload.test_warning")
+    lines = capsys.readouterr().err.splitlines()
+    assert [orjson.loads(line)["event"] for line in lines] == ["reload.test_warning"]
