@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import structlog
@@ -191,7 +192,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             args.shards,
             wait=wait,
             retain=settings.output.retain,
-            store_options={"compress": settings.output.compress},
+            store_options={
+                "compress": settings.output.compress,
+                "session": _output_session(settings),
+            },
         )
     )
     written = result.written
@@ -225,11 +229,25 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     if args.output is not None:
         check_output_location(args.output)
-    location = args.output or (
-        load_settings(args.config).output.directory if args.config else "var/snapshots"
-    )
+    settings = load_settings(args.config) if args.config else None
+    location = args.output or (settings.output.directory if settings else "var/snapshots")
+    session = _output_session(settings) if settings else None
     configure_logging(level="warning", fmt="auto")
-    return asyncio.run(diff_command(location, args.old, args.new, out=sys.stdout.buffer))
+    return asyncio.run(
+        diff_command(location, args.old, args.new, out=sys.stdout.buffer, session=session)
+    )
+
+
+def _output_session(settings: Settings) -> Any:
+    """The session an S3 output location is read and written with, as `run` does: the hub
+    profile of the configured partition (`[partitions.<name>] profile`) when it has one, else
+    None (the standard credential chain)."""
+    hub = settings.partitions.get(settings.accounts.partition)
+    if hub is None or not hub.profile:
+        return None
+    from aiobotocore.session import AioSession
+
+    return AioSession(profile=hub.profile)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

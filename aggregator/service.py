@@ -209,7 +209,10 @@ class Aggregator:
             )
             output = self.settings.output
             location = self._output if self._output is not None else output.directory
-            options = {"compress": output.compress, "session": self._hub_session}
+            # The output location is written with the hub credentials of the configured
+            # partition (its `[partitions.<name>] profile` when it has one), as the docs say.
+            hub = self._broker.hub_session_for(self.settings.accounts.partition)
+            options = {"compress": output.compress, "session": hub}
             self._store = await stack.enter_async_context(open_store(location, **options))
             if self._shard is not None:
                 self._shard_store = await stack.enter_async_context(

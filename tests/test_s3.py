@@ -296,6 +296,36 @@ async def test_two_runs_to_s3_read_the_previous_snapshot_back(
     assert kinds == {"job_recovered"}
 
 
+async def test_the_output_bucket_is_written_with_the_hub_profile(
+    make_sandbox: SandboxFactory, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `[partitions.aws] profile` set and no credentials in the environment, the S3
+    output is written with that profile's credentials, as AssumeRole is: the hub's."""
+    from aggregator.service import run_once
+
+    sb = await make_sandbox(accounts=2, seed=9, max_jobs=5, regions=("eu-west-1",))
+    config = tmp_path / "aws-config"
+    config.write_text(
+        "[profile inventory-hub]\n"
+        f"aws_access_key_id = {sb.hub_access_key_id}\n"
+        f"aws_secret_access_key = {sb.hub_secret_access_key}\n"
+        "region = us-east-1\n"
+    )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    settings = make_settings(
+        sb.account_ids,
+        regions={"names": ["eu-west-1"]},
+        partitions={"aws": {"profile": "inventory-hub"}},
+        output={"directory": f"s3://{bucket}/hub"},
+    )
+    summary = await run_once(settings)
+    assert summary.status == "complete"
+    monkeypatch.setenv("AWS_PROFILE", "inventory-hub")  # to read it back here
+    assert "LATEST" in await objects(bucket, "hub/")
+
+
 async def test_a_failed_part_cancels_the_other_part_uploads(bucket: str) -> None:
     """When one part of a multipart upload fails, the parts still in flight are cancelled and
     awaited before the upload is aborted: none is sent after the abort, none is left running."""
