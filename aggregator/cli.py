@@ -276,7 +276,10 @@ async def _daemon(config: str, settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     metrics = Metrics()
-    state = HealthState(interval=settings.daemon.interval)
+    state = HealthState(
+        interval=settings.daemon.interval,
+        partition_deadline=settings.limits.partition_deadline_seconds,
+    )
     listen = settings.daemon.listen
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -383,8 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OutputError as exc:
+        # A location that is wrong (2), or one that failed for now (1: a retry may succeed).
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if exc.transient else 2
     except (DiscoveryError, ShardError) as exc:
         # No snapshot could be made; the previous one stays LATEST. A retry may succeed.
         print(f"error: {exc}", file=sys.stderr)

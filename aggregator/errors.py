@@ -74,7 +74,15 @@ class ConfigError(AggregatorError):
 
 
 class OutputError(AggregatorError):
-    """The output location cannot be written (permissions, disk full, not a directory)."""
+    """The output location cannot be written (permissions, disk full, not a directory).
+
+    `transient` is True for failures a later attempt may not see (S3 answering 5xx or SlowDown
+    after botocore's retries, the endpoint unreachable): the CLI then exits 1, as for any run
+    that could not make its snapshot, instead of 2 (a location that is wrong)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 # Where a signature-mismatch message starts quoting the request (canonical request, then the

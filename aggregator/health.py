@@ -1,8 +1,18 @@
-"""Health: the daemon's HTTP listener, `/healthz` (JSON) and `/metrics` (Prometheus text).
+"""Health: the daemon's HTTP listener, `/healthz` and `/livez` (JSON), `/metrics` (Prometheus).
 
-`/healthz` answers 200 while the last cycle finished within 2 x interval and was complete or
-partial, and 503 otherwise (never finished in time, failed, or stuck). Before the first cycle
-ends the daemon counts as healthy ("starting") for 2 x interval after start.
+Two questions, two endpoints:
+
+- `/healthz` (readiness, alerting): is the inventory current? 200 while the last cycle finished
+  within 2 x interval and was complete or partial; 503 otherwise (never finished in time,
+  failed, or stuck). Before the first cycle ends the daemon counts as healthy ("starting") for
+  2 x interval after start.
+- `/livez` (liveness): is the loop alive? A failed cycle is not a reason to restart: the next
+  cycle retries anyway, and a restart loses the counters. 503 only when the loop has shown no
+  sign of life (start, cycle started, partition done, cycle finished or failed) for
+  2 x interval + partition deadline. Idle, the next cycle is due within interval x (1 + jitter),
+  jitter <= 0.5; while a cycle runs, a partition ends at least every partition deadline (each
+  one is bounded by it); the rest of the window covers what precedes the first partition
+  (output check, account discovery) and follows the last (writing the snapshot).
 """
 
 from __future__ import annotations
@@ -17,36 +27,49 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .config import LimitsSettings
 from .fetch import PartitionResult
 from .metrics import Metrics
 from .records import JobRecord
 
 __all__ = ["HealthServer", "HealthState"]
 
+_PARTITION_DEADLINE = float(LimitsSettings.model_fields["partition_deadline_seconds"].default)
+
 
 @dataclass(slots=True)
 class HealthState:
-    """What `/healthz` reports; updated by the service loop as a CycleObserver."""
+    """What `/healthz` and `/livez` report; updated by the service loop as a CycleObserver.
+
+    `interval` is `daemon.interval` and `partition_deadline` is
+    `limits.partition_deadline_seconds` (default: that setting's default), both in seconds;
+    `clock` is monotonic seconds (injectable for tests).
+    """
 
     interval: float
     clock: Callable[[], float] = time.monotonic
+    partition_deadline: float = _PARTITION_DEADLINE
     started: float = 0.0
     last_finished: float | None = None
     last: dict[str, Any] | None = None
     running: bool = False
+    cycle_began: float | None = None
+    last_sign_of_life: float = 0.0
 
     def __post_init__(self) -> None:
-        self.started = self.clock()
+        self.started = self.last_sign_of_life = self.clock()
 
     def cycle_started(self, snapshot_id: str, partitions: int) -> None:
         self.running = True
+        self.cycle_began = self.last_sign_of_life = self.clock()
 
     def partition_done(self, result: PartitionResult) -> None:
-        """Health looks at whole cycles only."""
+        """Health looks at whole cycles only; liveness counts every partition as progress."""
+        self.last_sign_of_life = self.clock()
 
     def cycle_finished(self, summary: Any, records: Sequence[JobRecord]) -> None:
         self.running = False
-        self.last_finished = self.clock()
+        self.last_finished = self.last_sign_of_life = self.clock()
         self.last = {
             "snapshot_id": summary.snapshot_id,
             "status": summary.status,
@@ -58,7 +81,7 @@ class HealthState:
 
     def cycle_failed(self, reason: str) -> None:
         self.running = False
-        self.last_finished = self.clock()
+        self.last_finished = self.last_sign_of_life = self.clock()
         self.last = {"status": "failed", "error": reason}
 
     def report(self) -> tuple[bool, dict[str, Any]]:
@@ -79,9 +102,33 @@ class HealthState:
         }
         return healthy, body
 
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """(alive, body): alive unless no sign of life for 2 x interval + partition deadline,
+        whatever the outcome of the last cycle."""
+        now = self.clock()
+        window = 2 * self.interval + self.partition_deadline
+        quiet = now - self.last_sign_of_life
+        alive = quiet <= window
+        body: dict[str, Any] = {
+            "alive": alive,
+            "running": self.running,
+            "seconds_since_progress": round(quiet, 3),
+            "window_seconds": round(window, 3),
+            "cycle_seconds": (
+                round(now - self.cycle_began, 3)
+                if self.running and self.cycle_began is not None
+                else None
+            ),
+            "seconds_since_last_cycle": (
+                None if self.last_finished is None else round(now - self.last_finished, 3)
+            ),
+            "last_status": (self.last or {}).get("status"),
+        }
+        return alive, body
+
 
 class HealthServer:
-    """Serves `/healthz` and `/metrics` on `host:port`; an async context manager.
+    """Serves `/healthz`, `/livez` and `/metrics` on `host:port`; an async context manager.
 
     Keyword options: `state` (HealthState), `metrics` (Metrics), `listen` ("HOST:PORT"; port 0
     picks a free port, see `port` after entry).
@@ -97,12 +144,10 @@ class HealthServer:
         self.port = self._port
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        healthy, body = self._state.report()
-        return web.Response(
-            body=orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
-            status=200 if healthy else 503,
-            content_type="application/json",
-        )
+        return _json(*self._state.report())
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return _json(*self._state.liveness())
 
     async def _metrics_view(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -115,6 +160,7 @@ class HealthServer:
             raise RuntimeError("HealthServer is already running")
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/livez", self._livez)
         app.router.add_get("/metrics", self._metrics_view)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -140,3 +186,11 @@ class HealthServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+def _json(ok: bool, body: dict[str, Any]) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
+        status=200 if ok else 503,
+        content_type="application/json",
+    )

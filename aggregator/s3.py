@@ -26,7 +26,14 @@ import aiohttp
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from .errors import OutputError
 from .snapshot import ARTIFACT_RE, READ_CHUNK, Pruned, Sink, Store, manifest_path
@@ -74,11 +81,31 @@ class _Errors:
             code = error.get("Code") or "Unknown"
             message = " ".join(str(error.get("Message") or "").split())
             reason = f"{code}: {message}" if message else str(code)
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            transient = status >= 500 or status == 429 or code in _TRANSIENT_CODES
         elif isinstance(exc, BotoCoreError | aiohttp.ClientError | OSError):
             reason = " ".join(str(exc).split()) or type(exc).__name__
+            transient = isinstance(exc, _TRANSIENT_ERRORS)
         else:
             return
-        raise OutputError(f"{self.location}: cannot {self.action}: {reason}") from exc
+        raise OutputError(
+            f"{self.location}: cannot {self.action}: {reason}", transient=transient
+        ) from exc
+
+
+# S3 answers and transport failures that a later run may not see.
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
+)
+_TRANSIENT_ERRORS = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ReadTimeoutError,
+    ConnectTimeoutError,
+    aiohttp.ClientError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 def _missing(exc: ClientError) -> bool:

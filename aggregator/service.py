@@ -548,6 +548,8 @@ async def run_forever(
                         for observer in observers:
                             if isinstance(observer, HealthState):
                                 observer.interval = settings.daemon.interval
+                                deadline = settings.limits.partition_deadline_seconds
+                                observer.partition_deadline = deadline
                 if reopen:
                     break  # reopen the Aggregator with the new settings
     return last

@@ -56,7 +56,6 @@ HUB_ACTIONS = {
     "organizations:ListAccounts",
     "organizations:ListAccountsForParent",
     "organizations:ListOrganizationalUnitsForParent",
-    "organizations:DescribeOrganization",
     "s3:PutObject",
     "s3:GetObject",
     "s3:ListBucket",
@@ -241,17 +240,20 @@ def test_kustomization_lists_the_daemon_set() -> None:
     assert resources == files - {"cronjob.yaml", "sharded-run.yaml"}
 
 
-def test_daemon_probes_target_healthz_on_9464() -> None:
-    """The daemon's liveness and readiness probes GET /healthz on port 9464."""
+def test_daemon_probes_livez_for_liveness_and_healthz_for_readiness() -> None:
+    """Liveness GETs /livez (restart only a stuck loop), readiness /healthz (last cycle good),
+    both on port 9464; the image's HEALTHCHECK, which orchestrators may act on, uses /livez."""
     (deployment,) = _docs_of("Deployment")
     assert deployment["spec"]["replicas"] == 1
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["daemon", "--config", CONFIG_PATH]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/healthz"
+        assert get["path"] == path, probe
         assert ports.get(get["port"], get["port"]) == HEALTH_PORT
+    (healthcheck,) = [arg for op, arg in _instructions() if op == "HEALTHCHECK"]
+    assert f"127.0.0.1:{HEALTH_PORT}/livez" in healthcheck
     (service,) = _docs_of("Service")
     (port,) = service["spec"]["ports"]
     assert port["port"] == HEALTH_PORT
@@ -309,6 +311,40 @@ def test_configmap_holds_a_valid_container_config() -> None:
     assert settings.daemon.listen == f"0.0.0.0:{HEALTH_PORT}"
     assert settings.output.directory.startswith("s3://")
     assert settings.accounts.role_name == READER_ROLE
+
+
+def _jobs() -> list[tuple[str, dict[str, Any]]]:
+    """(name, Job spec) of every Job and of every CronJob's job template."""
+    jobs = [(d["metadata"]["name"], d["spec"]) for d in _docs_of("Job")]
+    jobs += [(d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]) for d in _docs_of("CronJob")]
+    return jobs
+
+
+def test_no_job_fails_at_once_on_an_ambiguous_exit_code() -> None:
+    """Exit code 2 (configuration or output-location error, the latter maybe transient) and 1
+    are retried: no FailJob/FailIndex rule matches them; FailIndex only with per-index retries."""
+    jobs = _jobs()
+    assert len(jobs) == 3
+    for name, spec in jobs:
+        rules = spec["podFailurePolicy"]["rules"]
+        assert any(r["action"] == "Ignore" and "onPodConditions" in r for r in rules), name
+        for rule in rules:
+            if rule["action"] in ("FailJob", "FailIndex") and "onExitCodes" in rule:
+                codes = rule["onExitCodes"]
+                assert codes["operator"] == "In", name
+                assert not {1, 2} & set(codes["values"]), name
+            if rule["action"] == "FailIndex":
+                assert "backoffLimitPerIndex" in spec, name
+
+
+def test_one_failing_shard_does_not_fail_the_others() -> None:
+    """The Indexed Job retries per index, has no FailJob rule and no maxFailedIndexes, so a
+    failing shard neither stops the running shards nor fails the Job before they finish."""
+    (shards,) = [spec for _, spec in _jobs() if spec.get("completionMode") == "Indexed"]
+    assert shards["backoffLimitPerIndex"] >= 1
+    assert "backoffLimit" not in shards
+    assert "maxFailedIndexes" not in shards
+    assert not [r for r in shards["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
 
 
 def test_sharded_run_agrees_on_shards_and_run_id() -> None:
@@ -385,6 +421,23 @@ def test_hub_policy_is_least_privilege() -> None:
             assert all("${OutputBucket}" in r for r in resources)
         if "sts:AssumeRole" in _actions(s):
             assert resources == [f"arn:aws:iam::*:role/{READER_ROLE}"]
+
+
+def test_hub_policy_grants_only_organizations_calls_the_code_makes() -> None:
+    """Every organizations: action granted is an operation aggregator/ calls (not the sandbox),
+    so a permission the code stopped using (DescribeOrganization) does not linger."""
+    policy = json.loads(HUB_POLICY.read_text(encoding="utf-8"))
+    granted = {
+        a.split(":", 1)[1]
+        for s in policy["Statement"]
+        for a in _actions(s)
+        if a.startswith("organizations:")
+    }
+    code = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "aggregator").glob("*.py"))
+    called = set(re.findall(r'"((?:List|Describe)[A-Za-z]+)"', code))
+    assert granted, "Organizations discovery needs ListAccounts"
+    assert granted <= called
+    assert "DescribeOrganization" not in granted
 
 
 def test_hub_role_template_carries_the_hub_policy() -> None:

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import secrets
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,25 @@ async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
             await store.latest_manifest()
     with pytest.raises(RuntimeError, match="not open"):
         _ = S3Store(f"s3://{bucket}/x").client
+
+
+async def test_a_missing_bucket_is_permanent_and_an_unreachable_endpoint_transient(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong location (NoSuchBucket) is an OutputError the CLI exits 2 for; an endpoint
+    that refuses connections is `transient` (exit 1: a later run may succeed)."""
+    async with open_store(f"s3://{bucket}-missing/x") as store:
+        with pytest.raises(OutputError) as wrong:
+            await store.check_writable()
+    assert not wrong.value.transient
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    async with open_store(f"s3://{bucket}/x", max_attempts=1) as store:
+        with pytest.raises(OutputError) as down:
+            await store.check_writable()
+    assert down.value.transient and "cannot write" in str(down.value)
 
 
 async def test_two_runs_to_s3_read_the_previous_snapshot_back(

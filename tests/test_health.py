@@ -1,0 +1,158 @@
+"""Health: `/healthz` says whether the inventory is current, `/livez` whether the loop is alive."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+import aiohttp
+import orjson
+import pytest
+
+from aggregator.config import DaemonSettings, LimitsSettings
+from aggregator.health import HealthServer, HealthState
+from aggregator.metrics import Metrics
+from aggregator.service import run_forever
+
+from .conftest import SandboxFactory, make_settings
+
+INTERVAL = 60.0
+DEADLINE = 300.0
+WINDOW = 2 * INTERVAL + DEADLINE  # no sign of life for longer than this: stuck
+
+Get = Callable[[str], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def state(clock: Clock) -> HealthState:
+    return HealthState(interval=INTERVAL, clock=clock, partition_deadline=DEADLINE)
+
+
+@pytest.fixture
+async def get(state: HealthState) -> AsyncIterator[Get]:
+    """GET a path of a HealthServer on loopback: (status, JSON body)."""
+    async with (
+        HealthServer(state=state, metrics=Metrics(), listen="127.0.0.1:0") as http,
+        aiohttp.ClientSession() as client,
+    ):
+
+        async def fetch(path: str) -> tuple[int, dict[str, Any]]:
+            async with client.get(f"http://127.0.0.1:{http.port}{path}") as response:
+                assert response.content_type == "application/json"
+                return response.status, orjson.loads(await response.read())
+
+        yield fetch
+
+
+class _Summary:
+    """The fields of a RunSummary that HealthState reads."""
+
+    snapshot_id = "20260101T000000Z-test"
+    status = "complete"
+    jobs = 3
+    stale = 0
+    partitions = 2
+    wall_seconds = 1.0
+
+
+def _partition() -> Any:
+    return cast(Any, None)  # HealthState does not look inside a PartitionResult
+
+
+async def test_livez_stays_up_through_failed_cycles_while_healthz_fails(
+    make_sandbox: SandboxFactory, tmp_path: Path, clock: Clock, state: HealthState, get: Get
+) -> None:
+    """Real failed cycles turn /healthz 503 but leave /livez 200: a restart cannot fix them."""
+    sb = await make_sandbox(accounts=2, seed=4)
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    sb.faults = replace(sb.faults, deny_assume_role=frozenset(sb.account_ids))
+    for _ in range(3):
+        await run_forever(settings, burst=True, observers=[state], output=tmp_path)
+        status, body = await get("/healthz")
+        assert status == 503 and body["last_cycle"]["status"] == "failed"
+        status, body = await get("/livez")
+        assert status == 200 and body["alive"] is True and body["last_status"] == "failed"
+        clock.now += INTERVAL  # the next cycle is due one interval later
+    assert (await get("/livez"))[0] == 200
+
+
+async def test_livez_fails_only_after_the_window_without_a_cycle(
+    clock: Clock, state: HealthState, get: Get
+) -> None:
+    """Idle after a cycle (failed or not), /livez is 200 up to 2 x interval + partition
+    deadline and 503 after, while /healthz already fails after 2 x interval."""
+    state.cycle_started("s1", 2)
+    state.cycle_failed("disk full")
+    clock.now += 2 * INTERVAL + 1
+    assert (await get("/healthz"))[0] == 503
+    status, body = await get("/livez")
+    assert status == 200 and body["running"] is False
+    assert body["seconds_since_last_cycle"] == 2 * INTERVAL + 1
+    clock.now += WINDOW - (2 * INTERVAL + 1)
+    assert (await get("/livez"))[0] == 200
+    clock.now += 1
+    status, body = await get("/livez")
+    assert status == 503 and body["alive"] is False and body["window_seconds"] == WINDOW
+
+
+async def test_long_cycle_that_makes_progress_is_alive(
+    clock: Clock, state: HealthState, get: Get
+) -> None:
+    """A first cycle far longer than 2 x interval + deadline stays alive while partitions
+    finish; once nothing finishes for longer than the window, /livez answers 503."""
+    state.cycle_started("s1", 100)
+    for _ in range(10):
+        clock.now += DEADLINE  # each partition ends within the partition deadline
+        state.partition_done(_partition())
+        status, body = await get("/livez")
+        assert status == 200 and body["running"] is True
+    assert body["cycle_seconds"] == 10 * DEADLINE > WINDOW
+    assert body["seconds_since_last_cycle"] is None
+    assert (await get("/healthz"))[1]["status"] == "starting"
+    clock.now += WINDOW + 1  # a hang: no partition ends, the cycle never finishes
+    status, body = await get("/livez")
+    assert status == 503 and body["running"] is True
+    state.cycle_finished(_Summary(), [])
+    assert (await get("/livez"))[0] == 200
+    assert (await get("/healthz"))[0] == 200
+
+
+async def test_livez_while_starting_and_after_an_interval_change(
+    clock: Clock, state: HealthState, get: Get
+) -> None:
+    """Before any cycle starts the window counts from start; a reloaded interval (service.py
+    sets `state.interval`) moves the window."""
+    clock.now += WINDOW
+    assert (await get("/livez"))[0] == 200
+    clock.now += 1
+    assert (await get("/livez"))[0] == 503
+    state.interval = 2 * INTERVAL
+    status, body = await get("/livez")
+    assert status == 200 and body["window_seconds"] == 4 * INTERVAL + DEADLINE
+
+
+def test_default_window_outlasts_a_partition_deadline_and_then_some() -> None:
+    """With the default settings, the liveness window exceeds partition deadline + interval
+    x (1 + max jitter), so neither a slow partition nor a jittered wait looks stuck."""
+    daemon, limits = DaemonSettings(), LimitsSettings()
+    state = HealthState(interval=daemon.interval)
+    assert state.partition_deadline == limits.partition_deadline_seconds
+    _, body = state.liveness()
+    assert body["window_seconds"] > limits.partition_deadline_seconds + daemon.interval * 1.5
