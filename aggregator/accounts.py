@@ -375,13 +375,7 @@ async def _discover(
         ou_ids=len(org.ou_ids),
     )
     if not found:
-        # An empty inventory published as complete would make every job look gone.
-        raise DiscoveryError(
-            operation="ListAccountsForParent" if org.ou_ids else "ListAccounts",
-            code="NoAccounts",
-            detail=f"{listed} accounts listed, {inactive} not ACTIVE, none left to inventory",
-            hint="check accounts.organizations.include, ou_ids and accounts.exclude",
-        )
+        log.warning("discovery.no_accounts", partition=partition, listed=listed, inactive=inactive)
     return tuple(sorted(found.values(), key=lambda a: a.account_id))
 
 
@@ -398,4 +392,14 @@ async def resolve_accounts(
         return explicit
     if hub is None:
         raise ValueError("Organizations discovery is enabled but no hub session was given")
-    return merge_accounts(explicit, await discover_accounts(hub, settings, **options))
+    accounts = merge_accounts(explicit, await discover_accounts(hub, settings, **options))
+    if not accounts:
+        # An empty inventory published as complete would make every job look gone.
+        org = settings.organizations
+        raise DiscoveryError(
+            operation="ListAccountsForParent" if org.ou_ids else "ListAccounts",
+            code="NoAccounts",
+            detail="discovery kept no ACTIVE account and none is configured explicitly",
+            hint="check accounts.organizations.include, ou_ids and accounts.exclude",
+        )
+    return accounts

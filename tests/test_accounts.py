@@ -286,16 +286,23 @@ async def test_unknown_ou_is_a_clear_error(org: Org) -> None:
     assert "\n" not in message
 
 
-async def test_discovery_that_keeps_no_account_is_an_error(org: Org) -> None:
-    """A discovery whose include list matches no ACTIVE account (a typo) fails in one line
-    instead of returning an empty inventory, which a run would publish as complete with
-    every job gone."""
+async def test_an_inventory_with_no_account_is_an_error(org: Org) -> None:
+    """A discovery whose include list matches no ACTIVE account (a typo), with no account
+    configured explicitly, fails in one line instead of returning an empty inventory, which
+    a run would publish as complete with every job gone. With an explicit account, that one
+    is inventoried."""
     with pytest.raises(DiscoveryError) as info:
-        await discover(org_settings(include=("999999999999",)))
+        await resolve_accounts(
+            org_settings(include=("999999999999",)), AioSession(), policy=FAST, sleep=no_sleep
+        )
     message = str(info.value)
     assert info.value.code == "NoAccounts"
-    assert "31 accounts listed, 7 not ACTIVE" in message and "include" in message
-    assert "\n" not in message
+    assert "include" in message and "\n" not in message
+    explicit = accounts_settings(
+        ids=("123456789012",), organizations={"enabled": True, "include": ("999999999999",)}
+    )
+    found = await resolve_accounts(explicit, AioSession(), policy=FAST, sleep=no_sleep)
+    assert ids_of(found) == ["123456789012"]
 
 
 async def test_a_hub_profile_that_does_not_exist_is_a_clear_error(org: Org) -> None:
