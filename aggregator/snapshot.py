@@ -152,9 +152,7 @@ def load_schema(name: str) -> dict[str, Any]:
 class WrittenSnapshot:
     """Where a snapshot landed (paths relative to the location), its data digest and size,
     and the number of change events (`changes_path`/`events` are None when the previous
-    snapshot could not be read and no change file was written). `published` is False when
-    LATEST was left at a newer snapshot that another writer published meanwhile (this one is
-    complete but off the chain, and a later prune removes it)."""
+    snapshot could not be read and no change file was written)."""
 
     snapshot_id: str
     data_path: str
@@ -164,7 +162,6 @@ class WrittenSnapshot:
     records: int
     changes_path: str | None = None
     events: int | None = None
-    published: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,8 +592,10 @@ class Store(ABC):
         `schema_version` if missing) of the manifest. If the previous snapshot's data cannot be
         read back, the snapshot is written without change file (`changes: null`) and a warning
         is logged; `changes=False` skips it on purpose (a shard's snapshot, whose run's changes
-        `merge` computes). Raises `OutputError` if the location cannot be written; the previous
-        snapshot then stays LATEST.
+        `merge` computes). Raises `OutputError` if the location cannot be written, or (with
+        `transient`, unless `changes=False`) if LATEST no longer names `previous` when this
+        snapshot is complete (another writer published meanwhile: this one is left
+        unpublished, for prune); the previous snapshot then stays LATEST.
         """
         with _gc_paused(), _quick_gil_handover():
             return await self._write(snapshot_id, records, manifest, previous, changes)
@@ -672,20 +671,20 @@ class Store(ABC):
             if changes_sink is not None:
                 await _abort(changes_sink)
             raise
-        # LATEST never moves back: a writer that started later (by its id's start time; ids
-        # of the same second are told apart by publication order) but finished first, like a
-        # manual run while the daemon writes, keeps it, and this snapshot stays off the chain.
-        newer = ARTIFACT_RE.fullmatch(await self._latest_rel() or "")
-        published = newer is None or newer["id"][:16] <= snapshot_id[:16]
-        if published:
-            await self._put(LATEST, [manifest_rel.encode() + b"\n"])
-        else:
-            log.warning(
-                "snapshot.not_published",
-                snapshot_id=snapshot_id,
-                latest=newer["id"] if newer else None,
-                reason="a newer snapshot was published while this one was written",
+        # LATEST moves only from the snapshot this one was compared with: if another writer
+        # (a manual run while the daemon writes) published since, this one stays off the
+        # chain (a later prune removes it), so the change files stay one chain.
+        # (A snapshot without change file, a shard's, has no chain to keep.)
+        current = ARTIFACT_RE.fullmatch(await self._latest_rel() or "") if with_changes else None
+        current_id = current["id"] if current is not None else None
+        if with_changes and current_id != previous_id:
+            raise OutputError(
+                f"{self.location}: snapshot {snapshot_id} was written but not published: "
+                f"another writer published {current_id} meanwhile (LATEST named "
+                f"{previous_id} when this run began); the next run starts from it",
+                transient=True,
             )
+        await self._put(LATEST, [manifest_rel.encode() + b"\n"])
         self._previous_of[snapshot_id] = previous_id
         # The lines of the data file, kept whole whether or not the change file was written.
         self._view = None if kept is None else (snapshot_id, kept)
@@ -705,7 +704,6 @@ class Store(ABC):
             records=len(records),
             changes_path=None if changes is None else changes_rel,
             events=None if changes is None else changes["events"],
-            published=published,
         )
 
     async def _stage_changes(
@@ -1124,15 +1122,15 @@ class LocalStore(Store):
                 return pruned
             swept = 0
             for entry in os.scandir(self.root):
-                if (
-                    entry.name.startswith(f".{LATEST}.")
-                    and entry.name.endswith(".tmp")
-                    and entry.is_file(follow_symlinks=False)
-                    and entry.stat().st_mtime < latest - _STALE_LATEST_TMP
-                ):
-                    with contextlib.suppress(FileNotFoundError):
+                if not (entry.name.startswith(f".{LATEST}.") and entry.name.endswith(".tmp")):
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # renamed meanwhile: not debris
+                    if (
+                        entry.is_file(follow_symlinks=False)
+                        and entry.stat().st_mtime < latest - _STALE_LATEST_TMP
+                    ):
                         os.unlink(entry.path)
-                    swept += 1
+                        swept += 1
         if swept:
             log.info("snapshot.pruned", latest_temporaries=swept)
         return pruned

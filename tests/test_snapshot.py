@@ -504,24 +504,35 @@ async def test_orphaned_temporary_files_of_old_runs_are_removed(tmp_path: Path) 
     assert not leftover.exists() and newer.exists()
 
 
-async def test_latest_never_moves_back_to_an_older_concurrent_write(tmp_path: Path) -> None:
-    """Two writers from the same previous snapshot: the one that started later finishes
-    first and publishes; the older one, finishing after, leaves LATEST where it is (no
-    backwards step, no fork in the chain), and prune then removes it as never published.
-    LATEST always names a manifest that exists."""
-    async with LocalStore(tmp_path) as early, LocalStore(tmp_path, debris_age=0) as late:
-        await write(early, sid(1), {"A": "New"})
-        base = await early.latest_manifest()
-        manifest = {"status": "complete", "partition_status": PARTITIONS}
-        newer = await late.write(sid(3), records(sid(3), {"A": "Done"}), manifest, previous=base)
-        older = await early.write(sid(2), records(sid(2), {"A": "New"}), manifest, previous=base)
-        assert newer.published and not older.published
-        assert (await early.latest_manifest() or {})["snapshot_id"] == sid(3)
-        pruned = await late.prune(5)
-    assert pruned.orphaned == (sid(2),)
-    assert snapshot_ids(tmp_path) == [sid(1), sid(3)]
-    latest = (tmp_path / (tmp_path / "LATEST").read_text().strip()).read_bytes()
-    assert orjson.loads(latest)["previous_snapshot_id"] == sid(1)
+async def test_of_two_writers_from_one_snapshot_only_the_first_to_finish_publishes(
+    tmp_path: Path,
+) -> None:
+    """Two writers compare with the same previous snapshot (a manual run while the daemon
+    writes). Whichever finishes second, in either start order, finds LATEST moved: its
+    snapshot is complete but not published (a transient OutputError says so), LATEST stays
+    at the first, the change files stay one chain, and prune later removes the loser."""
+    manifest = {"status": "complete", "partition_status": PARTITIONS}
+    for first, second in ((3, 2), (2, 3)):
+        root = tmp_path / f"{first}-{second}"
+        async with LocalStore(root, debris_age=0) as a, LocalStore(root, debris_age=0) as b:
+            await write(a, sid(1), {"A": "New"})
+            base = await a.latest_manifest()
+            await b.write(sid(first), records(sid(first), {"A": "Done"}), manifest, previous=base)
+            with pytest.raises(OutputError, match="not published") as lost:
+                await a.write(
+                    sid(second), records(sid(second), {"A": "New"}), manifest, previous=base
+                )
+            assert lost.value.transient
+            latest = await a.latest_manifest()
+            assert latest is not None and latest["snapshot_id"] == sid(first)
+            assert latest["previous_snapshot_id"] == sid(1)
+            pruned = await b.prune(5)
+        if second < first:  # off the chain, between published ones: removed
+            assert pruned.orphaned == (sid(second),)
+            assert snapshot_ids(root) == [sid(1), sid(first)]
+        else:  # newer than LATEST: left until a later snapshot passes it
+            assert pruned.orphaned == ()
+            assert snapshot_ids(root) == [sid(1), sid(first), sid(second)]
 
 
 async def test_files_another_writer_may_still_be_producing_survive_prune(tmp_path: Path) -> None:
