@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -177,16 +178,33 @@ def _cbor_time(value: Any) -> datetime | None:
 _PLAIN = frozenset({str, bool, int, float, list, dict})
 
 
+def _plain(value: Any) -> bool:
+    """Whether `value` is what a JSON document decodes to, all the way down."""
+    kind = type(value)
+    if kind is list:
+        return all(map(_plain, value))
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return value is None or kind in _PLAIN
+
+
 def _clean(
-    node: Any, known: frozenset[str], timestamps: tuple[str, ...], to_time: Any
+    node: Any,
+    known: frozenset[str],
+    timestamps: tuple[str, ...],
+    to_time: Any,
+    lists: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """One decoded structure as botocore's parser returns it; None to give up."""
+    """One decoded structure as botocore's parser returns it; None to give up. `lists` are
+    members whose items the caller cleans (as structures) afterwards."""
     if type(node) is not dict:
         return None
     entry: dict[str, Any] = node
     if to_time is _cbor_time:
         for name, value in entry.items():
-            if type(value) not in _PLAIN and value is not None and name not in timestamps:
+            if name in timestamps or (lists is not None and name in lists):
+                continue
+            if not _plain(value):
                 return None
     if not entry.keys() <= known or None in entry.values():
         # Unknown members are ignored and nulls left out, as botocore's parsers do.
@@ -202,7 +220,7 @@ def _clean(
 
 
 def _shape_result(data: Any, plan: _Plan, to_time: Any) -> dict[str, Any] | None:
-    top = _clean(data, plan.known, plan.timestamps, to_time)
+    top = _clean(data, plan.known, plan.timestamps, to_time, plan.lists)
     if top is None:
         return None
     for name, entries in plan.lists.items():

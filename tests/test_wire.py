@@ -444,7 +444,7 @@ def test_text_timestamps_equal_botocores(instant: datetime, digits: int, offset:
     ],
     ids=["undefined", "set", "unknown-tag", "bytes", "simple-value"],
 )
-@pytest.mark.parametrize("where", ["entry", "top", "unknown-member"])
+@pytest.mark.parametrize("where", ["entry", "top", "unknown-member", "nested-in-unknown"])
 def test_cbor_values_beyond_json_are_left_to_botocore(
     models: dict[str, Any], value: Any, where: str
 ) -> None:
@@ -457,8 +457,10 @@ def test_cbor_values_beyond_json_are_left_to_botocore(
         entry["Description"] = value
     elif where == "top":
         result["NextToken"] = value
-    else:
+    elif where == "unknown-member":
         entry["SomethingNew"] = value
+    else:
+        entry["SomethingNew"] = {"deeper": [1, value]}
     body = bytes(cbor2.dumps(result))
     outcomes = []
     for wired in (False, True):
