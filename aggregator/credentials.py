@@ -40,7 +40,7 @@ from botocore.exceptions import NoCredentialsError
 
 from .accounts import Account
 from .config import data_loader
-from .errors import RetryableError, translate
+from .errors import RetryableError, TransientError, translate
 from .gate import Gate
 from .retry import RetryPolicy
 
@@ -216,6 +216,21 @@ class _StaticProvider(CredentialProvider):  # type: ignore[misc]
         return self._credentials
 
 
+def _complete_credentials(response: Any) -> dict[str, Any] | None:
+    """The `Credentials` of an AssumeRole answer if they are usable: the three keys as text
+    and an aware `Expiration`; None otherwise."""
+    creds = response.get("Credentials") if isinstance(response, dict) else None
+    if not isinstance(creds, dict):
+        return None
+    keys = ("AccessKeyId", "SecretAccessKey", "SessionToken")
+    expiration = creds.get("Expiration")
+    if not all(isinstance(creds.get(k), str) and creds[k] for k in keys):
+        return None
+    if not isinstance(expiration, datetime) or expiration.tzinfo is None:
+        return None
+    return creds
+
+
 class CredentialBroker:
     """Per-account AssumeRole sessions for one run (or one daemon lifetime).
 
@@ -377,6 +392,15 @@ class CredentialBroker:
                         response = await self._assume_role(sts, kwargs, hub)
                     else:
                         response = await sts.assume_role(**kwargs)
+                creds = _complete_credentials(response)
+                if creds is None:  # a 200 that botocore parsed but that holds no usable keys
+                    raise TransientError(
+                        account_id=account.account_id,
+                        region=region,
+                        operation="AssumeRole",
+                        code="MalformedResponse",
+                        detail="the answer holds no complete Credentials",
+                    )
                 self.outcomes["ok"] += 1
                 break
             except Exception as exc:
@@ -387,7 +411,7 @@ class CredentialBroker:
                 if not isinstance(err, RetryableError) or attempt == self._policy.max_attempts:
                     raise err from exc
                 await self._sleep(self._policy.backoff(attempt, self._rng))
-        creds = response["Credentials"]
+        assert creds is not None  # the loop breaks only with complete credentials
         log.debug("credentials.assumed", account_id=account.account_id)
         expiration: datetime = creds["Expiration"]
         metadata = {

@@ -187,6 +187,27 @@ async def test_a_looping_next_token_restarts_then_fails_the_partition(
     assert project(read_snapshot(summary.data_path)) == others
 
 
+async def test_an_assume_role_answer_without_credentials_fails_that_account_alone(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """AssumeRole answering 200 with no Credentials is a malformed answer: retried within the
+    attempt budget, then that account's partitions fail as MalformedResponse; the others
+    complete (it was a KeyError that ended every partition of the run)."""
+    sb = await make_sandbox(accounts=3, seed=39, regions=("eu-west-1",))
+    broken = sb.account_ids[1]
+    sb.faults = replace(sb.faults, assume_role_without_credentials=frozenset({broken}))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    policy = replace(FAST, max_attempts=3)
+    summary = await run_once(settings, output=tmp_path, policy=policy)
+    assert summary.status == "partial"
+    assert [(f["account_id"], f["operation"], f["error_code"]) for f in summary.failed] == [
+        (broken, "AssumeRole", "MalformedResponse")
+    ]
+    assert sb.stats().faults["assume_role_without_credentials"] == 3
+    others = [j for j in truth_for(sb, ["eu-west-1"]) if j["account_id"] != broken]
+    assert project(read_snapshot(summary.data_path)) == others
+
+
 async def test_attempt_budget_means_what_it_says(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:

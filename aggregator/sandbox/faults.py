@@ -63,6 +63,8 @@ class Faults:
       p_sts_reset: STS aborts the connection.
       looping_tokens: account ids whose ListJobs, asked for a later page, answers it with the
         NextToken it was given (a service stuck on one page: the chain never ends).
+      assume_role_without_credentials: account ids whose AssumeRole answers 200 with no
+        ``Credentials`` element.
     """
 
     p_500: float = 0.0
@@ -86,6 +88,7 @@ class Faults:
     p_sts_500: float = 0.0
     p_sts_reset: float = 0.0
     looping_tokens: frozenset[str] = frozenset()
+    assume_role_without_credentials: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in (

@@ -978,7 +978,7 @@ class Sandbox:
         if duration is not None:
             lifetime = min(lifetime, duration)
         expiration = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lifetime)
-        return assume_role_xml(
+        document = assume_role_xml(
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
             session_token=session_token,
@@ -987,3 +987,8 @@ class Sandbox:
             arn=arn,
             request_id=request_id,
         )
+        if account_id in faults.assume_role_without_credentials:
+            self._fault_counts["assume_role_without_credentials"] += 1
+            start, end = document.index(b"    <Credentials>"), document.index(b"</Credentials>\n")
+            document = document[:start] + document[end + len(b"</Credentials>\n") :]
+        return document
