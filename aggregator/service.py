@@ -576,7 +576,8 @@ def _carries_forward(results: Iterable[PartitionResult], manifest: Mapping[str, 
         if r.status == "failed":
             return True
         if r.status == "skipped":
-            skipped.add((r.partition.account_id, r.partition.region))
+            for region in (r.partition.region, *r.partition.fallbacks):
+                skipped.add((r.partition.account_id, region))
     if not skipped:
         return False
     if int(manifest.get("stale_jobs") or 0) > 0:
