@@ -152,8 +152,8 @@ async def fetch_partition(
                 )
                 continue
             except Exception as exc:  # one partition never stops the others
-                # Anything else (a profile that does not exist, an answer botocore cannot
-                # read, a bug) fails this partition only; its jobs are carried forward.
+                # Anything no layer below translated (a bug, a failure nobody foresaw) fails
+                # this partition only; its jobs are carried forward as stale.
                 error = translate(
                     exc, account_id=partition.account_id, region=region, operation="ListJobs"
                 )
