@@ -31,8 +31,18 @@ from types import TracebackType
 
 __all__ = ["Gate"]
 
-# The gate whose slot the current task holds (tasks it starts inherit it), if any.
-_holding: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("gate_slot", default=None)
+# The gates whose slots the current task holds, innermost last (tasks it starts inherit them).
+_holding: contextvars.ContextVar[tuple[Gate, ...]] = contextvars.ContextVar(
+    "gate_slots", default=()
+)
+
+
+def _release_hold(gate: Gate) -> None:
+    held = _holding.get()
+    for i in range(len(held) - 1, -1, -1):
+        if held[i] is gate:
+            _holding.set(held[:i] + held[i + 1 :])
+            return
 
 
 class Gate:
@@ -82,11 +92,11 @@ class Gate:
 
     def held(self) -> bool:
         """Whether the current task holds one of this gate's slots (see the module docstring)."""
-        return _holding.get() is self
+        return self in _holding.get()
 
     async def __aenter__(self) -> None:
         await self.acquire()
-        _holding.set(self)
+        _holding.set((*_holding.get(), self))
 
     async def __aexit__(
         self,
@@ -94,18 +104,18 @@ class Gate:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _holding.set(None)
+        _release_hold(self)
         self.release()
 
     @contextlib.asynccontextmanager
     async def next_page(self) -> AsyncIterator[None]:
         """A slot for a later page of a chain under way."""
         await self.acquire(first=False)
-        token = _holding.set(self)
+        _holding.set((*_holding.get(), self))
         try:
             yield
         finally:
-            _holding.reset(token)
+            _release_hold(self)
             self.release()
 
     @contextlib.asynccontextmanager

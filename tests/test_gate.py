@@ -74,6 +74,9 @@ async def test_a_task_holding_a_slot_goes_ahead_in_it() -> None:
     for enter in (lambda: gate, gate.next_page):
         async with enter():
             assert gate.held() and not other.held()
+            async with other:  # a slot of another gate, given back: this one is still held
+                assert gate.held() and other.held()
+            assert gate.held() and not other.held()
             async with asyncio.timeout(1):
                 async with gate.slot():
                     assert gate.in_flight == 1
