@@ -41,6 +41,11 @@ import sys
 import time
 import zlib
 from abc import ABC, abstractmethod
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: LATEST is then not locked
+    fcntl = None  # type: ignore[assignment]
 from collections import defaultdict, deque
 from collections.abc import (
     AsyncGenerator,
@@ -111,6 +116,8 @@ ARTIFACT_RE = re.compile(
     r"(?P<id>\d{8}T\d{6}Z-[0-9a-f]+)\.(?P<kind>manifest\.json|jsonl\.gz|jsonl)(?(tmp)\..+\.tmp)"
 )
 _SNAPSHOT_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]+")
+# The snapshot id in what LATEST holds (a manifest's path, however it is spelled).
+_LATEST_ID = re.compile(r"(\d{8}T\d{6}Z-[0-9a-f]+)\.manifest\.json$")
 
 
 def new_snapshot_id(now: datetime | None = None) -> str:
@@ -671,20 +678,11 @@ class Store(ABC):
             if changes_sink is not None:
                 await _abort(changes_sink)
             raise
-        # LATEST moves only from the snapshot this one was compared with: if another writer
-        # (a manual run while the daemon writes) published since, this one stays off the
-        # chain (a later prune removes it), so the change files stay one chain.
-        # (A snapshot without change file, a shard's, has no chain to keep.)
-        current = ARTIFACT_RE.fullmatch(await self._latest_rel() or "") if with_changes else None
-        current_id = current["id"] if current is not None else None
-        if with_changes and current_id != previous_id:
-            raise OutputError(
-                f"{self.location}: snapshot {snapshot_id} was written but not published: "
-                f"another writer published {current_id} meanwhile (LATEST named "
-                f"{previous_id} when this run began); the next run starts from it",
-                transient=True,
-            )
-        await self._put(LATEST, [manifest_rel.encode() + b"\n"])
+        latest = manifest_rel.encode() + b"\n"
+        if with_changes:
+            await self._publish(snapshot_id, previous_id, latest)
+        else:  # a snapshot without change file (a shard's) has no chain to keep
+            await self._put(LATEST, [latest])
         self._previous_of[snapshot_id] = previous_id
         # The lines of the data file, kept whole whether or not the change file was written.
         self._view = None if kept is None else (snapshot_id, kept)
@@ -705,6 +703,31 @@ class Store(ABC):
             changes_path=None if changes is None else changes_rel,
             events=None if changes is None else changes["events"],
         )
+
+    async def _publish(self, snapshot_id: str, previous_id: str | None, latest: bytes) -> None:
+        """Point LATEST at `snapshot_id`, only from the snapshot it was compared with: if
+        another writer (a manual run while the daemon writes) published since, this one stays
+        off the chain (a later prune removes it), so the change files stay one chain. Raises a
+        transient OutputError then. (Ids are not compared: after a clock step back, a newer
+        snapshot may have an id that sorts first; its `previous_snapshot_id` still links it.)"""
+        async with self._latest_lock():
+            rel = await self._latest_rel()
+            found = _LATEST_ID.search(rel) if rel is not None else None
+            current = found[1] if found is not None else rel
+            if current != previous_id:
+                raise OutputError(
+                    f"{self.location}: snapshot {snapshot_id} was written but not published: "
+                    f"LATEST names {current}, not {previous_id}, which this run was compared "
+                    "with (another writer published meanwhile); the next run starts from it",
+                    transient=True,
+                )
+            await self._put(LATEST, [latest])
+
+    def _latest_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held while LATEST is read, checked and replaced (`_publish`): a directory locks it
+        against other processes; S3 has no lock (the check and the PUT are a round trip
+        apart)."""
+        return contextlib.nullcontext()
 
     async def _stage_changes(
         self,
@@ -1089,6 +1112,7 @@ class _LocalSink(Sink):
 
 
 _STALE_LATEST_TMP = 60.0
+_LOCK_WAIT = 30.0
 
 
 class LocalStore(Store):
@@ -1108,6 +1132,34 @@ class LocalStore(Store):
     def guard(self, action: str) -> _Guard:
         """Context manager mapping OSError to OutputError naming the directory."""
         return _Guard(self.location, action)
+
+    @contextlib.asynccontextmanager
+    async def _latest_lock(self) -> AsyncIterator[None]:
+        """An exclusive lock on `.LATEST.lock` in the directory (`flock`: processes of this
+        host), taken without blocking the event loop: tried every 10 ms, for at most
+        `_LOCK_WAIT` seconds (it is held for the milliseconds of one LATEST replacement)."""
+        with self.guard("lock LATEST"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / f".{LATEST}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                waited = 0.0
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if waited >= _LOCK_WAIT:
+                            raise OutputError(
+                                f"{self.location}: cannot lock LATEST: another process has "
+                                f"held .{LATEST}.lock for {_LOCK_WAIT:.0f} s",
+                                transient=True,
+                            ) from None
+                        await asyncio.sleep(0.01)
+                        waited += 0.01
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     async def prune(self, retain: int) -> Pruned:
         """`Store.prune`, and the temporary files of LATEST that a process killed while

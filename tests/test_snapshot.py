@@ -535,6 +535,38 @@ async def test_of_two_writers_from_one_snapshot_only_the_first_to_finish_publish
             assert snapshot_ids(root) == [sid(1), sid(first), sid(second)]
 
 
+async def test_concurrent_writers_race_for_latest_and_exactly_one_wins(tmp_path: Path) -> None:
+    """Two writes from the same previous snapshot finishing at the same moment: LATEST is
+    read, checked and replaced under a lock, so exactly one publishes and the other fails
+    (transient); LATEST names the winner, whose previous is the base."""
+    manifest = {"status": "complete", "partition_status": PARTITIONS}
+    async with LocalStore(tmp_path) as a, LocalStore(tmp_path) as b:
+        await write(a, sid(1), {"A": "New"})
+        base = await a.latest_manifest()
+        outcomes = await asyncio.gather(
+            a.write(sid(2), records(sid(2), {"A": "Done"}), manifest, previous=base),
+            b.write(sid(3), records(sid(3), {"A": "Done"}), manifest, previous=base),
+            return_exceptions=True,
+        )
+        latest = await a.latest_manifest()
+    won = [o for o in outcomes if isinstance(o, snapshot.WrittenSnapshot)]
+    lost = [o for o in outcomes if isinstance(o, OutputError)]
+    assert len(won) == 1 and len(lost) == 1 and lost[0].transient
+    assert latest is not None and latest["snapshot_id"] == won[0].snapshot_id
+    assert latest["previous_snapshot_id"] == sid(1)
+
+
+async def test_latest_spelled_otherwise_still_moves_on(tmp_path: Path) -> None:
+    """LATEST holding the manifest's path spelled another way (`./snapshots/...`, as a person
+    might write it) still names that snapshot: the next write is published."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(1), {"A": "New"})
+        latest = tmp_path / "LATEST"
+        latest.write_text("./" + latest.read_text())
+        await write(store, sid(2), {"A": "Done"})
+        assert (await store.latest_manifest() or {})["snapshot_id"] == sid(2)
+
+
 async def test_files_another_writer_may_still_be_producing_survive_prune(tmp_path: Path) -> None:
     """A snapshot whose manifest landed but whose writer has not moved LATEST yet, and a data
     file still without manifest, look like crash debris; while they are younger than
