@@ -36,7 +36,16 @@ from botocore.exceptions import (
 )
 
 from .errors import OutputError
-from .snapshot import ARTIFACT_RE, READ_CHUNK, Pruned, Sink, Store, manifest_path
+from .snapshot import (
+    ARTIFACT_RE,
+    LATEST,
+    READ_CHUNK,
+    Pruned,
+    Sink,
+    Store,
+    latest_snapshot_id,
+    manifest_path,
+)
 
 __all__ = ["S3Store", "parse_s3_url"]
 
@@ -224,6 +233,9 @@ class _S3Sink(Sink):
             self._upload_id = None
 
 
+_TEXT = "text/plain; charset=utf-8"
+
+
 def _content_type(rel: str) -> str:
     if rel.endswith(".gz"):
         return "application/gzip"
@@ -231,7 +243,7 @@ def _content_type(rel: str) -> str:
         return "application/x-ndjson"
     if rel.endswith(".json"):
         return "application/json"
-    return "text/plain; charset=utf-8"
+    return _TEXT
 
 
 class S3Store(Store):
@@ -331,6 +343,41 @@ class S3Store(Store):
         if links.get("snapshot-id") == snapshot_id:
             return links.get("previous-snapshot-id") or None
         return await super()._read_previous_id(snapshot_id)
+
+    async def _publish(self, snapshot_id: str, previous_id: str | None, latest: bytes) -> None:
+        """`Store._publish` as one atomic step: LATEST is read with its ETag and replaced by a
+        conditional PUT (`If-Match` that ETag, or `If-None-Match: *` when there is none), so
+        a writer that published in between makes this PUT fail instead of being overwritten.
+        An endpoint that does not implement conditional writes (some S3-compatible stores)
+        gets the plain PUT, as `Store._publish` does it."""
+        key = self._key(LATEST)
+        with self.errors("read LATEST"):
+            try:
+                answer = await self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
+                rel, condition = None, {"IfNoneMatch": "*"}
+            else:
+                async with answer["Body"] as body:
+                    rel = (await body.read()).decode("utf-8", "replace").strip() or None
+                condition = {"IfMatch": answer["ETag"]}
+        current = latest_snapshot_id(rel)
+        if current != previous_id:
+            raise self._not_published(snapshot_id, previous_id, current)
+        with self.errors("write LATEST"):
+            put = {"Bucket": self.bucket, "Key": key, "Body": latest, "ContentType": _TEXT}
+            try:
+                await self.client.put_object(**put, **condition)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code"))
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    changed = "what another writer put there"
+                    raise self._not_published(snapshot_id, previous_id, changed) from None
+                if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                    raise
+                log.warning("s3.conditional_write_unsupported", code=code)
+                await self.client.put_object(**put)
 
     async def _read(self, rel: str) -> bytes | None:
         with self.errors(f"read {rel}"):

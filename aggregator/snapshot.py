@@ -93,6 +93,7 @@ __all__ = [
     "changes_path",
     "data_path",
     "diff_command",
+    "latest_snapshot_id",
     "load_schema",
     "manifest_path",
     "new_snapshot_id",
@@ -116,8 +117,16 @@ ARTIFACT_RE = re.compile(
     r"(?P<id>\d{8}T\d{6}Z-[0-9a-f]+)\.(?P<kind>manifest\.json|jsonl\.gz|jsonl)(?(tmp)\..+\.tmp)"
 )
 _SNAPSHOT_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]+")
-# The snapshot id in what LATEST holds (a manifest's path, however it is spelled).
 _LATEST_ID = re.compile(r"(\d{8}T\d{6}Z-[0-9a-f]+)\.manifest\.json$")
+
+
+def latest_snapshot_id(text: str | None) -> str | None:
+    """The snapshot id in what LATEST holds (a manifest's path, however it is spelled), the
+    text itself if it names no manifest, None without LATEST."""
+    if text is None:
+        return None
+    found = _LATEST_ID.search(text)
+    return found[1] if found is not None else text
 
 
 def new_snapshot_id(now: datetime | None = None) -> str:
@@ -711,17 +720,20 @@ class Store(ABC):
         transient OutputError then. (Ids are not compared: after a clock step back, a newer
         snapshot may have an id that sorts first; its `previous_snapshot_id` still links it.)"""
         async with self._latest_lock():
-            rel = await self._latest_rel()
-            found = _LATEST_ID.search(rel) if rel is not None else None
-            current = found[1] if found is not None else rel
+            current = latest_snapshot_id(await self._latest_rel())
             if current != previous_id:
-                raise OutputError(
-                    f"{self.location}: snapshot {snapshot_id} was written but not published: "
-                    f"LATEST names {current}, not {previous_id}, which this run was compared "
-                    "with (another writer published meanwhile); the next run starts from it",
-                    transient=True,
-                )
+                raise self._not_published(snapshot_id, previous_id, current)
             await self._put(LATEST, [latest])
+
+    def _not_published(
+        self, snapshot_id: str, previous_id: str | None, current: str | None
+    ) -> OutputError:
+        return OutputError(
+            f"{self.location}: snapshot {snapshot_id} was written but not published: LATEST "
+            f"names {current}, not {previous_id}, which this run was compared with (another "
+            "writer published meanwhile); the next run starts from it",
+            transient=True,
+        )
 
     def _latest_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Held while LATEST is read, checked and replaced (`_publish`): a directory locks it

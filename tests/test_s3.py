@@ -241,6 +241,33 @@ async def test_retention_on_s3(bucket: str) -> None:
     assert old["UploadId"] not in left and new["UploadId"] in left
 
 
+async def test_latest_put_by_another_writer_in_between_is_never_overwritten(bucket: str) -> None:
+    """LATEST is replaced by a conditional PUT (If-Match the ETag read): a writer that
+    publishes between this write's read of LATEST and its PUT (here: injected through
+    botocore's public `provide-client-params` event, right before the PUT) makes the PUT fail
+    with 412, so this snapshot is not published (a transient error) and the other writer's
+    LATEST stays."""
+    url = f"s3://{bucket}/race"
+    theirs = b"snapshots/date=2026-11-28/" + sid(9).encode() + b".manifest.json\n"
+    raced: list[str] = []
+
+    async def other_writer_publishes(params: dict[str, Any], **_: Any) -> None:
+        if params["Key"].endswith("/LATEST") and "IfMatch" in params and not raced:
+            raced.append(params["IfMatch"])
+            async with AioSession().create_client("s3") as s3:
+                await s3.put_object(Bucket=bucket, Key=params["Key"], Body=theirs)
+
+    async with open_store(url) as store:
+        await write(store, sid(1), {"A": "New"})
+        store.client.meta.events.register(
+            "provide-client-params.s3.PutObject", other_writer_publishes
+        )
+        with pytest.raises(OutputError, match="not published") as lost:
+            await write(store, sid(2), {"A": "Done"})
+    assert lost.value.transient and raced
+    assert (await objects(bucket, "race/"))["LATEST"] == theirs
+
+
 async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
     """Writing to a bucket that does not exist fails early with the S3 error code."""
     async with open_store(f"s3://{bucket}-missing/x") as store:
