@@ -361,7 +361,8 @@ class S3Store(Store):
             else:
                 async with answer["Body"] as body:
                     rel = (await body.read()).decode("utf-8", "replace").strip() or None
-                condition = {"IfMatch": answer["ETag"]}
+                etag = answer.get("ETag")
+                condition = {"IfMatch": etag} if etag else {}
         current = latest_snapshot_id(rel)
         if current != previous_id:
             raise self._not_published(snapshot_id, previous_id, current)
@@ -372,8 +373,15 @@ class S3Store(Store):
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code"))
                 if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    changed = "what another writer put there"
-                    raise self._not_published(snapshot_id, previous_id, changed) from None
+                    # Another writer, or botocore retrying our own PUT that S3 had applied
+                    # (its answer lost): LATEST says which.
+                    now = await self._read(LATEST)
+                    named = latest_snapshot_id(
+                        now.decode("utf-8", "replace").strip() or None if now else None
+                    )
+                    if named == snapshot_id:
+                        return
+                    raise self._not_published(snapshot_id, previous_id, named) from None
                 if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
                     raise
                 log.warning("s3.conditional_write_unsupported", code=code)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hashlib
 import importlib.resources
@@ -1152,23 +1153,28 @@ class LocalStore(Store):
         `_LOCK_WAIT` seconds (it is held for the milliseconds of one LATEST replacement)."""
         with self.guard("lock LATEST"):
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / f".{LATEST}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            # Read-only is enough for flock, and lets writers of other users share the file.
+            fd = os.open(self.root / f".{LATEST}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
         try:
-            if fcntl is not None:
-                waited = 0.0
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if waited >= _LOCK_WAIT:
-                            raise OutputError(
-                                f"{self.location}: cannot lock LATEST: another process has "
-                                f"held .{LATEST}.lock for {_LOCK_WAIT:.0f} s",
-                                transient=True,
-                            ) from None
-                        await asyncio.sleep(0.01)
-                        waited += 0.01
+            waited = 0.0
+            while fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if waited >= _LOCK_WAIT:
+                        raise OutputError(
+                            f"{self.location}: cannot lock LATEST: another process has "
+                            f"held .{LATEST}.lock for {_LOCK_WAIT:.0f} s",
+                            transient=True,
+                        ) from None
+                    await asyncio.sleep(0.01)
+                    waited += 0.01
+                except OSError as exc:  # no locks on this filesystem (NFS without lockd...)
+                    if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise self.guard("lock LATEST").error(exc) from exc
+                    log.warning("snapshot.latest_unlocked", reason=exc.strerror)
+                    break
             yield
         finally:
             os.close(fd)  # releases the lock

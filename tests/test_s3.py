@@ -268,6 +268,29 @@ async def test_latest_put_by_another_writer_in_between_is_never_overwritten(buck
     assert (await objects(bucket, "race/"))["LATEST"] == theirs
 
 
+async def test_a_latest_put_retried_after_it_landed_is_still_published(bucket: str) -> None:
+    """botocore retries a PUT of LATEST that S3 had applied (its answer lost): the retry's
+    If-Match no longer holds and S3 answers 412, but LATEST names this snapshot, so the write
+    is published, not reported as lost to another writer. (The lost answer is simulated
+    through botocore's public `needs-retry` event: one retry after the real 200.)"""
+    url = f"s3://{bucket}/retry"
+    retried: list[int] = []
+
+    def lose_the_answer_once(response: Any, request_dict: dict[str, Any], **_: Any) -> Any:
+        landed = response is not None and response[0].status_code == 200
+        if landed and request_dict["url_path"].endswith("/LATEST") and not retried:
+            retried.append(1)
+            return 0  # retry at once
+        return None
+
+    async with open_store(url) as store:
+        await write(store, sid(1), {"A": "New"})
+        store.client.meta.events.register("needs-retry.s3.PutObject", lose_the_answer_once)
+        written = await write(store, sid(2), {"A": "Done"})
+        assert retried and written.snapshot_id == sid(2)
+        assert (await store.latest_manifest() or {})["snapshot_id"] == sid(2)
+
+
 async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
     """Writing to a bucket that does not exist fails early with the S3 error code."""
     async with open_store(f"s3://{bucket}-missing/x") as store:
