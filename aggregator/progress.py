@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from .fetch import PartitionResult
 from .records import JobRecord
@@ -83,9 +85,11 @@ class ProgressBar:
 
 
 def summary_table(summary: RunSummary) -> Table:
-    """A short table of what a run did."""
+    """A short table of what a run did. Values are plain text, never Rich markup: a path such
+    as `/data/[prod]/...` shows as it is."""
     p = summary.partitions
-    table = Table(title=f"snapshot {summary.snapshot_id} ({summary.status})", show_header=False)
+    title = f"snapshot {escape(summary.snapshot_id)} ({summary.status})"
+    table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column()
     rows = [
@@ -101,10 +105,12 @@ def summary_table(summary: RunSummary) -> Table:
         ("snapshot", str(summary.data_path)),
     ]
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, Text(value))
     for failure in summary.failed[:10]:
         table.add_row(
             "[red]failed[/red]",
-            f"{failure['account_id']}/{failure['region']}: {failure['error_code']}",
+            Text(f"{failure['account_id']}/{failure['region']}: {failure['error_code']}"),
         )
+    if len(summary.failed) > 10:
+        table.add_row("[red]failed[/red]", Text(f"... and {len(summary.failed) - 10} more"))
     return table
