@@ -183,7 +183,8 @@ async def test_tty_run_draws_progress_and_summary_table(
     code, screen = await asyncio.to_thread(run_on_a_pty)
     assert code == 0, screen
     assert "partitions" in screen and "snapshot" in screen and "complete" in screen
-    assert "duplicates removed" in screen
+    assert "duplicates removed" in screen  # the summary table
+    assert "throttles " in screen and "retries " in screen  # only the progress bar says so
 
 
 BAD_S3 = "s3://Bad_Bucket/x"

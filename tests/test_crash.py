@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -87,6 +89,11 @@ async def test_sigkill_during_fetch_leaves_previous_snapshot(
     assert await asyncio.to_thread(run_child, output, accounts, "none", env) == 0
     before = check_output_dir(output)
     sb.faults = Faults(latency=2.0)
+    asked = sb.stats().requests.get("snowball:ListJobs", 0)
+
+    def list_jobs_requests() -> int:
+        with urllib.request.urlopen(f"{sb.url}/_sandbox/stats", timeout=5) as answer:
+            return int(orjson.loads(answer.read())["requests"].get("snowball:ListJobs", 0))
 
     def killed_mid_fetch() -> int:
         proc = subprocess.Popen(
@@ -103,10 +110,13 @@ async def test_sigkill_during_fetch_leaves_previous_snapshot(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        try:
-            proc.wait(timeout=1.5)  # the child is now waiting on 2 s responses
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
+        # Kill once the child's first ListJobs has reached the sandbox (answers take 2 s),
+        # however long its start took on a loaded machine.
+        deadline = time.monotonic() + 60
+        while list_jobs_requests() == asked and proc.poll() is None:
+            assert time.monotonic() < deadline, "the child never asked for a page"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
         return proc.wait(timeout=30)
 
     assert await asyncio.to_thread(killed_mid_fetch) == -signal.SIGKILL

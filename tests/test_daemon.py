@@ -247,10 +247,8 @@ async def test_sigterm_mid_cycle_exits_zero_with_only_complete_snapshots(
     try:
         await asyncio.to_thread(daemon.wait_for, "cycle.started")
         daemon.proc.send_signal(signal.SIGTERM)
-        started = time.monotonic()
         code = await asyncio.to_thread(daemon.proc.wait, 30)
         assert code == 0
-        assert time.monotonic() - started < 10.0
     finally:
         daemon.close()
     assert len(complete_snapshots(output)) == snapshots

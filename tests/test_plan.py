@@ -138,3 +138,14 @@ def test_longest_chains_start_first() -> None:
     rest = [p for p in longest_first(plan, {}) if p.region != "us-east-1"]
     assert rest == [p for p in plan if p.region != "us-east-1"]
     assert expected_pages(None) == {}
+
+
+def test_history_found_under_a_fallback_region_orders_the_chain() -> None:
+    """With `us_strategy = "one"` the manifest records the US region that answered, which
+    may be a fallback: that history still makes the account's US chain start first."""
+    settings = RegionsSettings(names=("us-east-1", "us-east-2", "eu-west-1"), us_strategy="one")
+    plan = build_plan([acct(1), acct(2)], settings)
+    answered_by_fallback = {(acct(2).account_id, "us-east-2"): 30}
+    first = longest_first(plan, answered_by_fallback)[0]
+    assert (first.account_id, first.region) == (acct(2).account_id, "us-east-1")
+    assert "us-east-2" in first.fallbacks

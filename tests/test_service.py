@@ -122,3 +122,28 @@ async def test_cbor_protocol_returns_the_same_records(
     assert set(sb.stats().snowball_protocols) == {"cbor"}
     assert project(read_snapshot(cbor_run.data_path)) == project(read_snapshot(json_run.data_path))
     assert json_run.jobs == cbor_run.jobs > 450
+
+
+async def test_the_previous_run_orders_the_next_longest_chain_first(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """The manifest's job counts order the next run: the partition with the longest chain
+    (three pages here) is asked first. A first run without history goes in plan order."""
+    spec: dict[str, Any] = {
+        "accounts": 3,
+        "seed": 40,
+        "regions": ("eu-west-1",),
+        "jobs": {("200000000002", "eu-west-1"): 250},
+    }
+    settings = make_settings(
+        ["200000000000", "200000000001", "200000000002"],
+        regions={"names": ["eu-west-1"]},
+        limits={"max_concurrency": 1},
+    )
+    arrivals = []
+    for _ in range(2):  # a fresh sandbox each time: its counts list first requests in order
+        sb = await make_sandbox(**spec)
+        await run_once(settings, output=tmp_path)
+        arrivals.append([account for account, _ in sb.stats().list_jobs_requests])
+    assert arrivals[0][0] == "200000000000"
+    assert arrivals[1][0] == "200000000002"
