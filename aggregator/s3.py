@@ -375,10 +375,7 @@ class S3Store(Store):
                 if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     # Another writer, or botocore retrying our own PUT that S3 had applied
                     # (its answer lost): LATEST says which.
-                    now = await self._read(LATEST)
-                    named = latest_snapshot_id(
-                        now.decode("utf-8", "replace").strip() or None if now else None
-                    )
+                    named = latest_snapshot_id(await self._latest_rel())
                     if named == snapshot_id:
                         return
                     raise self._not_published(snapshot_id, previous_id, named) from None
