@@ -53,6 +53,7 @@ import asyncio
 import contextvars
 import functools
 import json
+import re
 import ssl
 import urllib.request
 import weakref
@@ -84,6 +85,7 @@ _STS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
 _CREDENTIALS = tuple(
     _STS + name for name in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration")
 )
+_DECLARED_ENCODING = re.compile(rb"<\?xml[^>]*?encoding\s*=\s*[\"']([^\"']*)[\"']")
 
 # (client, params) of a call going through botocore, for the handler to learn from; one per
 # operation (an AssumeRole can run inside a ListJobs call, when its credentials refresh).
@@ -141,17 +143,34 @@ def _form_body(fields: dict[str, Any]) -> bytes:
 
 def _assumed_credentials(body: bytes) -> dict[str, Any] | None:
     """`{"Credentials": {...}}` of an AssumeRole document, as botocore parses those four
-    fields; None for anything else (botocore's parser then reads the document)."""
+    fields; None for anything else (botocore's parser then reads the document).
+
+    Also None where botocore could read the document otherwise: its parser ignores namespaces
+    and always decodes UTF-8, and makes a list of a repeated element. So an element of another
+    namespace, a repeated `AssumeRoleResult`, `Credentials` or field, and a declared encoding
+    other than UTF-8 are botocore's to read.
+    """
+    declared = _DECLARED_ENCODING.search(body, 0, 256)
+    if declared is not None and declared.group(1).lower() not in (b"utf-8", b"utf8"):
+        return None
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError:
         return None
-    node = root.find(f"{_STS}AssumeRoleResult/{_STS}Credentials")
-    if root.tag != f"{_STS}AssumeRoleResponse" or node is None:
+    if root.tag != f"{_STS}AssumeRoleResponse" or not all(
+        element.tag.startswith(_STS) for element in root.iter()
+    ):
         return None
-    values = [node.findtext(tag) for tag in _CREDENTIALS]
-    if any(not value for value in values):
+    results = root.findall(f"{_STS}AssumeRoleResult")
+    nodes = results[0].findall(f"{_STS}Credentials") if len(results) == 1 else []
+    if len(nodes) != 1:
         return None
+    values = []
+    for tag in _CREDENTIALS:
+        found = nodes[0].findall(tag)
+        if len(found) != 1 or not found[0].text:
+            return None
+        values.append(found[0].text)
     access_key, secret_key, token, expiration = values
     return {
         "Credentials": {

@@ -22,11 +22,19 @@ handler takes the fast path only when it can prove that; a decoded body it does 
 untouched for botocore, so error responses raise botocore's modeled errors as before. One
 deliberate difference: a 200 body that does not decode at all raises botocore's
 `ResponseParserError` on JSON as on CBOR, where botocore's JSON parser would return an empty
-result (or raise `UnicodeDecodeError` when the cut falls inside a UTF-8 sequence). Truncated
-bodies fail in aiohttp before parsing, as without this module.
+result (or raise `UnicodeDecodeError` when the cut falls inside a UTF-8 sequence) and its CBOR
+parser an `AttributeError` on an empty body (a non-empty CBOR body cbor2 cannot decode is left
+to botocore's decoder, which raises the same error if it cannot either). Truncated bodies fail
+in aiohttp before parsing, as without this module.
 
-A CBOR caveat: cbor2 decodes semantic tags that botocore rejects (tag 0 date strings,
-bignums); a service that sent them would be read rather than refused.
+CBOR: what cbor2 and botocore's own decoder read differently is left to botocore. That is a
+null anywhere (botocore's decoder drops a null as it reads it, so with a repeated key the earlier
+value stands, where cbor2 keeps the later null: a page would lose its NextToken), a map key that
+is not text, a value JSON cannot carry (see `_plain`), and a body cbor2 cannot decode (botocore
+joins the chunks of an indefinite-length string before decoding UTF-8, so it reads a character
+split across chunks). A caveat: cbor2 decodes some semantic tags that botocore rejects (tag 0
+date strings, bignums, self-described CBOR, shared values, string references) without a trace
+in what it returns; a service that sent them would be read rather than refused.
 """
 
 from __future__ import annotations
@@ -158,9 +166,13 @@ def _cached_plan(shape: Any) -> _Plan | None:
 
 
 def _json_time(value: Any) -> datetime | None:
-    # Exact types: a bool (an int subclass) is left to botocore, which decides what it means.
+    # Exact types: a bool (an int subclass) is left to botocore, which decides what it means;
+    # so is an instant no datetime holds (botocore raises its own error for it).
     if type(value) is float or type(value) is int:
-        return datetime.fromtimestamp(value, UTC)
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
     return None
 
 
@@ -172,20 +184,21 @@ def _cbor_time(value: Any) -> datetime | None:
     return None
 
 
-# What a JSON document decodes to. CBOR can also carry undefined, byte strings, simple values
-# and tags (sets, big numbers, ...), which botocore's CBOR parser drops, converts or rejects:
-# a CBOR structure holding any of them (other than a timestamp) is left to botocore.
+# What a JSON document decodes to, but null. CBOR can also carry undefined, byte strings,
+# simple values and tags (sets, big numbers, ...), which botocore's CBOR parser drops, converts
+# or rejects, and its decoder drops nulls where cbor2 keeps them (see the module docstring): a
+# CBOR structure holding any of them (other than a timestamp) is left to botocore.
 _PLAIN = frozenset({str, bool, int, float, list, dict})
 
 
 def _plain(value: Any) -> bool:
-    """Whether `value` is what a JSON document decodes to, all the way down."""
+    """Whether `value` is what a JSON document without nulls decodes to, all the way down."""
     kind = type(value)
     if kind is list:
         return all(map(_plain, value))
     if kind is dict:
         return all(type(k) is str and _plain(v) for k, v in value.items())
-    return value is None or kind in _PLAIN
+    return kind in _PLAIN
 
 
 def _clean(
@@ -201,7 +214,11 @@ def _clean(
         return None
     entry: dict[str, Any] = node
     if to_time is _cbor_time:
+        if None in entry.values():
+            return None
         for name, value in entry.items():
+            if type(name) is not str:
+                return None
             if name in timestamps or (lists is not None and name in lists):
                 continue
             if not _plain(value):
@@ -315,7 +332,10 @@ def list_jobs_page(operation_model: Any, body: Any, account_id: str) -> Page | N
         if created is not None:
             if type(created) is not float and type(created) is not int:
                 return None
-            created = epoch_millis(created)
+            try:
+                created = epoch_millis(created)
+            except (OverflowError, OSError, ValueError):
+                return None  # an instant no datetime holds: botocore raises its own error
         is_master = get("IsMaster")
         append(
             JobEntry(
@@ -349,12 +369,18 @@ def parse_success(operation_model: Any, body: Any) -> dict[str, Any] | None:
     try:
         data = decode(body)
     except Exception as exc:
+        if to_time is _cbor_time and body:
+            return None  # botocore's decoder reads some CBOR that cbor2 does not (see above)
         # A 200 ListJobs always carries a document. botocore would read a torn JSON body as
-        # an empty result (or fail on a cut UTF-8 sequence); say what it is, on both wires.
+        # an empty result (or fail on a cut UTF-8 sequence), and an empty CBOR body as an
+        # AttributeError; say what it is, on both wires.
         raise ResponseParserError(
             f"unparseable {operation_model.name} response body ({len(body)} bytes)"
         ) from exc
-    return _shape_result(data, plan, to_time)
+    try:
+        return _shape_result(data, plan, to_time)
+    except RecursionError:  # nesting deeper than Python recurses, or a CBOR shared-value cycle
+        return None
 
 
 _parsers: dict[str, Any] = {}

@@ -415,6 +415,56 @@ def test_assume_role_document_reads_as_botocore_reads_it() -> None:
     assert direct._assumed_credentials(b"<not xml") is None
 
 
+_STS_NS = "https://sts.amazonaws.com/doc/2011-06-15/"
+_STS_FIELDS = (
+    "<AccessKeyId>ASIAREAL</AccessKeyId><SecretAccessKey>secret</SecretAccessKey>"
+    "<SessionToken>token</SessionToken><Expiration>2026-11-28T16:00:03Z</Expiration>"
+)
+
+
+def _assume_role_document(result: str, prolog: str = "") -> str:
+    return (
+        f'{prolog}<AssumeRoleResponse xmlns="{_STS_NS}"><AssumeRoleResult>{result}'
+        "</AssumeRoleResult><ResponseMetadata><RequestId>r</RequestId></ResponseMetadata>"
+        "</AssumeRoleResponse>"
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _assume_role_document(
+            f"<Credentials>{_STS_FIELDS}<AccessKeyId>ASIASECOND</AccessKeyId></Credentials>"
+        ).encode(),
+        _assume_role_document(
+            f"<Credentials>{_STS_FIELDS}<Expiration>2030-01-01T00:00:00Z</Expiration></Credentials>"
+        ).encode(),
+        _assume_role_document(
+            '<Credentials xmlns="urn:other"><AccessKeyId>OTHER</AccessKeyId></Credentials>'
+            f"<Credentials>{_STS_FIELDS}</Credentials>"
+        ).encode(),
+        _assume_role_document(
+            "<Credentials>" + _STS_FIELDS.replace("secret", "secr\u00e9t") + "</Credentials>",
+            '<?xml version="1.0" encoding="ISO-8859-1"?>',
+        ).encode("latin-1"),
+    ],
+    ids=["repeated-field", "repeated-expiration", "foreign-namespace-first", "latin-1"],
+)
+def test_assume_role_documents_botocore_reads_otherwise_are_declined(body: bytes) -> None:
+    """botocore's query parser ignores namespaces, always decodes UTF-8 and makes a list of a
+    repeated element: documents where that reads differently from ElementTree are left to it."""
+    assert direct._assumed_credentials(body) is None
+    plain = _assume_role_document(f"<Credentials>{_STS_FIELDS}</Credentials>")
+    assert direct._assumed_credentials(plain.encode()) is not None
+    declared = '<?xml version="1.0" encoding="UTF-8"?>'
+    assert (
+        direct._assumed_credentials(
+            _assume_role_document(f"<Credentials>{_STS_FIELDS}</Credentials>", declared).encode()
+        )
+        is not None
+    )
+
+
 @pytest.mark.parametrize("extra", [{}, {"ExternalId": "a b+c=d/é&x"}], ids=["plain", "external-id"])
 def test_form_body_is_botocores(extra: dict[str, Any]) -> None:
     """Our form body of AssumeRole's fields is the one botocore's request preparer makes."""

@@ -469,3 +469,96 @@ def test_cbor_values_beyond_json_are_left_to_botocore(
         except Exception as exc:
             outcomes.append(("error", type(exc)))
     assert outcomes[0] == outcomes[1]
+
+
+def _text(value: str) -> bytes:
+    """A short CBOR text string (under 24 bytes), written by hand."""
+    data = value.encode()
+    assert len(data) < 24
+    return bytes([0x60 | len(data)]) + data
+
+
+_ENTRIES, _JOB_ID, _NEXT = _text("JobListEntries"), _text("JobId"), _text("NextToken")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # {"JobListEntries": [{"JobId": "J1"}], "NextToken": "tok", "NextToken": null}: botocore
+        # keeps "tok" (its decoder drops the null), cbor2 the null (a page lost its token).
+        b"\xa3"
+        + _ENTRIES
+        + b"\x81\xa1"
+        + _JOB_ID
+        + _text("J1")
+        + _NEXT
+        + _text("tok")
+        + _NEXT
+        + b"\xf6",
+        # {"JobListEntries": [{"JobId": "J1", "JobId": null}]}
+        b"\xa1" + _ENTRIES + b"\x81\xa2" + _JOB_ID + _text("J1") + _JOB_ID + b"\xf6",
+        # a null nested in a member: botocore drops it, at any depth
+        b"\xa1"
+        + _ENTRIES
+        + b"\x81\xa2"
+        + _JOB_ID
+        + _text("J1")
+        + _text("Description")
+        + b"\xa2"
+        + _text("a")
+        + b"\xf6"
+        + _text("b")
+        + b"\x01",
+        # an indefinite-length text whose chunks split "é": botocore joins before decoding
+        b"\xa1"
+        + _ENTRIES
+        + b"\x81\xa2"
+        + _JOB_ID
+        + _text("J1")
+        + _text("Description")
+        + b"\x7f\x61\xc3\x61\xa9\xff",
+        # an array as a key, at the top and in an entry (botocore: TypeError)
+        b"\xa2" + _ENTRIES + b"\x80\x80\x01",
+        b"\xa1" + _ENTRIES + b"\x81\xa2" + _JOB_ID + _text("J1") + b"\x80\x01",
+        # a shared value that contains itself (tags 28 and 29)
+        b"\xd8\x1c\xa2" + _ENTRIES + b"\x80" + _text("Unmodeled") + b"\xd8\x1d\x00",
+    ],
+    ids=[
+        "repeated-token-then-null",
+        "repeated-job-id-then-null",
+        "nested-null",
+        "text-chunks-split-a-character",
+        "array-key-at-top",
+        "array-key-in-entry",
+        "shared-value-cycle",
+    ],
+)
+def test_cbor_botocore_decodes_otherwise_is_left_to_botocore(
+    models: dict[str, Any], body: bytes
+) -> None:
+    """CBOR that cbor2 and botocore's decoder read differently (nulls, which botocore drops as
+    it reads them; chunked text; keys that are not text; shared values) reaches botocore: the
+    same result, or the same exception."""
+    outcomes = []
+    for wired in (False, True):
+        try:
+            outcomes.append(("ok", _parse(models["cbor"], body, wired=wired)))
+        except Exception as exc:
+            outcomes.append(("error", type(exc)))
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("created", [b"1e17", b"1e20", b"9223372036854775808"])
+def test_epochs_no_datetime_holds_are_left_to_botocore(
+    models: dict[str, Any], created: bytes
+) -> None:
+    """An epoch CreationDate beyond any datetime fails as botocore fails it (its error, so the
+    partition's error code), on the general path and the one-pass page alike."""
+    body = b'{"JobListEntries": [{"JobId": "J1", "CreationDate": %b}]}' % created
+    with pytest.raises(Exception) as stock:
+        _parse(models["json"], body, wired=False)
+    with pytest.raises(Exception) as ours:
+        _parse(models["json"], body, wired=True)
+    assert type(ours.value) is type(stock.value)
+    operation = models["json"].operation_model("ListJobs")
+    assert wire.list_jobs_page(operation, body, "123456789012") is None
