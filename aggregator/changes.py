@@ -156,14 +156,19 @@ def batch_of_dicts(items: Sequence[Mapping[str, Any]]) -> Batch:
         d = items[i]
         return d.get("regions") or (), d.get("last_seen") or d["observed_at"]
 
-    try:  # every field present: files this tool wrote
-        return [((d["account_id"], d["job_id"]), d["job_state"], d["stale"]) for d in items], extra
-    except KeyError:
-        cores = [
-            ((d["account_id"], d["job_id"]), d.get("job_state"), bool(d.get("stale")))
-            for d in items
-        ]
-        return cores, extra
+    try:
+        try:  # every field present: files this tool wrote
+            cores = [((d["account_id"], d["job_id"]), d["job_state"], d["stale"]) for d in items]
+        except KeyError:
+            cores = [
+                ((d["account_id"], d["job_id"]), d.get("job_state"), bool(d.get("stale")))
+                for d in items
+            ]
+    except (KeyError, TypeError) as exc:  # a line that is no object, or has no key
+        raise UnreadableLine(f"not a snapshot record: {exc}") from exc
+    if not all(type(a) is str and type(j) is str for (a, j), _, _ in cores):
+        raise UnreadableLine("not a snapshot record: account_id and job_id must be strings")
+    return cores, extra
 
 
 class _Authority:

@@ -221,6 +221,23 @@ class Sink(ABC):
     async def abort(self) -> None: ...
 
 
+def _inflate(unzip: Any, data: bytes) -> tuple[Any, bytes]:
+    """`data` inflated by the gzip decompressor `unzip`, and the decompressor for what follows.
+
+    A gzip file may hold several members one after the other (`cat a.gz b.gz`, pigz, bgzip),
+    and zero bytes may pad it; `gzip.decompress` reads them all, so a snapshot does too: a new
+    decompressor takes over at each further member (one would stop at the first, silently).
+    """
+    out = unzip.decompress(data)
+    while unzip.eof:
+        tail = unzip.unused_data.lstrip(b"\0")
+        if not tail:
+            break
+        unzip = zlib.decompressobj(31)
+        out += unzip.decompress(tail)
+    return unzip, out
+
+
 class _Writer:
     """Feeds chunks through gzip (optional) and sha256 into a sink.
 
@@ -866,7 +883,7 @@ class Store(ABC):
         rest = b""
         async for chunk in self._stream(rel):
             if unzip is not None:
-                chunk = unzip.decompress(chunk)
+                unzip, chunk = _inflate(unzip, chunk)
             lines = lines_of(chunk)
             if not lines:
                 continue

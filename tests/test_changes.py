@@ -30,10 +30,11 @@ from aggregator.changes import (
     diff_lines,
     encode_events,
 )
+from aggregator.errors import OutputError
 from aggregator.records import JobRecord
 from aggregator.sandbox import Faults
 from aggregator.service import run_once
-from aggregator.snapshot import diff_command
+from aggregator.snapshot import diff_command, open_store
 
 from .conftest import SandboxFactory, make_settings
 
@@ -871,6 +872,33 @@ async def test_a_failed_first_partition_then_recovery_adds_its_jobs(
     truth = [j for j in sb.truth() if j["account_id"] == sb.account_ids[1]]
     assert kinds == ({(sb.account_ids[1], "job_added")} if truth else set())
     assert len(change_file(second)) == len(truth)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"null\n",
+        b"[1, 2]\n",
+        b'{"account_id": "111111111111", "job_id": 7}\n',
+        b'{"job_id": "J"}\n',
+    ],
+    ids=["null", "array", "numeric-job-id", "no-account"],
+)
+async def test_diff_of_a_snapshot_with_a_line_that_is_no_record_is_one_error(
+    tmp_path: Path, line: bytes
+) -> None:
+    """A line that is JSON but no record (not an object, no key, a key that is not a string)
+    makes `diff` an OutputError naming it, as it makes the store skip the change file, not a
+    TypeError (a traceback at the command line)."""
+    manifest = {"status": "complete", "partition_status": []}
+    async with open_store(tmp_path) as store:
+        first = await store.write("20261128T150000Z-aaaa", [], manifest)
+        await store.write(
+            "20261128T151500Z-bbbb", [], manifest, previous=await store.latest_manifest()
+        )
+    (tmp_path / first.data_path).write_bytes(line)
+    with pytest.raises(OutputError, match="not a snapshot record"):
+        await diff_command(tmp_path, "20261128T150000Z-aaaa", "latest", out=io.BytesIO())
 
 
 async def test_diff_command_line(

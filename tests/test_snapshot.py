@@ -326,6 +326,32 @@ async def test_the_switch_interval_is_short_while_writing_and_restored_after(
     assert sys.getswitchinterval() == before
 
 
+async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> None:
+    """A data file of several gzip members (`cat a.gz b.gz`, pigz, bgzip), zero padded, is one
+    valid gzip file: every record is read back and compared, not only the first member's."""
+    async with open_store(tmp_path, compress="gzip") as store:
+        first = await write(store, sid(0), {"A": "New", "B": "New", "C": "New"})
+    path = tmp_path / first.data_path
+    lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
+    path.write_bytes(gzip.compress(lines[0]) + gzip.compress(b"".join(lines[1:])) + bytes(8))
+    async with open_store(tmp_path, compress="gzip") as store:
+        previous = await store.read_manifest(sid(0))
+        assert [r.job_id async for r in store.read_records(previous)] == ["A", "B", "C"]
+        written = await write(store, sid(1), {"A": "New", "B": "Complete"})
+    manifest = orjson.loads((tmp_path / written.manifest_path).read_bytes())
+    assert manifest["changes"]["counts"] == {
+        "job_added": 0,
+        "job_recovered": 0,
+        "state_changed": 1,
+        "job_went_stale": 0,
+        "job_removed": 1,
+    }
+    path.write_bytes(path.read_bytes() + gzip.compress(b"x")[:12])  # a member cut short
+    async with open_store(tmp_path, compress="gzip") as store:
+        with pytest.raises(OutputError, match="truncated gzip stream"):
+            [r async for r in store.read_records(await store.read_manifest(sid(0)))]
+
+
 async def test_unreadable_previous_snapshot_skips_the_change_file(tmp_path: Path) -> None:
     """If the previous data file is gone, the snapshot is still written, with `changes: null`
     and a warning, rather than failing every cycle from then on."""
