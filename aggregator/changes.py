@@ -15,8 +15,13 @@ lines that differ. For each job, in this order:
   partition is authoritative: the partition succeeded in both snapshots. A stale record in the
   older snapshot counts as its partition's last successful answer, so a job deleted during an
   outage is removed once its partition answers again. A US job is visible from every US region
-  of its account, so any US region of the account that succeeded counts. A failed, skipped or
-  no longer planned partition never produces removals.
+  of its account, so any US region of the account that succeeded counts. A failed or skipped
+  partition never produces removals (the service carries its jobs forward as stale).
+  Also `job_removed`: in the older snapshot only, and no partition of the newer snapshot could
+  have returned it (its account or region is no longer queried: it left the organisation or
+  the configuration), so that the events of two consecutive snapshots always turn the older
+  into the newer. This needs the newer manifest's `partition_status`, the list of every
+  partition planned.
 
 Every event has `account_id`, `job_id`, `snapshot_id` (the newer snapshot),
 `previous_snapshot_id`, `from_state`, `to_state`, `observed_at` (when the newer snapshot
@@ -172,23 +177,44 @@ def batch_of_dicts(items: Sequence[Mapping[str, Any]]) -> Batch:
 
 
 class _Authority:
-    """Which (account, region) answers of one manifest are complete listings."""
+    """Which (account, region) answers of one manifest are complete listings, and which
+    (account, region) partitions it planned at all."""
 
-    __slots__ = ("ok", "us_ok")
+    __slots__ = ("listed", "ok", "planned", "us_ok", "us_planned")
 
     def __init__(self, manifest: Mapping[str, Any] | None) -> None:
         self.ok: set[tuple[str, str]] = set()
         self.us_ok: set[str] = set()
-        for p in (manifest or {}).get("partition_status") or ():
+        self.planned: set[tuple[str, str]] = set()
+        self.us_planned: set[str] = set()
+        statuses = (manifest or {}).get("partition_status")
+        self.listed = isinstance(statuses, list)
+        for p in statuses or ():
+            key = (p["account_id"], p["region"])
+            self.planned.add(key)
+            if key[1] in _US:
+                self.us_planned.add(key[0])
             if p.get("status") == "ok":
-                self.ok.add((p["account_id"], p["region"]))
-                if p["region"] in _US:
-                    self.us_ok.add(p["account_id"])
+                self.ok.add(key)
+                if key[1] in _US:
+                    self.us_ok.add(key[0])
 
     def covers(self, account_id: str, regions: Sequence[str]) -> bool:
         """True if a region that returned the job gave a complete answer."""
         return any(
             account_id in self.us_ok if r in _US else (account_id, r) in self.ok for r in regions
+        )
+
+    def dropped(self, account_id: str, regions: Sequence[str]) -> bool:
+        """True if the manifest lists its partitions and none could return the job: no
+        longer queried, not failed."""
+        return (
+            self.listed
+            and bool(regions)
+            and not any(
+                account_id in self.us_planned if r in _US else (account_id, r) in self.planned
+                for r in regions
+            )
         )
 
 
@@ -243,7 +269,9 @@ def _rules(
 
     def gone(o: Core, oe: Extra) -> None:
         account = o[0][0]
-        if new_auth.covers(account, oe[0]) and (o[2] or old_auth.covers(account, oe[0])):
+        if (
+            new_auth.covers(account, oe[0]) and (o[2] or old_auth.covers(account, oe[0]))
+        ) or new_auth.dropped(account, oe[0]):
             event(JOB_REMOVED, o[0], o[1], None, started, oe[1])
 
     def changed(o: Core, oe: Extra, n: Core, ne: Extra) -> None:

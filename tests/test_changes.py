@@ -196,7 +196,7 @@ US = ("us-east-1", "us-west-2")
         ({"ok": [], "failed": [(A, "us-east-1"), (A, "us-west-2")]}, False),
         ({"ok": [(B, "us-east-1")], "failed": [(A, "us-east-1"), (A, "us-west-2")]}, False),
         ({"ok": [(A, "eu-west-1")], "skipped": [(A, "us-east-1"), (A, "us-west-2")]}, False),
-        ({"ok": [(A, "eu-west-1")]}, False),  # US regions no longer planned
+        ({"ok": [(A, "eu-west-1")]}, True),  # US regions no longer queried: out of scope
     ],
     ids=["one-us-ok", "other-us-ok", "all-us-failed", "other-account", "skipped", "unplanned"],
 )
@@ -342,6 +342,13 @@ def reference(
         us = {a for a, r in good if r.startswith("us-")}
         return any(account in us if r.startswith("us-") else (account, r) in good for r in regions)
 
+    def queried(m: dict[str, Any], account: str, regions: list[str]) -> bool:
+        planned = {(p["account_id"], p["region"]) for p in m["partition_status"]}
+        us = {a for a, r in planned if r.startswith("us-")}
+        return any(
+            account in us if r.startswith("us-") else (account, r) in planned for r in regions
+        )
+
     prev = old_m["snapshot_id"] if old_m else None
     started = new_m["started_at"]
     olds = {(r["account_id"], r["job_id"]): r for r in old}
@@ -371,7 +378,10 @@ def reference(
             if n["stale"]:
                 add("job_went_stale", key, n["job_state"], n["job_state"], started, n["last_seen"])
         elif n is None:
-            if ok(new_m, key[0], o["regions"]) and (o["stale"] or ok(old_m, key[0], o["regions"])):
+            authoritative = ok(new_m, key[0], o["regions"]) and (
+                o["stale"] or ok(old_m, key[0], o["regions"])
+            )
+            if authoritative or not queried(new_m, key[0], o["regions"]):
                 add("job_removed", key, o["job_state"], None, started, o["last_seen"])
         else:
             frm, to, before = o["job_state"], n["job_state"], o["last_seen"]
@@ -853,6 +863,33 @@ async def test_sandbox_changes_between_runs_give_the_exact_events(
 
 def read_jsonl_bytes(body: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in body.splitlines() if line]
+
+
+async def test_jobs_of_a_region_no_longer_queried_are_removed_and_added_back(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A region (or account) left out of the plan takes its jobs out of the snapshot with a
+    `job_removed` each, and back with a `job_added` each: the events of consecutive snapshots
+    always turn the older into the newer."""
+    regions = ("ap-southeast-2", "eu-west-1")
+    sb = await make_sandbox(accounts=2, seed=11, max_jobs=6, regions=regions)
+    both = make_settings(sb.account_ids, regions={"names": list(regions)})
+    one = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    dropped = {
+        (j["account_id"], j["job_id"]) for j in sb.truth() if "ap-southeast-2" in j["regions"]
+    }
+    assert dropped
+    summaries = [await run_once(s, output=tmp_path) for s in (both, one, both)]
+    keys = [
+        {(r["account_id"], r["job_id"]) for r in read_jsonl(Path(s.data_path))} for s in summaries
+    ]
+    assert keys[0] - keys[1] == dropped and keys[2] == keys[0]
+    for older, newer, summary in zip(keys[:-1], keys[1:], summaries[1:], strict=True):
+        events = change_file(summary)
+        removed = {(e["account_id"], e["job_id"]) for e in events if e["event"] == "job_removed"}
+        added = {(e["account_id"], e["job_id"]) for e in events if e["event"] == "job_added"}
+        assert (older - removed) | added == newer
+    assert {e["event"] for e in change_file(summaries[1])} == {"job_removed"}
 
 
 async def test_a_failed_first_partition_then_recovery_adds_its_jobs(
