@@ -477,9 +477,11 @@ async def run_forever(
     gets `daemon.shutdown_deadline` seconds to finish and write its snapshot, then it is
     cancelled (the previous snapshot stays LATEST; files are never torn). When
     `reload_requested` is set, `reload()` is called between cycles: new settings apply from
-    the next cycle; a `ConfigError` is logged as one line and the old settings are kept.
-    A daemon cycle that raises (e.g. the disk is full) is logged and counted, and the loop
-    goes on. Returns the last summary.
+    the next cycle; a `ConfigError`, or settings the Aggregator cannot open with (an output
+    location or profile that does not work), is logged as one line and the old settings are
+    kept. A daemon cycle that raises (e.g. the disk is full) is logged and counted, and the
+    loop goes on; so does a failure to reopen with the old settings (tried again an interval
+    later). Only the first opening's failure propagates. Returns the last summary.
     """
     stop = stop or asyncio.Event()
     reload_requested = reload_requested or asyncio.Event()
@@ -487,8 +489,30 @@ async def run_forever(
     observers = list(observers)
     last: RunSummary | None = None
     next_start = clock()
+    good: Settings | None = None  # the settings last opened with
     while not stop.is_set():
-        async with Aggregator(settings, rng=rng, observers=observers, **options) as aggregator:
+        stack = contextlib.AsyncExitStack()
+        try:
+            aggregator = await stack.enter_async_context(
+                Aggregator(settings, rng=rng, observers=observers, **options)
+            )
+        except Exception as exc:
+            if good is None or burst:
+                raise
+            if settings is not good:
+                log.error("config.reload_failed", error=str(exc), error_type=type(exc).__name__)
+                settings = good
+                _follow(observers, settings)
+                continue
+            log.error("cycle.failed", error=str(exc), error_type=type(exc).__name__)
+            for observer in observers:
+                failed = getattr(observer, "cycle_failed", None)
+                if failed is not None:
+                    failed(str(exc))
+            await _first(stop, seconds=settings.daemon.interval)
+            continue
+        good = settings
+        async with stack:
             while not stop.is_set():
                 task = asyncio.create_task(aggregator.cycle())
                 if burst:
@@ -545,14 +569,18 @@ async def run_forever(
                     new = _reload(reload, settings)
                     if new is not settings:
                         settings, reopen = new, True
-                        for observer in observers:
-                            if isinstance(observer, HealthState):
-                                observer.interval = settings.daemon.interval
-                                deadline = settings.limits.partition_deadline_seconds
-                                observer.partition_deadline = deadline
+                        _follow(observers, settings)
                 if reopen:
                     break  # reopen the Aggregator with the new settings
     return last
+
+
+def _follow(observers: Sequence[CycleObserver], settings: Settings) -> None:
+    """Point the health state at `settings`' interval and deadline (after a reload)."""
+    for observer in observers:
+        if isinstance(observer, HealthState):
+            observer.interval = settings.daemon.interval
+            observer.partition_deadline = settings.limits.partition_deadline_seconds
 
 
 def _reload(reload: Callable[[], Settings] | None, current: Settings) -> Settings:

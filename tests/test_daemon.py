@@ -283,6 +283,101 @@ async def test_sighup_reloads_valid_config_and_keeps_old_on_invalid(
         daemon.close()
 
 
+async def test_a_reload_the_aggregator_cannot_open_with_keeps_the_old_settings(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Settings that parse but do not open (an S3 output whose profile does not exist) are a
+    failed reload, logged as one line: the daemon goes on with the settings it had."""
+    from structlog.testing import capture_logs
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    out = tmp_path / "out"
+    good = make_settings(
+        sb.account_ids, regions=REGIONS, daemon={"interval": 0.05}, output={"directory": str(out)}
+    )
+    bad = make_settings(
+        sb.account_ids,
+        regions=REGIONS,
+        daemon={"interval": 0.05},
+        output={"directory": "s3://snapshots-bucket/prefix"},
+        partitions={"aws": {"profile": "no-such-profile"}},
+    )
+    stop, reload_requested = asyncio.Event(), asyncio.Event()
+
+    class ReloadAfterFirst(Recorder):
+        def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
+            super().cycle_finished(summary, records)
+            if len(self.summaries) == 1:
+                reload_requested.set()
+
+    recorder = ReloadAfterFirst(3, stop)
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            run_forever(
+                good,
+                stop=stop,
+                reload=lambda: bad,
+                reload_requested=reload_requested,
+                observers=[recorder],
+            ),
+            60,
+        )
+    assert recorder.events == ["start", "finish"] * 3
+    failed = [e for e in logs if e["event"] == "config.reload_failed"]
+    assert len(failed) == 1 and "no-such-profile" in failed[0]["error"]
+    assert len(complete_snapshots(out)) == 3
+
+
+async def test_a_failure_to_reopen_with_the_old_settings_is_a_failed_cycle(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the old settings fail to open again after a failed reload (the output unreachable
+    for now), that is a failed cycle, tried again an interval later, not the daemon's end."""
+    from aggregator import service
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
+    other = make_settings(sb.account_ids[:1], regions=REGIONS, daemon={"interval": 0.05})
+    opened = service.Aggregator.__aenter__
+    opens: list[int] = []
+
+    async def flaky(self: Any) -> Any:
+        opens.append(len(self.settings.accounts.ids))
+        if len(opens) in (2, 3):  # the reloaded settings, then the old ones once
+            raise OSError("output unreachable")
+        return await opened(self)
+
+    monkeypatch.setattr(service.Aggregator, "__aenter__", flaky)
+    stop, reload_requested = asyncio.Event(), asyncio.Event()
+
+    failures: list[str] = []
+
+    class ReloadAfterFirst(Recorder):
+        def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
+            super().cycle_finished(summary, records)
+            if len(self.summaries) == 1:
+                reload_requested.set()
+
+        def cycle_failed(self, error: str) -> None:
+            failures.append(error)
+
+    recorder = ReloadAfterFirst(2, stop)
+    await asyncio.wait_for(
+        run_forever(
+            settings,
+            stop=stop,
+            reload=lambda: other,
+            reload_requested=reload_requested,
+            observers=[recorder],
+            output=tmp_path,
+        ),
+        60,
+    )
+    assert opens == [2, 1, 2, 2]
+    assert failures == ["output unreachable"]
+    assert recorder.events == ["start", "finish"] * 2
+
+
 async def test_garbage_cycles_are_collected_between_daemon_cycles(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
