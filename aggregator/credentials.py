@@ -19,7 +19,7 @@ import contextvars
 import platform
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
@@ -525,6 +525,14 @@ class CredentialBroker:
         """Forget failed AssumeRoles, so a new cycle tries those accounts again."""
         _drop_failed(self._sessions)
         _drop_failed(self._credentials)
+
+    def keep_only(self, account_ids: Collection[str]) -> None:
+        """Forget the sessions and credentials of every account not in `account_ids` (at the
+        start of a cycle, the accounts it plans): a daemon whose organisation churns keeps
+        only what it uses, and no expired keys of accounts long gone."""
+        for tasks in (self._sessions, self._credentials):
+            for account_id in [a for a in tasks if a not in account_ids]:
+                tasks.pop(account_id).cancel()  # (a no-op on a finished task)
 
     def forget(self, account: Account, session: AioSession | None = None) -> None:
         """Drop the account's session so the next `session_for` assumes the role again.

@@ -293,6 +293,7 @@ class Aggregator:
         results: list[PartitionResult] = []
         jobs: dict[str, int] = {}
         broker.reset_failures()
+        broker.keep_only({a.account_id for a in accounts})
         assume_before = broker.assume_role_calls
         outcomes_before = collections.Counter(broker.outcomes)
         for observer in self.observers:

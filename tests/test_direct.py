@@ -632,3 +632,24 @@ async def test_an_endpoint_path_with_dot_segments_signs_as_botocore_does(
     assert sum(len(entries) for entries, _ in ours) == 250
     assert (sender.requests, sender.prepared_requests, sender.fallbacks) == (3, 2, 0)
     assert sb.stats().signature_mismatch == 0
+
+
+async def test_the_broker_forgets_accounts_no_longer_planned(make_sandbox: SandboxFactory) -> None:
+    """`keep_only` (each cycle, with the accounts it plans) drops the cached credentials of
+    every other account: a churning organisation does not grow the cache, and an account that
+    comes back assumes its role afresh."""
+    sb = await make_sandbox(accounts=3, seed=5, regions=("eu-west-1",))
+    accounts = [Account(a, role_arn(a, "SnowballInventoryReader")) for a in sb.account_ids]
+    async with CredentialBroker(timeout=2) as broker:
+        for account in accounts:
+            await broker.credentials_for(account)
+            await broker.session_for(account)
+        calls = broker.assume_role_calls
+        broker.keep_only({accounts[0].account_id})
+        await broker.credentials_for(accounts[0])
+        await broker.session_for(accounts[0])
+        assert broker.assume_role_calls == calls  # still cached
+        await broker.credentials_for(accounts[1])
+        assert broker.assume_role_calls == calls + 1  # forgotten: assumed again
+        fallback = await broker.credentials_for(accounts[0])
+        assert broker.current_credentials(accounts[2], fallback) is fallback  # none held

@@ -147,3 +147,24 @@ async def test_the_previous_run_orders_the_next_longest_chain_first(
         arrivals.append([account for account, _ in sb.stats().list_jobs_requests])
     assert arrivals[0][0] == "200000000000"
     assert arrivals[1][0] == "200000000002"
+
+
+async def test_a_cycle_forgets_the_credentials_of_accounts_it_no_longer_plans(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Each cycle keeps the credentials of the accounts it plans only: an account that leaves
+    and comes back assumes its role again (the cache does not grow with churn)."""
+    from aggregator.service import Aggregator
+
+    sb = await make_sandbox(accounts=3, seed=8, regions=("eu-west-1",))
+    regions = {"names": ["eu-west-1"]}
+    every = make_settings(sb.account_ids, regions=regions)
+    fewer = make_settings(sb.account_ids[:2], regions=regions)
+    assumed = []
+    async with Aggregator(every, output=tmp_path) as aggregator:
+        for settings in (every, fewer, every):
+            aggregator.settings = settings
+            summary = await aggregator.cycle()
+            manifest = orjson.loads(Path(summary.manifest_path).read_bytes())
+            assumed.append(manifest["requests"]["assume_role"])
+    assert assumed == [3, 0, 1]
