@@ -165,6 +165,10 @@ async def test_a_cycle_forgets_the_credentials_of_accounts_it_no_longer_plans(
         for settings in (every, fewer, every):
             aggregator.settings = settings
             summary = await aggregator.cycle()
-            manifest = orjson.loads(Path(summary.manifest_path).read_bytes())
-            assumed.append(manifest["requests"]["assume_role"])
+            assumed.append(_manifest(summary)["requests"]["assume_role"])
     assert assumed == [3, 0, 1]
+
+
+def _manifest(summary: Any) -> dict[str, Any]:
+    manifest: dict[str, Any] = orjson.loads(Path(summary.manifest_path).read_bytes())
+    return manifest
