@@ -52,10 +52,12 @@ __all__ = [
 ENV_PREFIX = "SNOWBALL_AGGREGATOR_"
 PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
 MAX_INTERVAL = 7 * 24 * 3600.0  # daemon.interval: a week; longer is a cron job, not a daemon
+MIN_INTERVAL = 0.001  # daemon.interval: shorter is no interval (and overflows the slot count)
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _ROLE_ARN_RE = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
 _ROLE_NAME_RE = re.compile(r"^[\w+=,.@/-]{1,64}$")
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -77,8 +79,18 @@ def _endpoint_session() -> Any:
 
 def data_loader(session: Any) -> Any:
     """The botocore data loader for `session`'s data path, one per path and process: the
-    endpoint data and models it has parsed are not parsed again by the next session."""
-    return _loader(session.get_config_variable("data_path"))
+    endpoint data and models it has parsed are not parsed again by the next session.
+
+    A profile that does not exist or a config file that does not parse (`AWS_PROFILE`,
+    `AWS_CONFIG_FILE`) is `check_aws_config`'s to report: the data path then comes from
+    `AWS_DATA_PATH` alone, so that reading the endpoint data never fails on it."""
+    from botocore.exceptions import ConfigParseError, ProfileNotFound
+
+    try:
+        path = session.get_config_variable("data_path")
+    except (ProfileNotFound, ConfigParseError):
+        path = os.environ.get("AWS_DATA_PATH")
+    return _loader(path)
 
 
 @cache
@@ -86,6 +98,18 @@ def _loader(data_path: str | None) -> Any:
     from botocore.loaders import create_loader
 
     return create_loader(data_path)
+
+
+def select_regions(settings: RegionsSettings, partition: str = "aws") -> tuple[str, ...]:
+    """The configured regions of `partition` ("all" expanded), minus `exclude`, sorted."""
+    available = snowball_regions(partition)
+    chosen: set[str] = set()
+    for name in settings.names:
+        if name == "all":
+            chosen.update(available)
+        elif name in available:
+            chosen.add(name)
+    return tuple(sorted(chosen - set(settings.exclude)))
 
 
 def _all_known_regions() -> frozenset[str]:
@@ -141,6 +165,8 @@ def _interval(value: object) -> float:
     seconds = parse_duration(value)
     if seconds > MAX_INTERVAL:
         raise ValueError(f"{value!r} is longer than the maximum interval of 7 days")
+    if seconds < MIN_INTERVAL:
+        raise ValueError(f"{value!r} is shorter than the minimum interval of 1 ms")
     return seconds
 
 
@@ -243,6 +269,11 @@ def _output_location(value: str) -> str:
         from .s3 import parse_s3_url
 
         parse_s3_url(value)  # its ValueError names the problem
+        return value
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError(f"{value!r} holds a control character (a NUL, a newline...)")
+    if _URL_LIKE.match(value):  # S3://b/p or s3:/b/p would be a local folder named "S3:"
+        raise ValueError(f"{value!r} is neither a directory nor s3://bucket/prefix")
     return value
 
 
@@ -312,6 +343,20 @@ class Settings(_Model):
             raise ValueError(
                 "accounts: no accounts configured "
                 "(set accounts.ids, accounts.list or accounts.organizations.enabled)"
+            )
+        # An empty plan would publish an empty snapshot as complete: every job removed.
+        named = {*a.ids, *(e.id for e in a.list)}
+        if not a.organizations.enabled and named <= set(a.exclude):
+            raise ValueError("accounts: accounts.exclude excludes every configured account")
+        partitions: set[str] = {a.partition}
+        for entry in a.list:
+            m = _ROLE_ARN_RE.fullmatch(entry.role_arn or "")
+            if m:
+                partitions.add(m.group(1))
+        if not any(select_regions(self.regions, p) for p in partitions):
+            raise ValueError(
+                f"regions: names and exclude leave no Snowball region of "
+                f"{' or '.join(sorted(partitions))}"
             )
         return self
 
@@ -444,6 +489,9 @@ def settings_from_mapping(
     """Validate an already-parsed TOML document (plus environment overrides) into `Settings`."""
     doc = dict(data)
     origins = _apply_env(doc, env or {})
+    if "source" in doc:  # the field that records where settings came from is no setting
+        origin = origins.get("source")
+        raise ConfigError(_env_source(origin) if origin else source, "source", "unknown key")
     try:
         return Settings.model_validate({**_tuples(doc), "source": source})
     except ValidationError as exc:
@@ -463,10 +511,43 @@ def settings_from_mapping(
         raise ConfigError(return_source, key, problem + more) from None
 
 
+def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None) -> None:
+    """Raise `ConfigError` (one line) if an AWS profile the run would use does not exist, or
+    the AWS config file does not parse; botocore would raise it mid-run otherwise.
+
+    Checked: every `[partitions.<name>] profile`, and the default credential chain
+    (`AWS_PROFILE`, `AWS_DEFAULT_PROFILE`, `AWS_CONFIG_FILE`) unless the hub partition has a
+    profile of its own. `env` defaults to `os.environ` (for naming the variable to blame).
+    """
+    import botocore.session
+    from botocore.exceptions import ConfigParseError, ProfileNotFound
+
+    env = os.environ if env is None else env
+    checks: list[tuple[str, str, str | None]] = [
+        (settings.source, f"partitions.{name}.profile", p.profile)
+        for name, p in sorted(settings.partitions.items())
+        if p.profile
+    ]
+    hub = settings.partitions.get(settings.accounts.partition)
+    if hub is None or not hub.profile:
+        variable = next(
+            (v for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE") if env.get(v)),
+            None,
+        )
+        source = _env_source(variable) if variable else "AWS config file"
+        checks.append((source, "", None))
+    for source, key, profile in checks:
+        try:
+            botocore.session.Session(profile=profile).get_scoped_config()
+        except (ProfileNotFound, ConfigParseError) as exc:
+            raise ConfigError(source, key, str(exc)) from None
+
+
 def load_settings(
     path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Read, parse and validate the TOML file at `path`; raise `ConfigError` with one line.
+    """Read, parse and validate the TOML file at `path`, and the AWS profiles it will use
+    (`check_aws_config`); raise `ConfigError` with one line.
 
     `env` defaults to `os.environ`; only variables starting with `SNOWBALL_AGGREGATOR_` count.
     """
@@ -488,4 +569,6 @@ def load_settings(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, "", f"invalid TOML: {exc}") from None
-    return settings_from_mapping(data, source=name, env=os.environ if env is None else env)
+    settings = settings_from_mapping(data, source=name, env=os.environ if env is None else env)
+    check_aws_config(settings, env=env)
+    return settings

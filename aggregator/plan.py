@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from .accounts import Account
-from .config import RegionsSettings, snowball_regions
+from .config import RegionsSettings, select_regions
 
 __all__ = [
     "US_REGIONS",
@@ -55,18 +55,6 @@ class Partition:
     def key(self) -> str:
         """`account_id/region`, the name used in logs and manifests."""
         return f"{self.account.account_id}/{self.region}"
-
-
-def select_regions(settings: RegionsSettings, partition: str = "aws") -> tuple[str, ...]:
-    """The configured regions of `partition` ("all" expanded), minus `exclude`, sorted."""
-    available = snowball_regions(partition)
-    chosen: set[str] = set()
-    for name in settings.names:
-        if name == "all":
-            chosen.update(available)
-        elif name in available:
-            chosen.add(name)
-    return tuple(sorted(chosen - set(settings.exclude)))
 
 
 def build_plan(accounts: Iterable[Account], settings: RegionsSettings) -> tuple[Partition, ...]:

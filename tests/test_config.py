@@ -110,6 +110,36 @@ def test_settings_are_frozen() -> None:
             '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = "200h"\n',
             "prod.toml: daemon.interval: '200h' is longer than the maximum interval of 7 days",
         ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = 5e-324\n',
+            "prod.toml: daemon.interval: 5e-324 is shorter than the minimum interval of 1 ms",
+        ),
+        (
+            '[accounts]\nids = ["111111111111", "222222222222"]\nexclude = ["222222222222", '
+            '"111111111111"]\n',
+            "prod.toml: accounts: accounts.exclude excludes every configured account",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[regions]\nnames = ["eu-west-1"]\n'
+            'exclude = ["eu-west-1"]\n',
+            "prod.toml: regions: names and exclude leave no Snowball region of aws",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[regions]\nnames = ["cn-north-1"]\n',
+            "prod.toml: regions: names and exclude leave no Snowball region of aws",
+        ),
+        (
+            'source = "x"\n[accounts]\nids = ["111111111111"]\n',
+            "prod.toml: source: unknown key",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "x\\u0000y"\n',
+            "prod.toml: output.directory: 'x\\x00y' holds a control character",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "S3://bucket/x"\n',
+            "prod.toml: output.directory: 'S3://bucket/x' is neither a directory nor s3://",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -121,6 +151,38 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) 
     assert "\n" not in message
     assert message.startswith(str(path.parent)), message
     assert expected in message, message
+
+
+@pytest.mark.parametrize("where", ["partition-profile", "AWS_PROFILE", "AWS_CONFIG_FILE"])
+def test_aws_profiles_that_do_not_exist_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A profile the run would use that is not there, or an AWS config file that does not
+    parse, is one line naming what set it (botocore would raise it mid-run, as a traceback)."""
+    aws_config = tmp_path / "aws-config"
+    aws_config.write_text("[profile present]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_PROFILE", raising=False)
+    text = '[accounts]\nids = ["111111111111"]\n'
+    good = load_settings(write(tmp_path, text + '[partitions.aws]\nprofile = "present"\n'))
+    assert good.partitions["aws"].profile == "present"
+    load_settings(write(tmp_path, text))  # the default chain, no profile: fine
+    if where == "partition-profile":
+        path = write(tmp_path, text + '[partitions.aws]\nprofile = "absent"\n')
+        expected = f"{path}: partitions.aws.profile: The config profile (absent) could not be"
+    elif where == "AWS_PROFILE":
+        path = write(tmp_path, text)
+        monkeypatch.setenv("AWS_PROFILE", "absent")
+        expected = "AWS_PROFILE (environment): The config profile (absent) could not be found"
+    else:
+        path = write(tmp_path, text)
+        aws_config.write_text("[profile present\nregion = eu-west-1\n")
+        expected = "AWS_CONFIG_FILE (environment): Unable to parse config file"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(expected), str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
