@@ -141,6 +141,46 @@ def snapshot_date(snapshot_id: str) -> str:
     return f"{snapshot_id[0:4]}-{snapshot_id[4:6]}-{snapshot_id[6:8]}"
 
 
+def _path_problem(rel: object) -> str | None:
+    """Why `rel` is not a path inside the location, as this tool writes them (None if it is)."""
+    if not isinstance(rel, str) or not rel:
+        return f"{rel!r} is not a path"
+    if any(ord(c) < 32 for c in rel) or rel.startswith(("/", "\\")):
+        return f"{rel!r} is not a relative path"
+    if ".." in rel.replace("\\", "/").split("/"):
+        return f"{rel!r} leaves the location"
+    return None
+
+
+def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
+    """Why `manifest` is not one this tool can read (None if it can): the fields that reading,
+    comparing and carrying forward use, with their types."""
+    snapshot_id = manifest.get("snapshot_id")
+    if not isinstance(snapshot_id, str) or not _SNAPSHOT_ID.fullmatch(snapshot_id):
+        return f"snapshot_id {snapshot_id!r} is not a snapshot id"
+    previous = manifest.get("previous_snapshot_id")
+    if previous is not None and not isinstance(previous, str):
+        return f"previous_snapshot_id {previous!r} is not a snapshot id"
+    for part in ("data", "changes"):
+        entry = manifest.get(part)
+        if entry is None and part == "changes":
+            continue
+        if not isinstance(entry, Mapping):
+            return f"{part} is not an object"
+        problem = _path_problem(entry.get("path"))
+        if problem is not None:
+            return f"{part}.path: {problem}"
+    statuses = manifest.get("partition_status", [])
+    if not isinstance(statuses, list) or not all(
+        isinstance(p, Mapping)
+        and isinstance(p.get("account_id"), str)
+        and isinstance(p.get("region"), str)
+        for p in statuses
+    ):
+        return "partition_status is not a list of {account_id, region, status} objects"
+    return None
+
+
 def data_path(snapshot_id: str, gz: bool = False) -> str:
     """Where a snapshot's records go, relative to the location."""
     return f"snapshots/date={snapshot_date(snapshot_id)}/{snapshot_id}.jsonl" + (".gz" * gz)
@@ -847,10 +887,16 @@ class Store(ABC):
         return body.decode("utf-8", "replace").strip() or None
 
     async def latest_manifest(self) -> dict[str, Any] | None:
-        """The manifest LATEST points to, or None when there is no snapshot yet."""
+        """The manifest LATEST points to, or None when there is no snapshot yet.
+
+        Raises `OutputError` if LATEST or the manifest is not what this tool writes (edited or
+        damaged by hand): a run from it could not tell which jobs to carry forward."""
         rel = await self._latest_rel()
         if rel is None:
             return None
+        problem = _path_problem(rel)
+        if problem is not None:
+            raise OutputError(f"{self.location}: LATEST does not name a manifest: {problem}")
         try:
             manifest = await self._read_json(rel)
         except OutputError as exc:
@@ -859,6 +905,12 @@ class Store(ABC):
             ) from exc
         if manifest is None:
             raise OutputError(f"{self.location}: LATEST points to a missing manifest {rel}")
+        return self._checked(manifest, rel)
+
+    def _checked(self, manifest: dict[str, Any], rel: str) -> dict[str, Any]:
+        problem = _manifest_problem(manifest)
+        if problem is not None:
+            raise OutputError(f"{self.locate(rel)}: not a valid manifest: {problem}")
         return manifest
 
     async def read_manifest(self, snapshot_id: str) -> dict[str, Any]:
@@ -866,7 +918,10 @@ class Store(ABC):
         if snapshot_id.lower() == "latest":
             manifest = await self.latest_manifest()
         elif _SNAPSHOT_ID.fullmatch(snapshot_id):
-            manifest = await self._read_json(manifest_path(snapshot_id))
+            rel = manifest_path(snapshot_id)
+            manifest = await self._read_json(rel)
+            if manifest is not None:
+                manifest = self._checked(manifest, rel)
         else:
             raise OutputError(
                 f"{snapshot_id!r} is not a snapshot id (like 20261128T150000Z-3f9c) or 'latest'"

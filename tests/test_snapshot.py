@@ -8,6 +8,7 @@ import errno
 import gzip
 import hashlib
 import os
+import re
 import sys
 import threading
 import time
@@ -350,6 +351,41 @@ async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> N
     async with open_store(tmp_path, compress="gzip") as store:
         with pytest.raises(OutputError, match="truncated gzip stream"):
             [r async for r in store.read_records(await store.read_manifest(sid(0)))]
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ({"latest": b"snap\x00shots"}, "LATEST does not name a manifest"),
+        ({"latest": b"/etc/passwd"}, "is not a relative path"),
+        ({"latest": b"../elsewhere/x.manifest.json"}, "leaves the location"),
+        ({"partition_status": [1]}, "partition_status is not a list"),
+        ({"data": None}, "data is not an object"),
+        ({"data": {"path": "/dev/zero"}}, "data.path: '/dev/zero' is not a relative path"),
+        ({"changes": {"path": 7}}, "changes.path: 7 is not a path"),
+        ({"snapshot_id": 5}, "snapshot_id 5 is not a snapshot id"),
+    ],
+    ids=["nul", "absolute", "dotdot", "status", "data", "data-path", "changes-path", "id"],
+)
+async def test_a_damaged_latest_or_manifest_is_one_clear_error(
+    tmp_path: Path, damage: dict[str, Any], problem: str
+) -> None:
+    """LATEST or a manifest edited or damaged by hand is an OutputError naming the problem
+    (exit 2), for the next write as for reading; never a traceback, never a file outside the
+    location read, never a snapshot published without knowing what to carry forward."""
+    async with open_store(tmp_path) as store:
+        first = await write(store, sid(0), {"A": "New"})
+    if "latest" in damage:
+        (tmp_path / "LATEST").write_bytes(damage["latest"])
+    else:
+        path = tmp_path / first.manifest_path
+        path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), **damage}))
+    async with open_store(tmp_path) as store:
+        with pytest.raises(OutputError, match=re.escape(problem)):
+            await store.read_manifest("latest")
+        with pytest.raises(OutputError, match=re.escape(problem)):
+            await write(store, sid(1), {"A": "New"})
+    assert snapshot_ids(tmp_path) == [sid(0)]
 
 
 async def test_unreadable_previous_snapshot_skips_the_change_file(tmp_path: Path) -> None:
