@@ -3,7 +3,7 @@
 Exit codes: 0 every partition succeeded; 1 the snapshot is partial (some partitions failed),
 or no snapshot could be made (Organizations discovery failed, shard snapshots missing or
 mismatched); 2 usage, configuration or output-location error (one line on stderr, never a
-traceback).
+traceback); 130 / 143 a `run` cancelled by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -134,7 +134,33 @@ def _summary_json(summary: RunSummary) -> str:
     ).decode()
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def release_signals(held: list[int] | None, *, keep: Sequence[int] = ()) -> None:
+    """Give the signals launch.py holds their default handling back, but those in `keep`
+    (whose arrivals stay in `held` for the command to act on), and deliver again the others
+    that arrived meanwhile. Without `held` (not started by launch.py) nothing changes."""
+    if held is None:
+        return
+    import signal
+
+    from .launch import HELD
+
+    for sig in HELD:
+        if sig not in keep:
+            signal.signal(
+                sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            )
+    again = [number for number in held if number not in keep]
+    held[:] = [number for number in held if number in keep]
+    for number in again:
+        signal.raise_signal(number)
+
+
+def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
+    import signal
+
+    # SIGTERM (a CronJob's pod stopped, `kill`) cancels the run as Ctrl-C does: the files it
+    # was writing are removed, the previous snapshot stays LATEST; exit code 143.
+    release_signals(held, keep=(signal.SIGTERM,))
     settings = load_settings(args.config)
     if args.output is not None:
         check_output_location(args.output)
@@ -147,6 +173,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(level=level, fmt=settings.logging.format)
 
     async def run() -> RunSummary:
+        task = asyncio.current_task()
+        assert task is not None
+        with contextlib.suppress(RuntimeError):  # not the main thread (embedded): no handler
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        if held:
+            task.cancel()  # terminated while starting
+            await asyncio.sleep(0)
         if not interactive:
             return await run_once(settings, output=args.output, shard=shard)
         from .progress import ProgressBar
@@ -154,7 +187,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with ProgressBar() as bar:
             return await run_once(settings, output=args.output, observers=[bar], shard=shard)
 
-    summary = asyncio.run(run())
+    try:
+        summary = asyncio.run(run())
+    except asyncio.CancelledError:
+        print("terminated", file=sys.stderr)
+        return 143
     if args.json:
         print(_summary_json(summary))
     elif interactive:
@@ -262,7 +299,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _daemon(config: str, settings: Settings) -> int:
+async def _daemon(config: str, settings: Settings, held: list[int] | None = None) -> int:
     import signal
 
     from .health import HealthServer, HealthState
@@ -275,6 +312,8 @@ async def _daemon(config: str, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    for number in held or ():  # arrived while the daemon started (see launch.py)
+        (reload_requested if number == signal.SIGHUP else stop).set()
     metrics = Metrics()
     state = HealthState(
         interval=settings.daemon.interval,
@@ -321,10 +360,13 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _cmd_daemon(args: argparse.Namespace) -> int:
+def _cmd_daemon(args: argparse.Namespace, held: list[int] | None = None) -> int:
+    import signal
+
+    release_signals(held, keep=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     settings = load_settings(args.config)
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
-    return asyncio.run(_daemon(args.config, settings))
+    return asyncio.run(_daemon(args.config, settings, held))
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -365,18 +407,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `snowball-aggregator` console script and `python -m aggregator`."""
+def main(argv: Sequence[str] | None = None, *, held: list[int] | None = None) -> int:
+    """The commands; launch.py's `main` (the `snowball-aggregator` console script and
+    `python -m aggregator`) calls it with the signals it `held` while starting."""
     args = _parser().parse_args(argv)
     handlers = {
-        "run": _cmd_run,
-        "daemon": _cmd_daemon,
         "demo": _cmd_demo,
         "merge": _cmd_merge,
         "validate": _cmd_validate,
         "diff": _cmd_diff,
     }
     try:
+        if args.command == "run":
+            return _cmd_run(args, held)
+        if args.command == "daemon":
+            return _cmd_daemon(args, held)
+        release_signals(held)
         if args.command == "sandbox":
             from .sandbox import command as sandbox_command
 

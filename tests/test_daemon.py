@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,91 @@ async def test_sigterm_mid_cycle_exits_zero_with_only_complete_snapshots(
     finally:
         daemon.close()
     assert len(complete_snapshots(output)) == snapshots
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (Linux: SigCgt in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (sig - 1) & 1)
+
+
+def _wait_until_catching(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Wait until the child holds `sig` (launch.py, before its heavy imports)."""
+    deadline = time.monotonic() + 30
+    while not _catches(proc.pid, sig):
+        assert proc.poll() is None and time.monotonic() < deadline, "the child never started"
+        time.sleep(0.002)
+
+
+async def test_a_signal_while_the_daemon_starts_is_held_not_fatal(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A SIGHUP in the second the daemon spends importing (a reload right after a restart) is
+    acted on once it runs, not its death; a SIGTERM then stops it cleanly."""
+    sb = await make_sandbox(accounts=2, seed=9)
+    config = tmp_path / "daemon.toml"
+    _write_config(config, sb.account_ids, tmp_path / "out", interval="1h")
+    daemon = Daemon(config, _env(sb))
+    try:
+        await asyncio.to_thread(_wait_until_catching, daemon.proc, signal.SIGHUP)
+        daemon.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(daemon.wait_for, "daemon.started")
+        await asyncio.to_thread(daemon.wait_for, "config.reloaded")
+        assert daemon.proc.poll() is None
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.proc.wait, 30) == 0
+    finally:
+        daemon.close()
+
+
+@pytest.mark.parametrize("when", ["starting", "fetching"])
+async def test_sigterm_cancels_a_one_shot_run_cleanly(
+    make_sandbox: SandboxFactory, tmp_path: Path, when: str
+) -> None:
+    """`run` stopped by SIGTERM (a CronJob's pod deleted), while it starts or mid-fetch, is
+    cancelled like Ctrl-C: one line, exit code 143, the previous snapshot still LATEST and
+    no temporary file left behind."""
+    from aggregator.sandbox import Faults
+
+    sb = await make_sandbox(accounts=2, seed=9)
+    config = tmp_path / "run.toml"
+    output = tmp_path / "out"
+    _write_config(config, sb.account_ids, output)
+    command = [sys.executable, "-m", "aggregator", "run", "--config", str(config), "--quiet"]
+    env = _env(sb)
+    first = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True)
+    assert first.returncode == 0, first.stderr
+    latest = (output / "LATEST").read_bytes()
+    sb.faults = Faults(latency=2.0)
+    asked = sb.stats().requests.get("snowball:ListJobs", 0)
+
+    def list_jobs_requests() -> int:
+        with urllib.request.urlopen(f"{sb.url}/_sandbox/stats", timeout=5) as answer:
+            return int(orjson.loads(answer.read())["requests"].get("snowball:ListJobs", 0))
+
+    def terminated() -> tuple[int, bytes]:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        if when == "starting":
+            _wait_until_catching(proc, signal.SIGTERM)
+        else:  # once its first ListJobs has reached the sandbox (answers take 2 s)
+            while list_jobs_requests() == asked:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        return proc.returncode, err
+
+    code, err = await asyncio.to_thread(terminated)
+    assert code == 143, err
+    assert err.decode().strip().splitlines()[-1] == "terminated"
+    assert (output / "LATEST").read_bytes() == latest
+    assert not [p for p in output.rglob("*") if p.name.endswith(".tmp")]
+    assert len(complete_snapshots(output)) == 1
 
 
 async def test_sighup_reloads_valid_config_and_keeps_old_on_invalid(
