@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import structlog
@@ -38,10 +38,17 @@ from .shards import MAX_SHARDS, ShardError, check_run_id, resolve_shard
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line (exit code 2) like every other."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .sandbox import command as sandbox_command
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="snowball-aggregator",
         description="One trustworthy inventory of every AWS Snowball job across accounts and "
         "regions.",

@@ -52,6 +52,7 @@ __all__ = [
 ENV_PREFIX = "SNOWBALL_AGGREGATOR_"
 PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
 MAX_INTERVAL = 7 * 24 * 3600.0  # daemon.interval: a week; longer is a cron job, not a daemon
+MAX_CONFIG_BYTES = 1024 * 1024  # a configuration file; more is some other file
 MIN_INTERVAL = 0.001  # daemon.interval: shorter is no interval (and overflows the slot count)
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _ROLE_ARN_RE = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
@@ -373,7 +374,7 @@ def _tuples(value: Any) -> Any:
 def _env_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return raw
 
 
@@ -494,6 +495,8 @@ def settings_from_mapping(
         raise ConfigError(_env_source(origin) if origin else source, "source", "unknown key")
     try:
         return Settings.model_validate({**_tuples(doc), "source": source})
+    except RecursionError:
+        raise ConfigError(source, "", "nested too deeply") from None
     except ValidationError as exc:
         errors = exc.errors()
         first = errors[0]
@@ -554,7 +557,11 @@ def load_settings(
     p = Path(path)
     name = str(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is fine
+        with p.open("rb") as fh:  # (a pipe too: `--config <(envsubst < template)`)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)  # bounded: /dev/zero has no end
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(name, "", f"larger than {MAX_CONFIG_BYTES // 1024} KiB")
+        text = raw.decode("utf-8-sig")  # a byte order mark (Windows editors) is fine
     except FileNotFoundError:
         raise ConfigError(name, "", "file not found") from None
     except IsADirectoryError:
@@ -569,6 +576,8 @@ def load_settings(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, "", f"invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(name, "", "invalid TOML: nested too deeply") from None
     settings = settings_from_mapping(data, source=name, env=os.environ if env is None else env)
     check_aws_config(settings, env=env)
     return settings

@@ -63,14 +63,22 @@ class AggregatorError(Exception):
     """Base of every error this package raises on purpose."""
 
 
+_MAX_PROBLEM = 400
+
+
 class ConfigError(AggregatorError):
     """The configuration is invalid; `str()` is one line: `file: key: problem`."""
 
     def __init__(self, source: str, key: str, problem: str) -> None:
-        self.source = source
+        self.source = " ".join(source.split())  # a path or variable with a newline in it
         self.key = key
-        self.problem = " ".join(problem.split())  # one line, whatever the cause said
-        super().__init__(f"{source}: {key}: {self.problem}" if key else f"{source}: {self.problem}")
+        problem = " ".join(problem.split())  # one line, whatever the cause said
+        if len(problem) > _MAX_PROBLEM:  # a value quoted in full could be megabytes long
+            problem = problem[: _MAX_PROBLEM - 3] + "..."
+        self.problem = problem
+        super().__init__(
+            f"{self.source}: {key}: {self.problem}" if key else f"{self.source}: {self.problem}"
+        )
 
 
 class OutputError(AggregatorError):

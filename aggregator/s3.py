@@ -62,6 +62,8 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not url.startswith("s3://"):
         raise ValueError(f"{url!r} is not an s3://bucket/prefix URL")
     bucket, _, prefix = url[len("s3://") :].partition("/")
+    if "@" in bucket:  # not echoed: what precedes the @ may be a key and its secret
+        raise ValueError("an s3:// URL carries no credentials (user:secret@bucket is refused)")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise ValueError(
             f"{bucket!r} in {url!r} is not a valid S3 bucket name "

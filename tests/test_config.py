@@ -185,6 +185,35 @@ def test_aws_profiles_that_do_not_exist_are_one_line(
     assert "\n" not in str(info.value)
 
 
+def test_unusual_inputs_are_one_short_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nesting deeper than Python recurses, a file with no end, a value megabytes long, an S3
+    URL with credentials in it, a usage mistake: each is one short line, exit code 2, and
+    what may be a secret is not quoted back."""
+    deep = write(tmp_path, "x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_settings(deep, env={})
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        load_settings("/dev/zero", env={})
+    huge = write(tmp_path, f'[accounts]\nids = ["111111111111"]\nrole_name = "{"r" * 900_000}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(huge, env={})
+    assert len(str(info.value)) < 600 and "accounts.role_name" in str(info.value)
+    secret = "AKIAFAKEFAKEFAKEFAKE:wJalrXUtnFEMIK7MDENGbPxRfiCYFAKEKEY"
+    url = write(
+        tmp_path, f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "s3://{secret}@b/x"\n'
+    )
+    with pytest.raises(ConfigError, match="carries no credentials") as info:
+        load_settings(url, env={})
+    assert "AKIA" not in str(info.value) and "wJalr" not in str(info.value)
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", "--shards", "abc"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: snowball-aggregator merge: "), err
+
+
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     """A path that does not exist is reported, not raised as a traceback."""
     with pytest.raises(ConfigError, match=r"nope\.toml: file not found"):
