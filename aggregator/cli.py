@@ -88,7 +88,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start the sandbox and run one aggregation against it")
     demo.add_argument("--output", default="var/demo", help="output directory (var/demo)")
-    demo.add_argument("--accounts", type=int, default=25, help="sandbox accounts (25)")
+    demo.add_argument(
+        "--accounts",
+        type=sandbox_command.count(sandbox_command.MAX_ACCOUNTS),
+        default=25,
+        help="sandbox accounts (25)",
+    )
     demo.add_argument("--seed", type=int, default=1, help="sandbox seed (1)")
 
     sandbox = sub.add_parser("sandbox", help="serve the fake AWS endpoint")

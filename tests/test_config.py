@@ -212,6 +212,14 @@ def test_unusual_inputs_are_one_short_line(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: snowball-aggregator merge: "), err
+    for argv in (["sandbox", "--port", "70000"], ["sandbox", "--partition", "mars"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["demo", "--accounts", "100000000000"])  # not a sandbox that exhausts memory
+    assert "not a number from 1 to 100,000" in capsys.readouterr().err
 
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:

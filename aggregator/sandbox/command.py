@@ -21,6 +21,7 @@ from .server import Sandbox
 __all__ = ["add_arguments", "build", "main", "run"]
 
 DEFAULT_PORT = 4566
+MAX_ACCOUNTS = 100_000  # a large organisation, and still a fleet that fits in memory
 READY_PREFIX = "# sandbox listening on "
 
 
@@ -39,6 +40,25 @@ def _account_region(text: str) -> tuple[str, str]:
     return account_id, region
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port in [0, 65535]: {text}")
+    return value
+
+
+def count(most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to `most`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"not a number from 1 to {most:,}: {text}")
+        return value
+
+    return parse
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -51,10 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     net.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = free)"
+        "--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = free)"
     )
     world = parser.add_argument_group("fleet")
-    world.add_argument("--accounts", type=int, default=25, help="member accounts (default 25)")
+    world.add_argument(
+        "--accounts", type=count(MAX_ACCOUNTS), default=25, help="member accounts (default 25)"
+    )
     world.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
     world.add_argument("--max-jobs", type=int, default=2500, help="jobs cap per list (2500)")
     world.add_argument(
@@ -63,7 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated regions (default: every snowball region of the partition)",
     )
-    world.add_argument("--partition", default="aws", help="aws (default), aws-cn, aws-us-gov")
+    world.add_argument(
+        "--partition",
+        default="aws",
+        choices=("aws", "aws-cn", "aws-us-gov"),
+        help="aws (default), aws-cn, aws-us-gov",
+    )
     world.add_argument("--suspended", type=int, default=0, help="SUSPENDED accounts (0)")
     world.add_argument("--external-id", default=None, help="ExternalId AssumeRole must send")
     world.add_argument("--role-name", default=None, help="the only role name AssumeRole accepts")
