@@ -1383,8 +1383,22 @@ async def diff_command(
 ) -> int:
     """`snowball-aggregator diff OLD NEW`: write the events between two snapshots as JSON
     Lines to `out`; returns the exit code (0). Raises `OutputError` for an unknown snapshot."""
-    async with open_store(location, **options) as store:
-        async for batch in store.diff(old, new):
-            out.write(encode_events(batch))
-    out.flush()
+    try:
+        async with open_store(location, **options) as store:
+            async for batch in store.diff(old, new):
+                _emit(out.write, encode_events(batch))
+        _emit(out.flush)
+    except BrokenPipeError:  # `diff ... | head`: the reader has what it wanted
+        return 0
     return 0
+
+
+def _emit(write: Callable[..., Any], *data: Any) -> None:
+    """`write(*data)` to where the events go; a failure there (a full disk) is OutputError."""
+    try:
+        write(*data)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OutputError(f"cannot write the events: {reason}") from None

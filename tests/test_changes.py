@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
 import io
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -936,6 +937,32 @@ async def test_diff_of_a_snapshot_with_a_line_that_is_no_record_is_one_error(
     (tmp_path / first.data_path).write_bytes(line)
     with pytest.raises(OutputError, match="not a snapshot record"):
         await diff_command(tmp_path, "20261128T150000Z-aaaa", "latest", out=io.BytesIO())
+
+
+async def test_diff_to_a_full_disk_is_one_error_and_to_a_closed_pipe_is_quiet(
+    tmp_path: Path,
+) -> None:
+    """Events that cannot be written (the disk is full) are an OutputError (one line, exit 2);
+    a reader that went away (`diff ... | head`) ends the command quietly."""
+    manifest = {"status": "complete", "partition_status": []}
+    job = JobRecord.from_json_dict(
+        {"account_id": A, "job_id": "J1", "snapshot_id": OLD_ID, "observed_at": OLD_SEEN}
+    )
+    async with open_store(tmp_path) as store:
+        await store.write(OLD_ID, [], manifest)
+        await store.write(NEW_ID, [job], manifest, previous=await store.latest_manifest())
+
+    class Full(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Gone(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    with pytest.raises(OutputError, match="cannot write the events: No space left on device"):
+        await diff_command(tmp_path, OLD_ID, NEW_ID, out=Full())
+    assert await diff_command(tmp_path, OLD_ID, NEW_ID, out=Gone()) == 0
 
 
 async def test_diff_command_line(
