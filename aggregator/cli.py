@@ -318,14 +318,20 @@ async def _daemon(config: str, settings: Settings, held: list[int] | None = None
     from .metrics import Metrics
     from .service import run_forever
 
-    stop = asyncio.Event()
-    reload_requested = asyncio.Event()
+    stop, hurry, reload_requested = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    def on_stop() -> None:  # the second SIGTERM or Ctrl-C cancels the running cycle at once
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     for number in held or ():  # arrived while the daemon started (see launch.py)
-        (reload_requested if number == signal.SIGHUP else stop).set()
+        if number == signal.SIGHUP:
+            reload_requested.set()
+        else:
+            on_stop()
     metrics = Metrics()
     state = HealthState(
         interval=settings.daemon.interval,
@@ -350,6 +356,7 @@ async def _daemon(config: str, settings: Settings, held: list[int] | None = None
             stop=stop,
             reload=lambda: _reload_settings(config),
             reload_requested=reload_requested,
+            hurry=hurry,
             observers=[metrics, state],
         )
         log.info("daemon.stopped")

@@ -464,6 +464,7 @@ async def run_forever(
     stop: asyncio.Event | None = None,
     reload: Callable[[], Settings] | None = None,
     reload_requested: asyncio.Event | None = None,
+    hurry: asyncio.Event | None = None,
     observers: Sequence[CycleObserver] = (),
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
@@ -476,7 +477,8 @@ async def run_forever(
     random delay) until `stop` is set; a cycle never overlaps the previous one: slots missed
     while a cycle overran are skipped and counted. When `stop` is set during a cycle, the cycle
     gets `daemon.shutdown_deadline` seconds to finish and write its snapshot, then it is
-    cancelled (the previous snapshot stays LATEST; files are never torn). When
+    cancelled (the previous snapshot stays LATEST; files are never torn); at once if `hurry`
+    is set meanwhile (a second SIGTERM or Ctrl-C). When
     `reload_requested` is set, `reload()` is called between cycles: new settings apply from
     the next cycle; a `ConfigError`, or settings the Aggregator cannot open with (an output
     location or profile that does not work), is logged as one line and the old settings are
@@ -486,6 +488,7 @@ async def run_forever(
     """
     stop = stop or asyncio.Event()
     reload_requested = reload_requested or asyncio.Event()
+    hurry = hurry or asyncio.Event()
     rng = rng or random.Random()
     observers = list(observers)
     last: RunSummary | None = None
@@ -527,12 +530,19 @@ async def run_forever(
                 if not task.done():
                     deadline = settings.daemon.shutdown_deadline
                     log.info("daemon.stopping", deadline_seconds=deadline)
-                    done, _ = await asyncio.wait({task}, timeout=deadline)
-                    if not done:
+                    hurrier = asyncio.ensure_future(hurry.wait())
+                    try:
+                        await asyncio.wait(
+                            {task, hurrier}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        hurrier.cancel()
+                    if not task.done():
                         task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
-                        log.warning("cycle.cancelled", reason="shutdown deadline passed")
+                        reason = "stopped again" if hurry.is_set() else "shutdown deadline passed"
+                        log.warning("cycle.cancelled", reason=reason)
                         break
                 try:
                     last = task.result()

@@ -464,6 +464,47 @@ async def test_a_failure_to_reopen_with_the_old_settings_is_a_failed_cycle(
     assert recorder.events == ["start", "finish"] * 2
 
 
+async def test_a_second_stop_cancels_the_running_cycle_at_once(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Stopped once, a cycle may finish within `shutdown_deadline` (here an hour); stopped again
+    (a second SIGTERM or Ctrl-C), it is cancelled at once and nothing is published."""
+    from structlog.testing import capture_logs
+
+    from aggregator.sandbox import Faults
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    sb.faults = Faults(latency=5.0)
+    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"shutdown_deadline": "1h"})
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    started = asyncio.Event()
+
+    class Started(Recorder):
+        def cycle_started(self, snapshot_id: str, partitions: int) -> None:
+            super().cycle_started(snapshot_id, partitions)
+            started.set()
+
+    async def stop_twice() -> None:
+        await started.wait()
+        stop.set()
+        await asyncio.sleep(0)
+        hurry.set()
+
+    with capture_logs() as logs:
+        stopper = asyncio.create_task(stop_twice())
+        last = await asyncio.wait_for(
+            run_forever(
+                settings, stop=stop, hurry=hurry, observers=[Started(1, stop)], output=tmp_path
+            ),
+            30,
+        )
+        await stopper
+    assert last is None
+    cancelled = [e for e in logs if e["event"] == "cycle.cancelled"]
+    assert [e["reason"] for e in cancelled] == ["stopped again"]
+    assert complete_snapshots(tmp_path) == []
+
+
 async def test_garbage_cycles_are_collected_between_daemon_cycles(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
