@@ -185,6 +185,7 @@ def resolve_shard(
             _check_index(index, count)
         except ValueError as exc:
             raise ConfigError(source, "", str(exc)) from None
+    run_id_source = "--run-id" if run_id is not None else f"{RUN_ID_ENV} (environment)"
     run_id = run_id if run_id is not None else env.get(RUN_ID_ENV) or None
     if not run_id:
         raise ConfigError(
@@ -195,7 +196,7 @@ def resolve_shard(
     try:
         check_run_id(run_id)
     except ValueError as exc:
-        raise ConfigError("--run-id" if source == "--shard" else source, "", str(exc)) from None
+        raise ConfigError(run_id_source, "", str(exc)) from None
     return Shard(index=index, count=count, run_id=run_id)
 
 

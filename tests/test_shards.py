@@ -136,8 +136,9 @@ def test_resolve_shard_from_cli_and_environment() -> None:
             None,
             None,
             {"SNOWBALL_SHARD_COUNT": "4", "JOB_COMPLETION_INDEX": "1", "SNOWBALL_RUN_ID": "a/b"},
-            "SNOWBALL_SHARD_COUNT (environment): 'a/b' is not a run id",
+            "SNOWBALL_RUN_ID (environment): 'a/b' is not a run id",
         ),
+        ("0/4", None, {"SNOWBALL_RUN_ID": "a/b"}, "SNOWBALL_RUN_ID (environment): 'a/b' is not"),
     ],
 )
 def test_resolve_shard_errors(
