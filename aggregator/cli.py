@@ -147,22 +147,21 @@ def _summary_json(summary: RunSummary) -> str:
 
 
 def release_signals(held: list[int] | None, *, keep: Sequence[int] = ()) -> None:
-    """Give the signals launch.py holds their default handling back, but those in `keep`
-    (whose arrivals stay in `held` for the command to act on), and deliver again the others
-    that arrived meanwhile. Without `held` (not started by launch.py) nothing changes."""
+    """Give the signals launch.py holds the handling they started with back, but those in
+    `keep` (whose arrivals stay in `held` for the command to act on), and deliver again the
+    others that arrived meanwhile. Without `held` (not started by launch.py) nothing changes."""
     if held is None:
         return
     import signal
 
-    from .launch import HELD
+    from .launch import PREVIOUS
 
-    for sig in HELD:
+    for sig, previous in PREVIOUS.items():
         if sig not in keep:
-            signal.signal(
-                sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
-            )
+            signal.signal(sig, previous)
     again = [number for number in held if number not in keep]
-    held[:] = [number for number in held if number in keep]
+    for number in again:
+        held.remove(number)  # in place: a kept signal may arrive meanwhile
     for number in again:
         signal.raise_signal(number)
 
@@ -170,9 +169,14 @@ def release_signals(held: list[int] | None, *, keep: Sequence[int] = ()) -> None
 def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     import signal
 
-    # SIGTERM (a CronJob's pod stopped, `kill`) cancels the run as Ctrl-C does: the files it
-    # was writing are removed, the previous snapshot stays LATEST; exit code 143.
-    release_signals(held, keep=(signal.SIGTERM,))
+    from .launch import PREVIOUS
+
+    # Started as the command (launch.py), SIGTERM (a CronJob's pod stopped, `kill`) cancels the
+    # run as Ctrl-C does until the new snapshot is published: the files it was writing are
+    # removed, the previous snapshot stays LATEST; exit code 143. (Called in-process, the
+    # caller's handlers stay as they are; an ignored SIGTERM stays ignored.)
+    terminable = held is not None and signal.SIGTERM in PREVIOUS
+    release_signals(held, keep=(signal.SIGTERM,) if terminable else ())
     settings = load_settings(args.config)
     if args.output is not None:
         check_output_location(args.output)
@@ -187,11 +191,11 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     async def run() -> RunSummary:
         task = asyncio.current_task()
         assert task is not None
-        with contextlib.suppress(RuntimeError):  # not the main thread (embedded): no handler
+        if terminable:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        if held:
-            task.cancel()  # terminated while starting
-            await asyncio.sleep(0)
+            if held:
+                task.cancel()  # terminated while starting
+                await asyncio.sleep(0)
         if not interactive:
             return await run_once(settings, output=args.output, shard=shard)
         from .progress import ProgressBar

@@ -325,6 +325,16 @@ class PartitionSettings(_Model):
     profile: str | None = None
 
 
+def _partitions_used(accounts: AccountsSettings) -> set[str]:
+    """The AWS partitions the configured accounts are in (discovery: the hub's)."""
+    partitions: set[str] = {accounts.partition}
+    for entry in accounts.list:
+        m = _ROLE_ARN_RE.fullmatch(entry.role_arn or "")
+        if m:
+            partitions.add(m.group(1))
+    return partitions
+
+
 class Settings(_Model):
     """The whole configuration; every section has documented defaults."""
 
@@ -349,11 +359,7 @@ class Settings(_Model):
         named = {*a.ids, *(e.id for e in a.list)}
         if not a.organizations.enabled and named <= set(a.exclude):
             raise ValueError("accounts: accounts.exclude excludes every configured account")
-        partitions: set[str] = {a.partition}
-        for entry in a.list:
-            m = _ROLE_ARN_RE.fullmatch(entry.role_arn or "")
-            if m:
-                partitions.add(m.group(1))
+        partitions = _partitions_used(a)
         if not any(select_regions(self.regions, p) for p in partitions):
             raise ValueError(
                 f"regions: names and exclude leave no Snowball region of "
@@ -526,19 +532,18 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
     from botocore.exceptions import ConfigParseError, ProfileNotFound
 
     env = os.environ if env is None else env
+    used = _partitions_used(settings.accounts)
     checks: list[tuple[str, str, str | None]] = [
         (settings.source, f"partitions.{name}.profile", p.profile)
         for name, p in sorted(settings.partitions.items())
-        if p.profile
+        if p.profile and name in used
     ]
-    hub = settings.partitions.get(settings.accounts.partition)
-    if hub is None or not hub.profile:
-        variable = next(
-            (v for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE") if env.get(v)),
-            None,
-        )
-        source = _env_source(variable) if variable else "AWS config file"
-        checks.append((source, "", None))
+    # The default chain: the member accounts' sessions read its profile whatever the hub's.
+    variable = next(
+        (v for v in ("AWS_DEFAULT_PROFILE", "AWS_PROFILE", "AWS_CONFIG_FILE") if env.get(v)),
+        None,  # (botocore reads AWS_DEFAULT_PROFILE first)
+    )
+    checks.append((_env_source(variable) if variable else "AWS config file", "", None))
     for source, key, profile in checks:
         try:
             botocore.session.Session(profile=profile).get_scoped_config()

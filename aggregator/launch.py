@@ -5,7 +5,7 @@ would otherwise kill the process outright (a `systemctl reload` or a config relo
 a restart, a pod stopped as it starts) or print a KeyboardInterrupt traceback. They are held
 here, before anything heavy is imported, and handed to the command: the daemon and `run` act on
 them once their own handlers are in place (stop, reload, cancel); every other command gets the
-default handling back, and the held signals again (cli.py `release_signals`).
+handling it started with back, and the held signals again (cli.py `release_signals`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ from __future__ import annotations
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The handlers `main` replaced, by signal: those it holds. A signal that whoever started the
+# process ignores (`nohup`, a shell's background job) is left ignored, and not held.
+PREVIOUS: dict[int, Any] = {}
 
 
 def main() -> int:
@@ -25,6 +29,10 @@ def main() -> int:
         held.append(signum)
 
     for sig in HELD:
+        previous = signal.getsignal(sig)
+        if previous is signal.SIG_IGN:
+            continue
+        PREVIOUS[sig] = previous
         signal.signal(sig, hold)
     from .cli import main as cli_main
 

@@ -44,7 +44,7 @@ from .records import SCHEMA_VERSION, JobRecord, iso_seconds
 from .retry import RetryPolicy
 from .scheduler import Limits, run_plan
 from .shards import Shard, select_shard, shard_location, shard_manifest
-from .snapshot import Store, new_snapshot_id, open_store
+from .snapshot import Store, new_snapshot_id, open_store, to_the_end
 from .transport import SharedPool, shared_session_class
 
 __all__ = ["Aggregator", "CycleObserver", "RunSummary", "run_forever", "run_once"]
@@ -403,8 +403,8 @@ class Aggregator:
                 written = await store.write(
                     snapshot_id, records, manifest, previous=previous_manifest
                 )
-                try:
-                    await store.prune(settings.output.retain)
+                try:  # published: a cancellation now must not report the run as cancelled
+                    await to_the_end(store.prune(settings.output.retain))
                 except OutputError as exc:  # the snapshot is complete; the next cycle retries
                     log.warning("snapshot.prune_failed", error=str(exc))
             wall = time.monotonic() - started
@@ -513,7 +513,12 @@ async def run_forever(
                 failed = getattr(observer, "cycle_failed", None)
                 if failed is not None:
                     failed(str(exc))
-            await _first(stop, seconds=settings.daemon.interval)
+            await _first(stop, reload_requested, seconds=settings.daemon.interval)
+            next_start = clock()  # the next cycle starts once it opens: no slot was missed
+            if reload_requested.is_set():  # a fixed configuration may be on its way
+                reload_requested.clear()
+                settings = _reload(reload, settings)
+                _follow(observers, settings)
             continue
         good = settings
         async with stack:
@@ -541,6 +546,7 @@ async def run_forever(
                         task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
+                    if task.cancelled():  # (not once it published: see snapshot.to_the_end)
                         reason = "stopped again" if hurry.is_set() else "shutdown deadline passed"
                         log.warning("cycle.cancelled", reason=reason)
                         break

@@ -51,6 +51,7 @@ from collections import defaultdict, deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -62,7 +63,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 import orjson
 import structlog
@@ -84,6 +85,8 @@ from .changes import (
 )
 from .errors import OutputError
 from .records import SCHEMA_VERSION, JobRecord
+
+T = TypeVar("T")
 
 __all__ = [
     "Compression",
@@ -141,6 +144,31 @@ def snapshot_date(snapshot_id: str) -> str:
     return f"{snapshot_id[0:4]}-{snapshot_id[4:6]}-{snapshot_id[6:8]}"
 
 
+async def to_the_end(aw: Awaitable[T]) -> T:
+    """`await aw` to its end even if the awaiting task is cancelled meanwhile; the cancellation
+    is then absorbed, and the task goes on as if it had come after.
+
+    For what follows the moment LATEST starts to move: the run has made its snapshot, so a
+    SIGTERM or a shutdown deadline must not report it as cancelled, nor cut the replacement of
+    LATEST (or the prune after it) short.
+    """
+    future = asyncio.ensure_future(aw)
+    task = asyncio.current_task()
+    absorbed = 0
+    try:
+        while True:
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                if future.cancelled() or task is None:
+                    raise
+                absorbed += 1
+    finally:
+        if task is not None:
+            for _ in range(absorbed):
+                task.uncancel()
+
+
 def _path_problem(rel: object) -> str | None:
     """Why `rel` is not a path inside the location, as this tool writes them (None if it is)."""
     if not isinstance(rel, str) or not rel:
@@ -175,10 +203,18 @@ def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
         isinstance(p, Mapping)
         and isinstance(p.get("account_id"), str)
         and isinstance(p.get("region"), str)
+        and _count(p.get("jobs"))
         for p in statuses
     ):
-        return "partition_status is not a list of {account_id, region, status} objects"
+        return "partition_status is not a list of {account_id, region, status, jobs} objects"
+    if not _count(manifest.get("stale_jobs")):
+        return f"stale_jobs {manifest.get('stale_jobs')!r} is not a number of jobs"
     return None
+
+
+def _count(value: object) -> bool:
+    """Whether `value` is a count as manifests hold them (absent, or a whole number)."""
+    return value is None or (type(value) is int and value >= 0)
 
 
 def data_path(snapshot_id: str, gz: bool = False) -> str:
@@ -749,7 +785,7 @@ class Store(ABC):
         if with_changes:
             await self._publish(snapshot_id, previous_id, latest)
         else:  # a snapshot without change file (a shard's) has no chain to keep
-            await self._put(LATEST, [latest])
+            await to_the_end(self._put(LATEST, [latest]))
         self._previous_of[snapshot_id] = previous_id
         # The lines of the data file, kept whole whether or not the change file was written.
         self._view = None if kept is None else (snapshot_id, kept)
@@ -781,7 +817,7 @@ class Store(ABC):
             current = latest_snapshot_id(await self._latest_rel())
             if current != previous_id:
                 raise self._not_published(snapshot_id, previous_id, current)
-            await self._put(LATEST, [latest])
+            await to_the_end(self._put(LATEST, [latest]))
 
     def _not_published(
         self, snapshot_id: str, previous_id: str | None, current: str | None

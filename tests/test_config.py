@@ -185,6 +185,26 @@ def test_aws_profiles_that_do_not_exist_are_one_line(
     assert "\n" not in str(info.value)
 
 
+def test_only_the_profiles_a_run_uses_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A profile of a partition no account is in is not checked (a host that never runs those
+    accounts need not have it); the default chain always is, whatever the hub's profile (the
+    member accounts' sessions read it), and botocore's own order names the variable."""
+    aws_config = tmp_path / "aws-config"
+    aws_config.write_text("[profile present]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_PROFILE", raising=False)
+    text = '[accounts]\nids = ["111111111111"]\n'
+    load_settings(write(tmp_path, text + '[partitions.aws-cn]\nprofile = "cn-elsewhere"\n'))
+    with_hub = write(tmp_path, text + '[partitions.aws]\nprofile = "present"\n')
+    monkeypatch.setenv("AWS_PROFILE", "present")
+    monkeypatch.setenv("AWS_DEFAULT_PROFILE", "absent")
+    with pytest.raises(ConfigError, match=r"^AWS_DEFAULT_PROFILE \(environment\): "):
+        load_settings(with_hub)
+
+
 def test_unusual_inputs_are_one_short_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

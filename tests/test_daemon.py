@@ -294,6 +294,34 @@ async def test_a_signal_while_the_daemon_starts_is_held_not_fatal(
         daemon.close()
 
 
+def test_a_signal_its_parent_ignores_stays_ignored(tmp_path: Path) -> None:
+    """Under `nohup` (SIGHUP ignored), holding signals at start does not make SIGHUP fatal:
+    the command keeps the handling it was started with (here the sandbox, then SIGTERM)."""
+
+    def ignore_hangups() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "sandbox", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=ignore_hangups,
+    )
+    try:
+        assert proc.stdout is not None
+        while not proc.stdout.readline().startswith(b"# sandbox listening on "):
+            assert proc.poll() is None, "the sandbox did not start"
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # a SIGHUP that killed it would be -1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 @pytest.mark.parametrize("when", ["starting", "fetching"])
 async def test_sigterm_cancels_a_one_shot_run_cleanly(
     make_sandbox: SandboxFactory, tmp_path: Path, when: str
@@ -462,6 +490,58 @@ async def test_a_failure_to_reopen_with_the_old_settings_is_a_failed_cycle(
     assert opens == [2, 1, 2, 2]
     assert failures == ["output unreachable"]
     assert recorder.events == ["start", "finish"] * 2
+
+
+async def test_a_reload_while_reopening_fails_is_applied(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the old settings fail to reopen (after a failed reload), a new reload is not
+    ignored: a fixed configuration is applied at once, without waiting for the old to work."""
+    from aggregator import service
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    daemon = {"interval": 0.05}
+    good = make_settings(sb.account_ids, regions=REGIONS, daemon=daemon)
+    broken = make_settings(sb.account_ids[:1], regions=REGIONS, daemon=daemon)
+    fixed = make_settings(sb.account_ids[1:], regions=REGIONS, daemon=daemon)
+    names = {id(good): "good", id(broken): "broken", id(fixed): "fixed"}
+    opened = service.Aggregator.__aenter__
+    opens: list[str] = []
+
+    async def flaky(self: Any) -> Any:
+        opens.append(names[id(self.settings)])
+        if len(opens) in (2, 3):  # the reloaded settings, then the old ones
+            raise OSError("output unreachable")
+        return await opened(self)
+
+    monkeypatch.setattr(service.Aggregator, "__aenter__", flaky)
+    stop, reload_requested = asyncio.Event(), asyncio.Event()
+    reloads = iter([broken, fixed])
+
+    class Observer(Recorder):
+        def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
+            super().cycle_finished(summary, records)
+            if len(self.summaries) == 1:
+                reload_requested.set()
+
+        def cycle_failed(self, error: str) -> None:
+            reload_requested.set()  # the fixed file arrives while the old ones fail
+
+    recorder = Observer(2, stop)
+    await asyncio.wait_for(
+        run_forever(
+            good,
+            stop=stop,
+            reload=lambda: next(reloads),
+            reload_requested=reload_requested,
+            observers=[recorder],
+            output=tmp_path,
+        ),
+        60,
+    )
+    assert opens == ["good", "broken", "good", "fixed"]
+    assert recorder.events == ["start", "finish"] * 2
+    assert recorder.summaries[-1].accounts == 1
 
 
 async def test_a_second_stop_cancels_the_running_cycle_at_once(

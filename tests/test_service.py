@@ -172,3 +172,77 @@ async def test_a_cycle_forgets_the_credentials_of_accounts_it_no_longer_plans(
 def _manifest(summary: Any) -> dict[str, Any]:
     manifest: dict[str, Any] = orjson.loads(Path(summary.manifest_path).read_bytes())
     return manifest
+
+
+async def test_a_run_cancelled_once_it_published_finishes_and_reports_its_snapshot(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation (SIGTERM, a shutdown deadline) that comes after LATEST started to move
+    does not cut the rest short: the run finishes and reports the snapshot it published,
+    instead of claiming it was cancelled with the previous snapshot still LATEST."""
+    import asyncio
+
+    from aggregator.snapshot import Store
+
+    sb = await make_sandbox(accounts=2, seed=8, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    pruning, proceed, pruned = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    prune = Store.prune
+
+    async def held_prune(self: Store, retain: int) -> Any:
+        pruning.set()
+        await proceed.wait()  # the cancellation lands here
+        result = await prune(self, retain)
+        pruned.set()
+        return result
+
+    monkeypatch.setattr(Store, "prune", held_prune)
+    run = asyncio.create_task(run_once(settings, output=tmp_path))
+    await pruning.wait()
+    run.cancel()
+    await asyncio.sleep(0)
+    proceed.set()
+    summary = await run
+    assert pruned.is_set() and not run.cancelled()
+    latest = (tmp_path / "LATEST").read_text().strip()
+    assert latest.endswith(f"{summary.snapshot_id}.manifest.json")
+
+
+async def test_to_the_end_absorbs_a_cancellation_and_finishes() -> None:
+    """`to_the_end` runs its awaitable to the end through a cancellation of the awaiting task,
+    which then goes on as if the cancellation had come after; without it, the task stops."""
+    import asyncio
+
+    from aggregator.snapshot import to_the_end
+
+    started = asyncio.Event()
+
+    async def work(steps: list[str], proceed: asyncio.Event) -> str:
+        steps.append("start")
+        started.set()
+        await proceed.wait()
+        steps.append("end")
+        return "done"
+
+    async def caller(shielded: bool, steps: list[str], proceed: asyncio.Event) -> str:
+        job = work(steps, proceed)
+        value = await (to_the_end(job) if shielded else job)
+        await asyncio.sleep(0)  # the task is not left cancelling
+        return value + "+after"
+
+    for shielded in (True, False):
+        steps: list[str] = []
+        proceed = asyncio.Event()
+        started.clear()
+        task = asyncio.create_task(caller(shielded, steps, proceed))
+        await started.wait()
+        task.cancel()
+        await asyncio.sleep(0)
+        proceed.set()
+        if shielded:
+            assert await task == "done+after" and steps == ["start", "end"]
+            assert task.cancelling() == 0
+        else:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert steps == ["start"]

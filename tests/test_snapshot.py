@@ -364,8 +364,24 @@ async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> N
         ({"data": {"path": "/dev/zero"}}, "data.path: '/dev/zero' is not a relative path"),
         ({"changes": {"path": 7}}, "changes.path: 7 is not a path"),
         ({"snapshot_id": 5}, "snapshot_id 5 is not a snapshot id"),
+        (
+            {"partition_status": [{"account_id": A, "region": "eu-west-1", "jobs": "eleven"}]},
+            "partition_status is not a list",
+        ),
+        ({"stale_jobs": "x"}, "stale_jobs 'x' is not a number of jobs"),
     ],
-    ids=["nul", "absolute", "dotdot", "status", "data", "data-path", "changes-path", "id"],
+    ids=[
+        "nul",
+        "absolute",
+        "dotdot",
+        "status",
+        "data",
+        "data-path",
+        "changes-path",
+        "id",
+        "jobs",
+        "stale-jobs",
+    ],
 )
 async def test_a_damaged_latest_or_manifest_is_one_clear_error(
     tmp_path: Path, damage: dict[str, Any], problem: str

@@ -47,6 +47,9 @@ def _port(text: str) -> int:
     return value
 
 
+_port.__name__ = "port"  # argparse's word for a value int() refuses
+
+
 def count(most: int) -> Callable[[str], int]:
     """An argparse type: a whole number from 1 to `most`."""
 
@@ -56,6 +59,7 @@ def count(most: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not a number from 1 to {most:,}: {text}")
         return value
 
+    parse.__name__ = "whole number"  # argparse's word for a value int() refuses
     return parse
 
 
