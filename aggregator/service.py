@@ -396,7 +396,11 @@ class Aggregator:
                 "restarts": restarts,
             }
             if shard is not None:
-                manifest["shard"] = shard_manifest(shard, universe)
+                manifest["shard"] = shard_manifest(
+                    shard,
+                    universe,
+                    carried_from=previous_manifest["snapshot_id"] if previous_manifest else None,
+                )
             if shard is not None:  # `merge` writes the run's change file and prunes
                 written = await store.write(snapshot_id, records, manifest, changes=False)
             else:

@@ -218,10 +218,14 @@ def shard_location(output: str | os.PathLike[str], shard: Shard) -> str:
     return _join(run_location(output, shard.run_id), f"shard={shard.index}-of-{shard.count}")
 
 
-def shard_manifest(shard: Shard, universe: Sequence[Account]) -> dict[str, Any]:
-    """The manifest's `shard` entry of a shard snapshot: index, count and run id, and the size
+def shard_manifest(
+    shard: Shard, universe: Sequence[Account], *, carried_from: str | None = None
+) -> dict[str, Any]:
+    """The manifest's `shard` entry of a shard snapshot: index, count and run id, the size
     and digest of the whole account list before selection (shards that disagree on it saw
-    different organizations; `merge` reports that)."""
+    different organizations; `merge` reports that), and `carried_from`, the snapshot LATEST
+    named when the shard ran, whose jobs it carries forward for failed partitions (`merge`
+    checks it is still LATEST's)."""
     digest = hashlib.sha256()
     for account_id in sorted(a.account_id for a in universe):
         digest.update(account_id.encode("ascii") + b"\n")
@@ -231,6 +235,7 @@ def shard_manifest(shard: Shard, universe: Sequence[Account]) -> dict[str, Any]:
         "run_id": shard.run_id,
         "accounts_total": len(universe),
         "accounts_sha256": digest.hexdigest(),
+        "carried_from": carried_from,
     }
 
 
@@ -322,7 +327,9 @@ class MergedRun:
     `snapshot_id` is the merged snapshot's id; `records` are every shard's records sorted by
     (account_id, job_id) and re-stamped with it; `manifest` holds the merged manifest fields
     (`Store.write` adds `snapshot_id`, `previous_snapshot_id`, `data` and `changes`);
-    `shard_snapshot_ids` the snapshot id of each shard, in shard order.
+    `shard_snapshot_ids` the snapshot id of each shard, in shard order; `carried_from` for each
+    shard that carried jobs of failed or skipped partitions forward, the snapshot they came from
+    (what LATEST named when the shard ran), by shard index.
     """
 
     run_id: str
@@ -331,6 +338,7 @@ class MergedRun:
     records: list[JobRecord]
     manifest: dict[str, Any]
     shard_snapshot_ids: tuple[str, ...]
+    carried_from: Mapping[int, str | None] = dataclasses.field(default_factory=dict)
 
 
 _ID_TIME = "%Y%m%dT%H%M%SZ"
@@ -573,6 +581,12 @@ async def merge_shards(
         records=records,
         manifest=_merged_manifest(run_id, count, manifests, now()),
         shard_snapshot_ids=tuple(str(m["snapshot_id"]) for m in manifests),
+        carried_from={
+            i: m["shard"]["carried_from"]
+            for i, m in enumerate(manifests)
+            if "carried_from" in (m.get("shard") or {})  # (not in shards of older versions)
+            and any(p.get("status") != "ok" for p in m.get("partition_status") or ())
+        },
     )
 
 
@@ -589,6 +603,30 @@ class MergeResult:
     def exit_code(self) -> int:
         """0 complete, 1 partial or failed (as for `run`)."""
         return 0 if self.status == "complete" else 1
+
+
+def _check_carried_from(
+    merged: MergedRun, latest_manifest: Mapping[str, Any] | None, latest: str | None
+) -> None:
+    """Refuse a merge whose shards carried jobs of failed partitions forward from another
+    snapshot than LATEST (another run was published between the shard and the merge): the
+    merged snapshot would lose what LATEST holds for those partitions, and its change file,
+    computed against LATEST, would not say so. A shard is fine if LATEST is a merge of this
+    run that holds that very shard snapshot (its carried jobs are already LATEST's)."""
+    run, in_latest = _merged_shards(latest_manifest or {})
+    stale = [
+        i
+        for i, base in sorted(merged.carried_from.items())
+        if base != latest
+        and not (run == merged.run_id and merged.shard_snapshot_ids[i] in in_latest)
+    ]
+    if stale:
+        raise ShardError(
+            f"run {merged.run_id}: shard(s) {', '.join(map(str, stale))} carried the jobs of "
+            f"failed partitions forward from snapshot {merged.carried_from[stale[0]]}, but "
+            f"LATEST names {latest} now (published after they ran): run those shards again; "
+            "nothing written"
+        )
 
 
 def _merged_shards(manifest: Mapping[str, Any]) -> tuple[str | None, tuple[Any, ...]]:
@@ -701,6 +739,7 @@ async def merge_run(
                     after=latest,
                 ),
             )
+        _check_carried_from(merged, previous, latest)
         if latest is not None and merged.snapshot_id <= latest:
             raise ShardError(
                 f"run {run_id}: LATEST names snapshot {latest}, newer than this run (merged "

@@ -318,6 +318,40 @@ async def test_merging_after_a_shard_ran_again_writes_a_new_snapshot(
     assert third.already_merged and third.written == second.written
 
 
+async def test_a_shard_that_carried_jobs_from_an_older_snapshot_is_not_merged(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Runs overlap: r2's shard 0 runs (an account failing, its jobs carried forward from r0)
+    before r1 is merged. Merging r2 then would drop what r1 holds for that account, with no
+    `job_removed`: it is refused, nothing written, until the shard runs again."""
+    sb = await make_sandbox(accounts=6, seed=1, regions=("eu-west-1",), max_jobs=5)
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    failing = next(a for a in sb.account_ids if shard_of(a, 2) == 0)
+    for i in range(2):
+        await run_shard(settings, tmp_path, Shard(i, 2, "r0"), now=at(0))
+    await merge_run(tmp_path, "r0", 2)
+    job = sb.add_job(failing, "eu-west-1", job_state="New")
+    for i in range(2):
+        await run_shard(settings, tmp_path, Shard(i, 2, "r1"), now=at(10))
+    sb.faults = Faults(deny_assume_role=frozenset({failing}))
+    await run_shard(settings, tmp_path, Shard(0, 2, "r2"), now=at(20))
+    sb.faults = Faults()
+    r1 = await merge_run(tmp_path, "r1", 2)
+    await run_shard(settings, tmp_path, Shard(1, 2, "r2"), now=at(20))
+    before = published(tmp_path)
+    with pytest.raises(ShardError, match=r"^run r2: shard\(s\) 0 carried the jobs of failed"):
+        await merge_run(tmp_path, "r2", 2)
+    assert published(tmp_path) == before
+
+    sb.faults = Faults(deny_assume_role=frozenset({failing}))  # still failing, from r1 now
+    await run_shard(settings, tmp_path, Shard(0, 2, "r2"), now=at(21))
+    sb.faults = Faults()
+    r2 = await merge_run(tmp_path, "r2", 2)
+    data = (tmp_path / r2.written.data_path).read_bytes()
+    assert job.encode() in data  # carried forward from r1, as stale
+    assert chain(tmp_path)[:2] == [r2.written.snapshot_id, r1.written.snapshot_id]
+
+
 async def test_merging_again_never_moves_latest_back(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
