@@ -473,7 +473,15 @@ def _combine(values: list[Any]) -> Any:
     return values[0] if all(v == values[0] for v in values) else values
 
 
-def _status(statuses: Sequence[str]) -> str:
+def _status(statuses: Sequence[str], partitions: Any) -> str:
+    """The merged status: an unsharded run's rule on the combined partition counts (a shard
+    with no account, complete on its own, does not make failed partitions partial)."""
+    if isinstance(partitions, Mapping) and all(
+        isinstance(partitions.get(k), int) for k in ("ok", "failed")
+    ):
+        if not partitions["failed"]:
+            return "complete"
+        return "partial" if partitions["ok"] else "failed"
     if all(s == "complete" for s in statuses):
         return "complete"
     if all(s == "failed" for s in statuses):
@@ -509,7 +517,7 @@ def _merged_manifest(
         "tool_version": tool_versions[0] if len(tool_versions) == 1 else tool_versions,
         "started_at": min(str(m["started_at"]) for m in manifests),
         "finished_at": max(str(m["finished_at"]) for m in manifests),
-        "status": _status([str(m.get("status")) for m in manifests]),
+        "status": _status([str(m.get("status")) for m in manifests], fields.get("partitions")),
         "sharded": {
             "run_id": run_id,
             "count": count,

@@ -352,6 +352,22 @@ async def test_a_shard_that_carried_jobs_from_an_older_snapshot_is_not_merged(
     assert chain(tmp_path)[:2] == [r2.written.snapshot_id, r1.written.snapshot_id]
 
 
+async def test_the_merged_status_is_the_unsharded_runs(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Every partition failed: the merge is `failed`, as the unsharded run, even though shards
+    without accounts are `complete` on their own."""
+    sb = await make_sandbox(accounts=2, seed=1, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    sb.faults = Faults(deny_list_jobs=frozenset(sb.account_ids))
+    assert len({shard_of(a, 3) for a in sb.account_ids}) < 3  # a shard without accounts
+    for i in range(3):
+        await run_shard(settings, tmp_path, Shard(i, 3, "r1"), now=at(0))
+    merged = await merge_run(tmp_path, "r1", 3)
+    unsharded = await run_once(settings, output=tmp_path / "single", now=at(0))
+    assert merged.status == unsharded.status == "failed"
+
+
 async def test_merging_again_never_moves_latest_back(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
