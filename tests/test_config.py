@@ -153,17 +153,23 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) 
     assert expected in message, message
 
 
+def _aws_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An AWS config file with one profile, `present`, as the only AWS configuration."""
+    aws_config = tmp_path / "aws-config"
+    aws_config.write_text("[profile present]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_PROFILE", raising=False)
+    return aws_config
+
+
 @pytest.mark.parametrize("where", ["partition-profile", "AWS_PROFILE", "AWS_CONFIG_FILE"])
 def test_aws_profiles_that_do_not_exist_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     """A profile the run would use that is not there, or an AWS config file that does not
     parse, is one line naming what set it (botocore would raise it mid-run, as a traceback)."""
-    aws_config = tmp_path / "aws-config"
-    aws_config.write_text("[profile present]\nregion = eu-west-1\n")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("AWS_DEFAULT_PROFILE", raising=False)
+    aws_config = _aws_config(tmp_path, monkeypatch)
     text = '[accounts]\nids = ["111111111111"]\n'
     good = load_settings(write(tmp_path, text + '[partitions.aws]\nprofile = "present"\n'))
     assert good.partitions["aws"].profile == "present"
@@ -191,11 +197,7 @@ def test_only_the_profiles_a_run_uses_are_checked(
     """A profile of a partition no account is in is not checked (a host that never runs those
     accounts need not have it); the default chain always is, whatever the hub's profile (the
     member accounts' sessions read it), and botocore's own order names the variable."""
-    aws_config = tmp_path / "aws-config"
-    aws_config.write_text("[profile present]\nregion = eu-west-1\n")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("AWS_DEFAULT_PROFILE", raising=False)
+    _aws_config(tmp_path, monkeypatch)
     text = '[accounts]\nids = ["111111111111"]\n'
     load_settings(write(tmp_path, text + '[partitions.aws-cn]\nprofile = "cn-elsewhere"\n'))
     with_hub = write(tmp_path, text + '[partitions.aws]\nprofile = "present"\n')

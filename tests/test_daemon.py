@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,30 @@ class Recorder:
         self.summaries.append(summary)
         if len(self.summaries) >= self._stop_after:
             self._stop.set()
+
+
+class ReloadAfterFirst(Recorder):
+    """A Recorder that asks for a reload once the first cycle finished, and hands failed
+    cycles (`cycle_failed`) to `on_failure`."""
+
+    def __init__(
+        self,
+        stop_after: int,
+        stop: asyncio.Event,
+        reload_requested: asyncio.Event,
+        on_failure: Callable[[str], None] = lambda error: None,
+    ) -> None:
+        super().__init__(stop_after, stop)
+        self._reload_requested = reload_requested
+        self._on_failure = on_failure
+
+    def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
+        super().cycle_finished(summary, records)
+        if len(self.summaries) == 1:
+            self._reload_requested.set()
+
+    def cycle_failed(self, error: str) -> None:
+        self._on_failure(error)
 
 
 def complete_snapshots(output: Path) -> list[dict[str, Any]]:
@@ -418,13 +442,7 @@ async def test_a_reload_the_aggregator_cannot_open_with_keeps_the_old_settings(
     )
     stop, reload_requested = asyncio.Event(), asyncio.Event()
 
-    class ReloadAfterFirst(Recorder):
-        def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
-            super().cycle_finished(summary, records)
-            if len(self.summaries) == 1:
-                reload_requested.set()
-
-    recorder = ReloadAfterFirst(3, stop)
+    recorder = ReloadAfterFirst(3, stop, reload_requested)
     with capture_logs() as logs:
         await asyncio.wait_for(
             run_forever(
@@ -465,17 +483,7 @@ async def test_a_failure_to_reopen_with_the_old_settings_is_a_failed_cycle(
     stop, reload_requested = asyncio.Event(), asyncio.Event()
 
     failures: list[str] = []
-
-    class ReloadAfterFirst(Recorder):
-        def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
-            super().cycle_finished(summary, records)
-            if len(self.summaries) == 1:
-                reload_requested.set()
-
-        def cycle_failed(self, error: str) -> None:
-            failures.append(error)
-
-    recorder = ReloadAfterFirst(2, stop)
+    recorder = ReloadAfterFirst(2, stop, reload_requested, on_failure=failures.append)
     await asyncio.wait_for(
         run_forever(
             settings,
@@ -518,16 +526,10 @@ async def test_a_reload_while_reopening_fails_is_applied(
     stop, reload_requested = asyncio.Event(), asyncio.Event()
     reloads = iter([broken, fixed])
 
-    class Observer(Recorder):
-        def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
-            super().cycle_finished(summary, records)
-            if len(self.summaries) == 1:
-                reload_requested.set()
-
-        def cycle_failed(self, error: str) -> None:
-            reload_requested.set()  # the fixed file arrives while the old ones fail
-
-    recorder = Observer(2, stop)
+    # The fixed file arrives while the old settings fail to reopen.
+    recorder = ReloadAfterFirst(
+        2, stop, reload_requested, on_failure=lambda error: reload_requested.set()
+    )
     await asyncio.wait_for(
         run_forever(
             good,

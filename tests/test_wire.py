@@ -234,6 +234,18 @@ def _parse(model: Any, body: bytes, *, wired: bool, status: int = 200) -> dict[s
     return parsed
 
 
+def assert_same_outcome(model: Any, body: bytes) -> None:
+    """The client gives the same result, or raises the same exception, with wire's handler
+    installed and without it."""
+    outcomes = []
+    for wired in (False, True):
+        try:
+            outcomes.append(("ok", _parse(model, body, wired=wired)))
+        except Exception as exc:
+            outcomes.append(("error", type(exc)))
+    assert outcomes[0] == outcomes[1]
+
+
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
 ENTRY_VALUES = st.fixed_dictionaries(
     {},
@@ -373,13 +385,7 @@ def test_unusual_bodies_are_left_to_botocore(
     model = models[protocol]
     if protocol == "cbor":
         body = bytes(cbor2.dumps(orjson.loads(body)))
-    outcomes = []
-    for wired in (False, True):
-        try:
-            outcomes.append(("ok", _parse(model, body, wired=wired)))
-        except Exception as exc:
-            outcomes.append(("error", type(exc)))
-    assert outcomes[0] == outcomes[1]
+    assert_same_outcome(model, body)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -462,13 +468,7 @@ def test_cbor_values_beyond_json_are_left_to_botocore(
     else:
         entry["SomethingNew"] = {"deeper": [1, value]}
     body = bytes(cbor2.dumps(result))
-    outcomes = []
-    for wired in (False, True):
-        try:
-            outcomes.append(("ok", _parse(models["cbor"], body, wired=wired)))
-        except Exception as exc:
-            outcomes.append(("error", type(exc)))
-    assert outcomes[0] == outcomes[1]
+    assert_same_outcome(models["cbor"], body)
 
 
 def _text(value: str) -> bytes:
@@ -539,13 +539,7 @@ def test_cbor_botocore_decodes_otherwise_is_left_to_botocore(
     """CBOR that cbor2 and botocore's decoder read differently (nulls, which botocore drops as
     it reads them; chunked text; keys that are not text; shared values) reaches botocore: the
     same result, or the same exception."""
-    outcomes = []
-    for wired in (False, True):
-        try:
-            outcomes.append(("ok", _parse(models["cbor"], body, wired=wired)))
-        except Exception as exc:
-            outcomes.append(("error", type(exc)))
-    assert outcomes[0] == outcomes[1]
+    assert_same_outcome(models["cbor"], body)
 
 
 @pytest.mark.parametrize("created", [b"1e17", b"1e20", b"9223372036854775808"])
