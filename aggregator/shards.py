@@ -724,6 +724,8 @@ async def merge_run(
     written) or `OutputError`.
     """
     options = dict(store_options or {})
+    async with open_store(output, **options) as store:
+        await store.check_writable()  # a wrong location (a file, no permission) fails first: 2
     await wait_for_shards(
         output, run_id, count, wait=wait, poll=poll, clock=clock, sleep=sleep, store_options=options
     )

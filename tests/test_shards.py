@@ -3,6 +3,7 @@ merge of N shard snapshots into one snapshot equal to an unsharded run's."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -410,6 +411,23 @@ async def test_a_merge_that_crashed_before_latest_is_published_by_the_next(
     again = await merge_run(tmp_path, "r1", 2)
     assert not again.already_merged and again.written == first.written
     assert chain(tmp_path) == [first.written.snapshot_id, older.snapshot_id]
+
+
+async def test_merge_into_a_location_that_cannot_be_written_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`merge --output` naming a file (not a directory) is a wrong location, exit 2 at once,
+    as for `run`, not a missing shard (exit 1, retried by a Job)."""
+    from aggregator.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('[accounts]\nids = ["111111111111"]\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    args = ["merge", "--config", str(config), "--run-id", "r1", "--shards", "2"]
+    assert await asyncio.to_thread(main, [*args, "--output", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err, err
 
 
 async def test_merge_refuses_a_missing_shard(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
