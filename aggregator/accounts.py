@@ -171,7 +171,7 @@ class _Lister:
         policy: RetryPolicy,
         sleep: Callable[[float], Awaitable[None]],
         rng: random.Random,
-        requests: collections.Counter[str] | None,
+        requests: collections.Counter[tuple[str, str]] | None,
     ) -> None:
         self._client = client
         self._partition = partition
@@ -193,12 +193,14 @@ class _Lister:
         region = str(getattr(getattr(self._client, "meta", None), "region_name", ""))
         for attempt in range(1, self._policy.max_attempts + 1):
             try:
-                if self._requests is not None:
-                    self._requests[operation] += 1
                 response: dict[str, Any] = await method(**params)
+                if self._requests is not None:
+                    self._requests[operation, "ok"] += 1
                 return response
             except Exception as exc:
                 err = translate(exc, account_id=_HUB, region=region, operation=operation)
+                if self._requests is not None:
+                    self._requests[operation, err.code] += 1
                 if "NextToken" in params and (
                     isinstance(err, InvalidNextTokenError) or _token_rejected(exc)
                 ):
@@ -288,7 +290,7 @@ async def discover_accounts(
     rng: random.Random | None = None,
     request_timeout: float = 30.0,
     http_session_cls: Any = None,
-    requests: collections.Counter[str] | None = None,
+    requests: collections.Counter[tuple[str, str]] | None = None,
 ) -> tuple[Account, ...]:
     """The ACTIVE accounts of the organization, `include`/`exclude` applied, sorted by id.
 
@@ -339,7 +341,7 @@ async def _discover(
     policy: RetryPolicy,
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random,
-    requests: collections.Counter[str] | None,
+    requests: collections.Counter[tuple[str, str]] | None,
 ) -> tuple[Account, ...]:
     org = settings.organizations
     lister = _Lister(

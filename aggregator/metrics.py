@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -106,10 +106,14 @@ class Metrics:
             self.restarts.inc(result.restarts)
         self.partition_duration.observe(result.duration)
 
+    def requests_made(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Count a cycle's AssumeRole and Organizations requests by (operation, outcome),
+        whether the cycle finished or raised (ListJobs are counted by `partition_done`)."""
+        for (operation, outcome), n in counts.items():
+            self.requests.labels(operation, outcome).inc(n)
+
     def cycle_finished(self, summary: RunSummary, records: Sequence[JobRecord]) -> None:
         """Set the last cycle's gauges from its summary and snapshot records."""
-        for outcome, n in summary.assume_role_outcomes:
-            self.requests.labels("AssumeRole", outcome).inc(n)
         states: Tally[str] = Tally()
         types: Tally[str] = Tally()
         for record in records:

@@ -249,12 +249,26 @@ class Aggregator:
         Raises `OutputError` if the output directory is not writable (before any AWS call).
         Partition failures are not errors: they make the snapshot partial.
         """
-        with cycle_gc():
-            return await self._cycle()
-
-    async def _cycle(self) -> RunSummary:
         if self._broker is None or self._pool is None or self._store is None:
             raise RuntimeError("Aggregator is not open")
+        # The AssumeRole and Organizations requests of the cycle, by (operation, outcome),
+        # for the observers that count requests: whether the cycle finishes or raises.
+        organizations: collections.Counter[tuple[str, str]] = collections.Counter()
+        outcomes_before = collections.Counter(self._broker.outcomes)
+        try:
+            with cycle_gc():
+                return await self._cycle(organizations)
+        finally:
+            made = organizations + collections.Counter(
+                {("AssumeRole", k): n for k, n in (self._broker.outcomes - outcomes_before).items()}
+            )
+            for observer in self.observers:
+                requests_made = getattr(observer, "requests_made", None)
+                if requests_made is not None and made:
+                    requests_made(made)
+
+    async def _cycle(self, organizations: collections.Counter[tuple[str, str]]) -> RunSummary:
+        assert self._broker is not None and self._pool is not None and self._store is not None
         broker, pool, base = self._broker, self._pool, self._store
         settings = self.settings
         now = self._now
@@ -268,7 +282,6 @@ class Aggregator:
         await store.check_writable()
         limits = self._limits()
         policy = self._policy_for()
-        organizations: collections.Counter[str] = collections.Counter()
         with bound_contextvars(snapshot_id=snapshot_id):
             universe = await resolve_accounts(
                 settings.accounts,
