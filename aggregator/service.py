@@ -525,11 +525,7 @@ async def run_forever(
                 settings = good
                 _follow(observers, settings)
                 continue
-            log.error("cycle.failed", error=str(exc), error_type=type(exc).__name__)
-            for observer in observers:
-                failed = getattr(observer, "cycle_failed", None)
-                if failed is not None:
-                    failed(str(exc))
+            _cycle_failed(observers, exc)
             await _first(stop, reload_requested, seconds=settings.daemon.interval)
             next_start = clock()  # the next cycle starts once it opens: no slot was missed
             if reload_requested.is_set():  # a fixed configuration may be on its way
@@ -572,11 +568,7 @@ async def run_forever(
                 except asyncio.CancelledError:
                     break
                 except Exception as exc:  # the daemon outlives a failed cycle
-                    log.error("cycle.failed", error=str(exc), error_type=type(exc).__name__)
-                    for observer in observers:
-                        failed = getattr(observer, "cycle_failed", None)
-                        if failed is not None:
-                            failed(str(exc))
+                    _cycle_failed(observers, exc)
                 # Between cycles, a full collection: a cycle runs with the heap frozen (see
                 # gcpolicy.py), so garbage cycles made before it are only found out here.
                 gc.collect()
@@ -607,6 +599,15 @@ async def run_forever(
                 if reopen:
                     break  # reopen the Aggregator with the new settings
     return last
+
+
+def _cycle_failed(observers: Sequence[CycleObserver], exc: Exception) -> None:
+    """Log a cycle that raised and tell the observers that count failed cycles."""
+    log.error("cycle.failed", error=str(exc), error_type=type(exc).__name__)
+    for observer in observers:
+        failed = getattr(observer, "cycle_failed", None)
+        if failed is not None:
+            failed(str(exc))
 
 
 def _follow(observers: Sequence[CycleObserver], settings: Settings) -> None:
