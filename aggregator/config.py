@@ -524,9 +524,10 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
     """Raise `ConfigError` (one line) if an AWS profile the run would use does not exist, or
     the AWS config file does not parse; botocore would raise it mid-run otherwise.
 
-    Checked: every `[partitions.<name>] profile`, and the default credential chain
-    (`AWS_PROFILE`, `AWS_DEFAULT_PROFILE`, `AWS_CONFIG_FILE`) unless the hub partition has a
-    profile of its own. `env` defaults to `os.environ` (for naming the variable to blame).
+    Checked: the `[partitions.<name>] profile` of every partition that has accounts, and the
+    default credential chain (`AWS_DEFAULT_PROFILE`, `AWS_PROFILE`, `AWS_CONFIG_FILE`), which
+    the member accounts' sessions read whatever the hub's profile. `env` defaults to
+    `os.environ` (for naming the variable to blame).
     """
     import botocore.session
     from botocore.exceptions import ConfigParseError, ProfileNotFound
