@@ -411,10 +411,18 @@ class S3Store(Store):
                     yield chunk
 
     async def _list(self) -> dict[str, float]:
+        return await self._listed("snapshots/", "changes/")
+
+    async def _list_shards(self) -> dict[str, float]:
+        return await self._listed("shards/")
+
+    async def _listed(self, *tops: str) -> dict[str, float]:
+        """The objects under the `tops` prefixes (relative to the location), with the time
+        each was last modified (epoch seconds)."""
         out: dict[str, float] = {}
         paginator = self.client.get_paginator("list_objects_v2")
         with self.errors("list the output location"):
-            for top in ("snapshots/", "changes/"):
+            for top in tops:
                 async for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(top)):
                     for o in page.get("Contents", ()):
                         out[self._rel(o["Key"])] = o["LastModified"].timestamp()

@@ -121,6 +121,7 @@ ARTIFACT_RE = re.compile(
     r"(?P<id>\d{8}T\d{6}Z-[0-9a-f]+)\.(?P<kind>manifest\.json|jsonl\.gz|jsonl)(?(tmp)\..+\.tmp)"
 )
 _SNAPSHOT_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]+")
+_SHARD_RUN_RE = re.compile(r"shards/run=(?P<run>[^/]+)/.")
 _LATEST_ID = re.compile(r"(\d{8}T\d{6}Z-[0-9a-f]+)\.manifest\.json$")
 
 
@@ -137,6 +138,11 @@ def new_snapshot_id(now: datetime | None = None) -> str:
     """`20261128T150000Z-3f9c`: the start time (UTC) and 4 random hex digits."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+def _id_time(snapshot_id: str) -> float:
+    """The start time of `snapshot_id` (its `YYYYMMDDTHHMMSSZ` part), in epoch seconds."""
+    return datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def snapshot_date(snapshot_id: str) -> str:
@@ -260,12 +266,14 @@ class WrittenSnapshot:
 @dataclass(frozen=True, slots=True)
 class Pruned:
     """What `Store.prune` deleted, by snapshot id: `expired` (beyond `retain`), `orphaned`
-    (manifest written but never published by LATEST) and `incomplete` (no manifest)."""
+    (manifest written but never published by LATEST) and `incomplete` (no manifest); and by
+    run id, the sharded runs whose shard snapshots went (`shard_runs`)."""
 
     expired: tuple[str, ...] = ()
     orphaned: tuple[str, ...] = ()
     incomplete: tuple[str, ...] = ()
     kept: int = 0
+    shard_runs: tuple[str, ...] = ()  # run ids whose folder under `shards/` went
 
 
 _Buffer = bytes | memoryview
@@ -656,6 +664,16 @@ class Store(ABC):
 
     @abstractmethod
     async def _delete(self, rels: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    async def _list_shards(self) -> dict[str, float]:
+        """Every object under `shards/` (the shard snapshots of sharded runs), with the time
+        it was last modified (epoch seconds)."""
+
+    async def _delete_shard_run(self, run_id: str, rels: Sequence[str]) -> None:
+        """Delete `rels`, the files of one sharded run's folder (each shard's LATEST first:
+        a merge that reads the run meanwhile finds the shard missing, never half there)."""
+        await self._delete(sorted(rels, key=lambda rel: not rel.endswith(f"/{LATEST}")))
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -1058,8 +1076,9 @@ class Store(ABC):
         snapshot LATEST points to nor anything newer than it (a write in progress elsewhere),
         and does nothing when there is no LATEST. A manifest goes before its data and change
         files, so an interrupted prune leaves only files the next prune recognises as
-        incomplete. Raises `OutputError` if the location cannot be listed or a file cannot be
-        deleted.
+        incomplete. Then the folders of sharded runs that can no longer be merged go
+        (`_prune_shard_runs`). Raises `OutputError` if the location cannot be listed or a file
+        cannot be deleted.
         """
         if retain < 1:
             raise ValueError(f"retain must be >= 1, got {retain}")
@@ -1126,12 +1145,39 @@ class Store(ABC):
                 incomplete=len(incomplete),
                 kept=kept,
             )
+        shard_runs = await self._prune_shard_runs(_id_time(min(ordered[:retain])))
         return Pruned(
             expired=tuple(expired),
             orphaned=tuple(orphaned),
             incomplete=tuple(incomplete),
             kept=kept,
+            shard_runs=shard_runs,
         )
+
+    async def _prune_shard_runs(self, oldest_kept: float) -> tuple[str, ...]:
+        """Delete the folders of sharded runs (`shards/run=<id>/`) whose every file is older,
+        by `debris_age`, than the start of the oldest snapshot kept; returns their run ids.
+
+        Such a run can no longer be merged: its merged snapshot's id would take the time of
+        its first shard, before LATEST's, and `merge` refuses to move LATEST back; the runs
+        of the snapshots kept, and runs in progress, have newer files. The margin covers the
+        clocks of other hosts (an object store's modification times are its own).
+        """
+        runs: dict[str, list[str]] = defaultdict(list)
+        newest: dict[str, float] = {}
+        for rel, modified in (await self._list_shards()).items():
+            m = _SHARD_RUN_RE.match(rel)
+            if m is None:
+                continue
+            runs[m["run"]].append(rel)
+            newest[m["run"]] = max(modified, newest.get(m["run"], modified))
+        cutoff = min(oldest_kept, self._clock()) - self._debris_age
+        doomed = sorted(run for run, t in newest.items() if t < cutoff)
+        for run in doomed:
+            await self._delete_shard_run(run, runs[run])
+        if doomed:
+            log.info("snapshot.pruned", shard_runs=len(doomed))
+        return tuple(doomed)
 
 
 # --- a local directory -----------------------------------------------------------------------
@@ -1372,6 +1418,26 @@ class LocalStore(Store):
         for folder in folders:
             with contextlib.suppress(OSError):  # only succeeds once the folder is empty
                 folder.rmdir()
+
+    async def _list_shards(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        top = self.root / "shards"
+        with self.guard("list the output directory"):
+            for folder, _, names in os.walk(top):  # symlinked folders are not followed
+                for name in names:
+                    path = os.path.join(folder, name)
+                    with contextlib.suppress(FileNotFoundError):  # just renamed or deleted
+                        out[Path(path).relative_to(self.root).as_posix()] = os.lstat(path).st_mtime
+        return out
+
+    async def _delete_shard_run(self, run_id: str, rels: Sequence[str]) -> None:
+        """`Store._delete_shard_run`, then the run's folders that are left empty (a file
+        written there since the listing keeps its folders)."""
+        await super()._delete_shard_run(run_id, rels)
+        run = self.root / "shards" / f"run={run_id}"
+        for folder, _, _ in sorted(os.walk(run), key=lambda walked: -len(walked[0])):
+            with contextlib.suppress(OSError):  # only succeeds once the folder is empty
+                os.rmdir(folder)
 
 
 class _Guard:

@@ -9,7 +9,9 @@ import hashlib
 import io
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from aiobotocore.session import AioSession
 from aggregator.errors import OutputError
 from aggregator.records import JobRecord
 from aggregator.s3 import S3Store, parse_s3_url
-from aggregator.snapshot import Store, diff_command, open_store
+from aggregator.snapshot import Store, diff_command, new_snapshot_id, open_store
 
 from .conftest import SandboxFactory, make_settings
 
@@ -239,6 +241,29 @@ async def test_retention_on_s3(bucket: str) -> None:
     assert snapshot_ids(await objects(bucket, "keep/")) == [sid(3), sid(5)]
     left = {u["UploadId"] for u in uploads.get("Uploads", ())}
     assert old["UploadId"] not in left and new["UploadId"] in left
+
+
+async def test_prune_on_s3_removes_the_objects_of_old_shard_runs(bucket: str) -> None:
+    """On S3 too, a sharded run's objects (`<prefix>/shards/run=<id>/...`) go once all are
+    older than the start of the oldest snapshot kept; an object under `shards/` outside a run
+    folder, and the same run's objects under another prefix, stay."""
+    old_run = ("shards/run=r1/shard=0-of-2/LATEST", "shards/run=r1/shard=1-of-2/x.jsonl")
+    async with AioSession().create_client("s3") as s3:
+        for key in (*(f"sh/{k}" for k in old_run), "sh/shards/notes.txt", f"other/{old_run[0]}"):
+            await s3.put_object(Bucket=bucket, Key=key, Body=b"x\n")
+    later = datetime.now(UTC) + timedelta(hours=2)  # snapshots that start after those objects
+    ids = [new_snapshot_id(later), new_snapshot_id(later + timedelta(minutes=1))]
+    async with open_store(
+        f"s3://{bucket}/sh", debris_age=0, clock=lambda: time.time() + 60
+    ) as store:
+        for snapshot_id in ids:
+            await write(store, snapshot_id, {"A": "New"})
+        pruned = await store.prune(1)
+    assert pruned.shard_runs == ("r1",) and pruned.expired == (ids[0],)
+    assert [k for k in await objects(bucket, "sh/") if k.startswith("shards/")] == [
+        "shards/notes.txt"
+    ]
+    assert list(await objects(bucket, "other/")) == [old_run[0]]
 
 
 async def test_latest_put_by_another_writer_in_between_is_never_overwritten(bucket: str) -> None:

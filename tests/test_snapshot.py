@@ -677,6 +677,43 @@ async def test_files_another_writer_may_still_be_producing_survive_prune(tmp_pat
     assert snapshot_ids(tmp_path) == [sid(1), sid(4)]
 
 
+async def test_prune_removes_the_shard_folders_of_runs_that_can_no_longer_be_merged(
+    tmp_path: Path,
+) -> None:
+    """A sharded run's folder (`shards/run=<id>/`) goes once every file in it is older, by
+    `debris_age`, than the start of the oldest snapshot kept (its merge, if any, was pruned,
+    and `merge` would refuse it now). The folders of the runs kept, of a run within the
+    margin, of a run in progress (one young file), and anything else under `shards/` stay."""
+    async with LocalStore(tmp_path) as store:
+        for n in range(4):
+            await write(store, sid(n), {"A": "New", f"J{n}": "New"})
+        oldest_kept = datetime(2026, 11, 28, 15, 2, tzinfo=UTC).timestamp()  # sid(2), retain 2
+        shard = "shard=0-of-2/snapshots/date=2026-11-28"
+        runs = {
+            "gone": [(f"{shard}/{sid(0)}.jsonl", -3601), ("shard=0-of-2/LATEST", -3601)],
+            "also-gone": [("shard=1-of-2/LATEST", -7200)],
+            "within-margin": [("shard=0-of-2/LATEST", -3599)],
+            "kept-run": [(f"{shard}/{sid(2)}.jsonl", 5)],
+            "in-progress": [("shard=0-of-2/LATEST", -7200), ("shard=1-of-2/LATEST", None)],
+        }
+        for run, files in runs.items():
+            for rel, age in files:
+                path = tmp_path / "shards" / f"run={run}" / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"x\n")
+                if age is not None:
+                    os.utime(path, (oldest_kept + age, oldest_kept + age))
+        other = tmp_path / "shards" / "notes.txt"
+        other.write_bytes(b"not a run\n")
+        os.utime(other, (0, 0))
+        pruned = await store.prune(2)
+    assert pruned.expired == (sid(0), sid(1))
+    assert pruned.shard_runs == ("also-gone", "gone")
+    left = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert left == ["notes.txt", "run=in-progress", "run=kept-run", "run=within-margin"]
+    assert (tmp_path / "shards" / "run=in-progress" / "shard=0-of-2" / "LATEST").exists()
+
+
 async def test_a_latest_temporary_left_by_a_kill_is_removed(tmp_path: Path) -> None:
     """A `.LATEST...tmp` left by a process killed while replacing LATEST is removed once it
     is older than LATEST by more than a minute; a younger one (a replacement that may still
