@@ -524,10 +524,11 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
     """Raise `ConfigError` (one line) if an AWS profile the run would use does not exist, or
     the AWS config file does not parse; botocore would raise it mid-run otherwise.
 
-    Checked: the `[partitions.<name>] profile` of every partition that has accounts, and the
+    Checked: the `[partitions.<name>] profile` of every partition that has accounts, the
     default credential chain (`AWS_DEFAULT_PROFILE`, `AWS_PROFILE`, `AWS_CONFIG_FILE`), which
-    the member accounts' sessions read whatever the hub's profile. `env` defaults to
-    `os.environ` (for naming the variable to blame).
+    the member accounts' sessions read whatever the hub's profile, and the `AWS_ENDPOINT_URL*`
+    variables of the services the run calls. `env` defaults to `os.environ` (for naming the
+    variable to blame).
     """
     import botocore.session
     from botocore.exceptions import ConfigParseError, ProfileNotFound
@@ -550,6 +551,28 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
             botocore.session.Session(profile=profile).get_scoped_config()
         except (ProfileNotFound, ConfigParseError) as exc:
             raise ConfigError(source, key, str(exc)) from None
+    _check_endpoint_variables(settings, env)
+
+
+def _check_endpoint_variables(settings: Settings, env: Mapping[str, str]) -> None:
+    """The `AWS_ENDPOINT_URL*` variables of the services a run calls must be URLs botocore
+    takes; it raises `Invalid endpoint` for each client otherwise, and every partition fails.
+    (The value is not quoted: a URL may carry credentials.)"""
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return
+    services = ["SNOWBALL", "STS"]
+    if settings.accounts.organizations.enabled:
+        services.append("ORGANIZATIONS")
+    if settings.output.directory.startswith("s3://"):
+        services.append("S3")
+    for name in ("AWS_ENDPOINT_URL", *(f"AWS_ENDPOINT_URL_{s}" for s in services)):
+        url = env.get(name)
+        if url and not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+            raise ConfigError(
+                _env_source(name), "", "not an endpoint URL (expected http(s)://host[:port])"
+            )
 
 
 def load_settings(

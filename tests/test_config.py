@@ -207,6 +207,33 @@ def test_only_the_profiles_a_run_uses_are_checked(
         load_settings(with_hub)
 
 
+def test_endpoint_variables_that_are_no_url_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `AWS_ENDPOINT_URL*` variable botocore would refuse for every client ("Invalid
+    endpoint", every partition failed, exit 1) is one line naming it, without its value; one
+    for a service the run does not call, or with configured endpoints ignored, is not."""
+    _aws_config(tmp_path, monkeypatch)
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SNOWBALL", "AWS_ENDPOINT_URL_STS"):
+        env = {name: "not-a-url:secret"}
+        with pytest.raises(ConfigError) as info:
+            load_settings(path, env=env)
+        assert str(info.value) == (
+            f"{name} (environment): not an endpoint URL (expected http(s)://host[:port])"
+        )
+    for fine in ("http://127.0.0.1:4566", "https://snowball.example", "http://[::1]:80"):
+        load_settings(path, env={"AWS_ENDPOINT_URL": fine})
+    load_settings(path, env={"AWS_ENDPOINT_URL_S3": "nope", "AWS_ENDPOINT_URL_ORGANIZATIONS": ""})
+    ignored = {"AWS_ENDPOINT_URL": "nope", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
+    load_settings(path, env=ignored)
+    s3 = write(
+        tmp_path, '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "s3://inventory/p"\n'
+    )
+    with pytest.raises(ConfigError, match=r"^AWS_ENDPOINT_URL_S3 \(environment\): not an"):
+        load_settings(s3, env={"AWS_ENDPOINT_URL_S3": "nope"})
+
+
 def test_unusual_inputs_are_one_short_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
