@@ -20,10 +20,11 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -377,11 +378,36 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def _env_value(raw: str) -> Any:
+def _env_value(raw: str, *, text: bool = False) -> Any:
+    """The value of an override: parsed as a TOML value, else the string as given; for a
+    `text` setting, also the string as given when it parses as something else (an
+    `external_id` or a role name of digits, a folder named `2024`)."""
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
         return raw
+    return raw if text and not isinstance(value, str) else value
+
+
+def _is_text(path: Sequence[str]) -> bool:
+    """Whether the setting at `path` takes a string (`str`, optional or annotated)."""
+    ann: Any = Settings
+    for part in path:
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            field = ann.model_fields.get(part)
+            if field is None:
+                return False
+            ann = field.annotation
+        elif get_origin(ann) in (dict, Mapping):
+            ann = get_args(ann)[1]
+        else:
+            return False
+        while get_origin(ann) is Annotated:
+            ann = get_args(ann)[0]
+        if get_origin(ann) in (Union, UnionType):
+            kinds = [a for a in get_args(ann) if a is not type(None)]
+            ann = kinds[0] if len(kinds) == 1 else None
+    return ann is str
 
 
 def _env_paths(env: Mapping[str, str]) -> list[tuple[str, list[str]]]:
@@ -416,7 +442,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
                     _env_source(name), _key_path(tuple(path)), f"{part!r} is not a table"
                 )
             node = child
-        node[path[-1]] = _env_value(env[name])
+        node[path[-1]] = _env_value(env[name], text=_is_text(path))
         key = _key_path(tuple(path))
         origins.pop(key, None)  # keep the dict in the order the overrides were applied
         origins[key] = name

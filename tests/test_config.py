@@ -299,6 +299,29 @@ def test_environment_overrides_and_names_the_variable(tmp_path: Path) -> None:
     )
 
 
+def test_environment_values_of_text_settings_are_taken_as_given(tmp_path: Path) -> None:
+    """A string setting takes the variable's value as given, though it reads as a TOML number
+    or boolean (an external id of digits, a folder named 2024): it used to be refused as "not
+    a valid string". A quoted TOML string still loses its quotes; other settings still parse."""
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    prefix = "SNOWBALL_AGGREGATOR_"
+    s = load_settings(
+        path,
+        env={
+            f"{prefix}ACCOUNTS__EXTERNAL_ID": "1_000",
+            f"{prefix}ACCOUNTS__ROLE_NAME": "2024",
+            f"{prefix}OUTPUT__DIRECTORY": "true",
+            f"{prefix}LIMITS__MAX_CONCURRENCY": "8",
+        },
+    )
+    assert s.accounts.external_id == "1_000" and s.accounts.role_name == "2024"
+    assert s.output.directory == "true" and s.limits.max_concurrency == 8
+    quoted = load_settings(path, env={f"{prefix}ACCOUNTS__EXTERNAL_ID": '"12345"'})
+    assert quoted.accounts.external_id == "12345"
+    with pytest.raises(ConfigError, match=r"ACCOUNTS__IDS \(environment\): accounts.ids: "):
+        load_settings(path, env={f"{prefix}ACCOUNTS__IDS": "111111111111"})
+
+
 def test_environment_errors_on_indexed_keys_name_the_variable(tmp_path: Path) -> None:
     """An override whose error lies inside it (`accounts.ids[0]`) names the variable, not the
     file; so does an override whose path runs through a value that is not a table."""
