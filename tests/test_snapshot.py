@@ -714,6 +714,66 @@ async def test_prune_removes_the_shard_folders_of_runs_that_can_no_longer_be_mer
     assert (tmp_path / "shards" / "run=in-progress" / "shard=0-of-2" / "LATEST").exists()
 
 
+async def test_a_latest_lock_held_too_long_elsewhere_is_a_transient_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process holds `.LATEST.lock` past the wait, the write fails with a
+    transient OutputError naming the lock, LATEST still names the previous snapshot, and the
+    next write, once the lock is free, publishes."""
+    import fcntl
+
+    monkeypatch.setattr(snapshot, "_LOCK_WAIT", 0.05)
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(1), {"A": "New"})
+        other = os.open(tmp_path / ".LATEST.lock", os.O_RDONLY)  # its own open file: a rival
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(
+                OutputError, match=r"another process has held \.LATEST\.lock"
+            ) as info:
+                await write(store, sid(2), {"A": "Done"})
+            assert info.value.transient
+            assert (await store.latest_manifest() or {})["snapshot_id"] == sid(1)
+        finally:
+            os.close(other)
+        await write(store, sid(3), {"A": "Done"})
+        assert (await store.latest_manifest() or {})["snapshot_id"] == sid(3)
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EIO])
+async def test_a_filesystem_without_locks_still_publishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Where the filesystem has no locks (NFS without lockd: ENOLCK, EOPNOTSUPP, EINVAL),
+    LATEST is replaced unlocked with a warning; any other failure to lock is an OutputError
+    naming the directory, and LATEST stays."""
+
+    class NoLocks:
+        LOCK_EX, LOCK_NB = 2, 4
+
+        @staticmethod
+        def flock(fd: int, operation: int) -> None:
+            raise OSError(code, os.strerror(code))
+
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(1), {"A": "New"})
+        monkeypatch.setattr(snapshot, "fcntl", NoLocks)
+        with capture_logs() as logs:
+            if code == errno.ENOLCK:
+                await write(store, sid(2), {"A": "Done"})
+            else:
+                with pytest.raises(OutputError, match=r": cannot lock LATEST: Input/output error"):
+                    await write(store, sid(2), {"A": "Done"})
+        published = (await store.latest_manifest() or {})["snapshot_id"]
+    if code == errno.ENOLCK:
+        assert published == sid(2)
+        assert [e["reason"] for e in logs if e["event"] == "snapshot.latest_unlocked"] == [
+            os.strerror(code)
+        ]
+    else:
+        assert published == sid(1)
+
+
 async def test_a_latest_temporary_left_by_a_kill_is_removed(tmp_path: Path) -> None:
     """A `.LATEST...tmp` left by a process killed while replacing LATEST is removed once it
     is older than LATEST by more than a minute; a younger one (a replacement that may still
