@@ -35,6 +35,7 @@ import errno
 import gc
 import hashlib
 import importlib.resources
+import math
 import os
 import re
 import secrets
@@ -121,7 +122,7 @@ ARTIFACT_RE = re.compile(
     r"(?P<id>\d{8}T\d{6}Z-[0-9a-f]+)\.(?P<kind>manifest\.json|jsonl\.gz|jsonl)(?(tmp)\..+\.tmp)"
 )
 _SNAPSHOT_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]+")
-_SHARD_RUN_RE = re.compile(r"shards/run=(?P<run>[^/]+)/.")
+_SHARD_RUN_RE = re.compile(r"shards/run=(?P<run>[^/]+)/")
 _LATEST_ID = re.compile(r"(\d{8}T\d{6}Z-[0-9a-f]+)\.manifest\.json$")
 
 
@@ -141,8 +142,13 @@ def new_snapshot_id(now: datetime | None = None) -> str:
 
 
 def _id_time(snapshot_id: str) -> float:
-    """The start time of `snapshot_id` (its `YYYYMMDDTHHMMSSZ` part), in epoch seconds."""
-    return datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    """The start time of `snapshot_id` (its `YYYYMMDDTHHMMSSZ` part), in epoch seconds; minus
+    infinity (before anything) for an id no writer makes (`20261128T146000Z`, by hand)."""
+    try:
+        started = datetime.strptime(snapshot_id[:16], "%Y%m%dT%H%M%SZ")
+    except ValueError:
+        return -math.inf
+    return started.replace(tzinfo=UTC).timestamp()
 
 
 def snapshot_date(snapshot_id: str) -> str:
@@ -668,7 +674,8 @@ class Store(ABC):
     @abstractmethod
     async def _list_shards(self) -> dict[str, float]:
         """Every object under `shards/` (the shard snapshots of sharded runs), with the time
-        it was last modified (epoch seconds)."""
+        it was last modified (epoch seconds); a backend with folders also lists each folder
+        (its path ending in `/`), so that a run with no file left still shows."""
 
     async def _delete_shard_run(self, run_id: str, rels: Sequence[str]) -> None:
         """Delete `rels`, the files of one sharded run's folder (each shard's LATEST first:
@@ -1161,23 +1168,35 @@ class Store(ABC):
         Such a run can no longer be merged: its merged snapshot's id would take the time of
         its first shard, before LATEST's, and `merge` refuses to move LATEST back; the runs
         of the snapshots kept, and runs in progress, have newer files. The margin covers the
-        clocks of other hosts (an object store's modification times are its own).
+        clocks of other hosts (an object store's modification times are its own). Best
+        effort: a run that cannot be listed or deleted (shards written by another user) is a
+        warning, and the other runs and the rest of the prune go on.
         """
+        try:
+            listed = await self._list_shards()
+        except OutputError as exc:
+            log.warning("snapshot.shard_prune_failed", error=str(exc))
+            return ()
         runs: dict[str, list[str]] = defaultdict(list)
         newest: dict[str, float] = {}
-        for rel, modified in (await self._list_shards()).items():
+        for rel, modified in listed.items():
             m = _SHARD_RUN_RE.match(rel)
             if m is None:
                 continue
             runs[m["run"]].append(rel)
             newest[m["run"]] = max(modified, newest.get(m["run"], modified))
         cutoff = min(oldest_kept, self._clock()) - self._debris_age
-        doomed = sorted(run for run, t in newest.items() if t < cutoff)
-        for run in doomed:
-            await self._delete_shard_run(run, runs[run])
-        if doomed:
-            log.info("snapshot.pruned", shard_runs=len(doomed))
-        return tuple(doomed)
+        done: list[str] = []
+        for run in sorted(run for run, t in newest.items() if t < cutoff):
+            try:
+                await self._delete_shard_run(run, runs[run])
+            except OutputError as exc:
+                log.warning("snapshot.shard_prune_failed", run_id=run, error=str(exc))
+                continue
+            done.append(run)
+        if done:
+            log.info("snapshot.pruned", shard_runs=len(done))
+        return tuple(done)
 
 
 # --- a local directory -----------------------------------------------------------------------
@@ -1193,6 +1212,22 @@ def _fsync_dir(path: Path) -> None:
 
 _SYNC_EVERY = 32 << 20
 _fdatasync = getattr(os, "fdatasync", None)  # not on macOS: the data then waits for seal
+
+
+def _tree(root: Path, top: str) -> dict[str, float]:
+    """Everything under `root/top` by path relative to `root`, with its modification time:
+    files and links (a link to a folder is not followed), and each folder with a `/` after
+    its path."""
+    out: dict[str, float] = {}
+    for folder, dirs, names in os.walk(root / top):
+        rel = Path(folder).relative_to(root).as_posix()
+        entries = [(f"{rel}/", folder)]
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            entries.append((f"{rel}/{name}", os.path.join(folder, name)))
+        for key, path in entries:
+            with contextlib.suppress(FileNotFoundError):  # just renamed or deleted
+                out[key] = os.lstat(path).st_mtime
+    return out
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -1420,24 +1455,18 @@ class LocalStore(Store):
                 folder.rmdir()
 
     async def _list_shards(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        top = self.root / "shards"
         with self.guard("list the output directory"):
-            for folder, _, names in os.walk(top):  # symlinked folders are not followed
-                for name in names:
-                    path = os.path.join(folder, name)
-                    with contextlib.suppress(FileNotFoundError):  # just renamed or deleted
-                        out[Path(path).relative_to(self.root).as_posix()] = os.lstat(path).st_mtime
-        return out
+            return _tree(self.root, "shards")
 
     async def _delete_shard_run(self, run_id: str, rels: Sequence[str]) -> None:
-        """`Store._delete_shard_run`, then the run's folders that are left empty (a file
-        written there since the listing keeps its folders)."""
-        await super()._delete_shard_run(run_id, rels)
+        """`Store._delete_shard_run` for the files (and links), then the run's folders that
+        are left empty (a file written there since the listing keeps its folders)."""
+        await super()._delete_shard_run(run_id, [r for r in rels if not r.endswith("/")])
         run = self.root / "shards" / f"run={run_id}"
-        for folder, _, _ in sorted(os.walk(run), key=lambda walked: -len(walked[0])):
-            with contextlib.suppress(OSError):  # only succeeds once the folder is empty
-                os.rmdir(folder)
+        with self.guard("delete old shard snapshots"):
+            for folder, _, _ in sorted(os.walk(run), key=lambda walked: -len(walked[0])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(folder)
 
 
 class _Guard:

@@ -680,38 +680,89 @@ async def test_files_another_writer_may_still_be_producing_survive_prune(tmp_pat
 async def test_prune_removes_the_shard_folders_of_runs_that_can_no_longer_be_merged(
     tmp_path: Path,
 ) -> None:
-    """A sharded run's folder (`shards/run=<id>/`) goes once every file in it is older, by
+    """A sharded run's folder (`shards/run=<id>/`) goes once everything in it is older, by
     `debris_age`, than the start of the oldest snapshot kept (its merge, if any, was pruned,
-    and `merge` would refuse it now). The folders of the runs kept, of a run within the
-    margin, of a run in progress (one young file), and anything else under `shards/` stay."""
+    and `merge` would refuse it now): files, links (not what they point to) and folders, also
+    a run with no file left (a prune killed halfway). The folders of the runs kept, of a run
+    within the margin, of a run in progress (one young file), and anything else under
+    `shards/` stay."""
     async with LocalStore(tmp_path) as store:
         for n in range(4):
             await write(store, sid(n), {"A": "New", f"J{n}": "New"})
         oldest_kept = datetime(2026, 11, 28, 15, 2, tzinfo=UTC).timestamp()  # sid(2), retain 2
         shard = "shard=0-of-2/snapshots/date=2026-11-28"
+        target = tmp_path / "elsewhere"
+        (target / "folder").mkdir(parents=True)
         runs = {
             "gone": [(f"{shard}/{sid(0)}.jsonl", -3601), ("shard=0-of-2/LATEST", -3601)],
-            "also-gone": [("shard=1-of-2/LATEST", -7200)],
+            "also-gone": [("shard=1-of-2/LATEST", -7200), ("shard=1-of-2/link", -7200)],
+            "folders-only": [("shard=0-of-2/snapshots/date=2026-11-28/", -7200)],
             "within-margin": [("shard=0-of-2/LATEST", -3599)],
             "kept-run": [(f"{shard}/{sid(2)}.jsonl", 5)],
             "in-progress": [("shard=0-of-2/LATEST", -7200), ("shard=1-of-2/LATEST", None)],
         }
         for run, files in runs.items():
-            for rel, age in files:
-                path = tmp_path / "shards" / f"run={run}" / rel
+            top = tmp_path / "shards" / f"run={run}"
+            for rel, _ in files:
+                path = top / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(b"x\n")
+                if rel.endswith("/"):
+                    path.mkdir(exist_ok=True)
+                elif rel.endswith("link"):
+                    path.symlink_to(target / "folder", target_is_directory=True)
+                else:
+                    path.write_bytes(b"x\n")
+            ages = [age for _, age in files if age is not None]
+            for path in [*sorted(top.rglob("*"), reverse=True), top]:  # files, then folders
+                age = max(ages) if path.is_dir() and not path.is_symlink() else None
+                rel = path.relative_to(top).as_posix()
+                age = next((a for r, a in files if r.rstrip("/") == rel), age)
                 if age is not None:
-                    os.utime(path, (oldest_kept + age, oldest_kept + age))
+                    t = oldest_kept + age
+                    os.utime(path, (t, t), follow_symlinks=False)
         other = tmp_path / "shards" / "notes.txt"
         other.write_bytes(b"not a run\n")
         os.utime(other, (0, 0))
         pruned = await store.prune(2)
     assert pruned.expired == (sid(0), sid(1))
-    assert pruned.shard_runs == ("also-gone", "gone")
+    assert pruned.shard_runs == ("also-gone", "folders-only", "gone")
     left = sorted(p.name for p in (tmp_path / "shards").iterdir())
     assert left == ["notes.txt", "run=in-progress", "run=kept-run", "run=within-margin"]
     assert (tmp_path / "shards" / "run=in-progress" / "shard=0-of-2" / "LATEST").exists()
+    assert (target / "folder").is_dir()
+
+
+async def test_a_shard_run_that_cannot_be_deleted_is_a_warning(tmp_path: Path) -> None:
+    """Deleting shard runs is best effort: one that cannot go (written by another user) is a
+    warning naming it; the other runs, the snapshots and the rest of the prune still go, and
+    the prune returns what it did."""
+    old = datetime(2026, 11, 28, 12, 0, tzinfo=UTC).timestamp()
+    for run in ("a-stuck", "b-old"):
+        path = tmp_path / "shards" / f"run={run}" / "shard=0-of-1" / "LATEST"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x\n")
+        for p in (path, path.parent, path.parent.parent):
+            os.utime(p, (old, old))
+    async with LocalStore(tmp_path) as store:
+        for n in range(3):
+            await write(store, sid(n), {"A": "New"})
+        killed = tmp_path / ".LATEST.4242.deadbeef.tmp"
+        killed.write_bytes(b"x\n")
+        os.utime(killed, (old, old))
+        real = store._delete_shard_run
+
+        async def stuck(run_id: str, rels: Any) -> None:
+            if run_id == "a-stuck":
+                raise OutputError(f"{tmp_path}: cannot delete old snapshots: Permission denied")
+            await real(run_id, rels)
+
+        store._delete_shard_run = stuck  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            pruned = await store.prune(1)
+    assert (pruned.expired, pruned.shard_runs) == ((sid(0), sid(1)), ("b-old",))
+    failed = [e for e in logs if e["event"] == "snapshot.shard_prune_failed"]
+    assert [(e["log_level"], e["run_id"]) for e in failed] == [("warning", "a-stuck")]
+    assert not killed.exists() and (tmp_path / "shards" / "run=a-stuck").exists()
 
 
 async def test_a_latest_lock_held_too_long_elsewhere_is_a_transient_error(
