@@ -31,7 +31,14 @@ from typing import Any
 import structlog
 
 from .config import AccountsSettings
-from .errors import AggregatorError, AwsError, InvalidNextTokenError, RetryableError, translate
+from .errors import (
+    AggregatorError,
+    AwsError,
+    InvalidNextTokenError,
+    RetryableError,
+    TransientError,
+    translate,
+)
 from .retry import RetryPolicy
 
 __all__ = [
@@ -188,29 +195,50 @@ class _Lister:
             hint=hint or _hint(err.code, parent, self._partition),
         )
 
-    async def _call(self, operation: str, parent: str | None, **params: Any) -> dict[str, Any]:
+    async def _call(
+        self, operation: str, key: str, parent: str | None, **params: Any
+    ) -> dict[str, Any]:
+        """One page of `operation`, tried again (within the policy) after a retryable error
+        or an answer without its `key` list."""
         method = getattr(self._client, _snake(operation))
         region = str(getattr(getattr(self._client, "meta", None), "region_name", ""))
         for attempt in range(1, self._policy.max_attempts + 1):
+            cause: BaseException | None = None
             try:
                 response: dict[str, Any] = await method(**params)
-                if self._requests is not None:
-                    self._requests[operation, "ok"] += 1
-                return response
             except Exception as exc:
+                cause = exc
                 err = translate(exc, account_id=_HUB, region=region, operation=operation)
-                if self._requests is not None:
-                    self._requests[operation, err.code] += 1
                 if "NextToken" in params and (
                     isinstance(err, InvalidNextTokenError) or _token_rejected(exc)
                 ):
+                    self._count(operation, err.code)
                     raise _TokenRejected from exc
-                if not isinstance(err, RetryableError):
-                    raise self._fail(err, parent) from exc
-                if attempt == self._policy.max_attempts:
-                    raise self._fail(err, parent, f"gave up after {attempt} attempts") from exc
-                await self._sleep(self._policy.backoff(attempt, self._rng))
+            else:
+                if isinstance(response.get(key), list):
+                    self._count(operation, "ok")
+                    return response
+                # botocore reads a 200 body it cannot parse (torn, empty) as a result without
+                # the list, which every page of these operations carries: were it taken as an
+                # empty last page, the accounts after it would drop out of the run unnoticed.
+                err = TransientError(
+                    account_id=_HUB,
+                    region=region,
+                    operation=operation,
+                    code="MalformedResponse",
+                    detail=f"response without {key}",
+                )
+            self._count(operation, err.code)
+            if not isinstance(err, RetryableError):
+                raise self._fail(err, parent) from cause
+            if attempt == self._policy.max_attempts:
+                raise self._fail(err, parent, f"gave up after {attempt} attempts") from cause
+            await self._sleep(self._policy.backoff(attempt, self._rng))
         raise AssertionError("unreachable")  # pragma: no cover - the loop always returns/raises
+
+    def _count(self, operation: str, outcome: str) -> None:
+        if self._requests is not None:
+            self._requests[operation, outcome] += 1
 
     async def pages(
         self, operation: str, key: str, parent: str | None = None, **params: Any
@@ -225,9 +253,9 @@ class _Lister:
                 while True:
                     extra = {"NextToken": token} if token else {}
                     page = await self._call(
-                        operation, parent, MaxResults=_PAGE_SIZE, **params, **extra
+                        operation, key, parent, MaxResults=_PAGE_SIZE, **params, **extra
                     )
-                    yield list(page.get(key) or ())
+                    yield list(page[key])
                     token = page.get("NextToken")
                     if not token:
                         return

@@ -468,3 +468,26 @@ async def test_token_that_never_holds_gives_up(make_sandbox: SandboxFactory) -> 
         await discover(org_settings(), requests=requests)
     assert info.value.code == "InvalidNextToken"
     assert by_operation(requests) == {"ListAccounts": 2 * (FAST.max_restarts + 1)}
+
+
+@pytest.mark.parametrize("torn", [2, 100])
+async def test_a_torn_account_page_is_asked_again_never_taken_as_the_last(
+    make_sandbox: SandboxFactory, torn: int
+) -> None:
+    """A 200 ListAccounts whose body is torn (botocore reads it as a result without
+    `Accounts`) is asked again within the budget, or discovery fails; it is never taken as an
+    empty last page, which dropped every later account from the run (their jobs became
+    `job_removed`, in a run called complete)."""
+    from aggregator.sandbox import Faults
+
+    sb = await make_sandbox(accounts=45, seed=4, faults=Faults(torn_account_pages=torn))
+    requests: collections.Counter[tuple[str, str]] = collections.Counter()
+    if torn == 2:
+        found = await discover(org_settings(), requests=requests)
+        assert ids_of(found) == sorted(sb.active_account_ids)
+        assert requests == {("ListAccounts", "ok"): 3, ("ListAccounts", "MalformedResponse"): 2}
+    else:
+        with pytest.raises(DiscoveryError) as info:
+            await discover(org_settings(), requests=requests)
+        assert info.value.code == "MalformedResponse"
+        assert "gave up after 3 attempts" in str(info.value)

@@ -65,6 +65,8 @@ class Faults:
         NextToken it was given (a service stuck on one page: the chain never ends).
       assume_role_without_credentials: account ids whose AssumeRole answers 200 with no
         ``Credentials`` element.
+      torn_account_pages: how many Organizations ListAccounts requests for a later page (with
+        a NextToken) answer 200 with the body cut in half, the first ones.
     """
 
     p_500: float = 0.0
@@ -89,6 +91,7 @@ class Faults:
     p_sts_reset: float = 0.0
     looping_tokens: frozenset[str] = frozenset()
     assume_role_without_credentials: frozenset[str] = frozenset()
+    torn_account_pages: int = 0
 
     def __post_init__(self) -> None:
         for name in (

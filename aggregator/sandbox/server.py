@@ -863,6 +863,11 @@ class Sandbox:
                 PageToken(principal.account_id, _ORG_LIST_KEY, end, 0, now)
             )
         payload = list_accounts_json(b",".join(a.entry for a in page), next_token)
+        if text is not None and self._fault_counts["torn_account_page"] < (
+            self._faults.torn_account_pages
+        ):
+            self._fault_counts["torn_account_page"] += 1
+            payload = payload[: len(payload) // 2]
         return self._respond(200, payload, JSON_CONTENT_TYPE)
 
     # --- STS ------------------------------------------------------------------------------
