@@ -164,9 +164,12 @@ class ClientPool:
     async def forget_session(self, session: Any) -> None:
         """Close every client made from `session` (its credentials expired); clients in use
         are closed when their user gives them back."""
-        for key in [k for k, s in self._slots.items() if s.session is session]:
-            slot = self._slots.pop(key)
+        # Taken out all at once, before the first close yields: a renewal of the same account
+        # running meanwhile finds none of them (`session_of` is None) instead of racing us.
+        doomed = [self._slots.pop(k) for k, s in list(self._slots.items()) if s.session is session]
+        for slot in doomed:
             slot.doomed = True
+        for slot in doomed:
             if slot.users == 0:
                 await _close(slot)
 

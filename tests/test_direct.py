@@ -4,6 +4,7 @@ JSON 1.1 and Smithy RPC v2 CBOR, over real aiobotocore clients and the sandbox."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -653,3 +654,28 @@ async def test_the_broker_forgets_accounts_no_longer_planned(make_sandbox: Sandb
         assert broker.assume_role_calls == calls + 1  # forgotten: assumed again
         fallback = await broker.credentials_for(accounts[0])
         assert broker.current_credentials(accounts[2], fallback) is fallback  # none held
+
+
+async def test_two_renewals_of_one_account_at_once_close_its_clients_once(
+    make_sandbox: SandboxFactory,
+) -> None:
+    """Stock usage (a client per account and region): two partitions of one account whose
+    credentials expire together both forget the account's session; the second, running while
+    the first closes a client, must not fail on a client the first already took out (it did,
+    with a KeyError, failing a healthy partition)."""
+    regions = ("eu-west-1", "us-east-1", "ap-south-1")
+    sb = await make_sandbox(accounts=1, seed=5, regions=regions)
+    account = Account(sb.account_ids[0], role_arn(sb.account_ids[0], "SnowballInventoryReader"))
+    async with (
+        CredentialBroker(timeout=2) as broker,
+        ClientPool(broker=broker, timeout=2, shared=False) as pool,
+    ):
+        clients = []
+        for region in regions:
+            async with pool.lease(account, region) as client:
+                await client.list_jobs(MaxResults=1)  # a connection to close
+                clients.append(client)
+        session = pool.session_of(clients[0])
+        assert session is not None and len(pool) == 3
+        await asyncio.gather(pool.forget_session(session), pool.forget_session(session))
+        assert len(pool) == 0 and all(pool.session_of(c) is None for c in clients)
