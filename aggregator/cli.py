@@ -24,6 +24,7 @@ import structlog
 from .accounts import DiscoveryError
 from .config import (
     Settings,
+    check_endpoints,
     check_output_location,
     key_source,
     load_settings,
@@ -180,6 +181,7 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     settings = load_settings(args.config)
     if args.output is not None:
         check_output_location(args.output)
+        check_endpoints(settings, output=args.output)
     shard = resolve_shard(args.shard, args.run_id, os.environ)
     interactive = sys.stderr.isatty() and not (args.quiet or args.json)
     # On a TTY the progress bar replaces info logs; warnings and errors still show.
@@ -227,6 +229,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.output is not None:
         check_output_location(args.output)
+        check_endpoints(settings, output=args.output)
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     try:
         check_run_id(args.run_id)
@@ -284,6 +287,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         check_output_location(args.output)
     settings = load_settings(args.config) if args.config else None
     location = args.output or (settings.output.directory if settings else "var/snapshots")
+    check_endpoints(settings, output=location)
     session = _output_session(settings) if settings else None
     configure_logging(level="warning", fmt="auto")
     return asyncio.run(

@@ -44,6 +44,7 @@ __all__ = [
     "ENV_PREFIX",
     "MAX_INTERVAL",
     "Settings",
+    "check_endpoints",
     "check_output_location",
     "key_source",
     "load_settings",
@@ -552,9 +553,9 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
 
     Checked: the `[partitions.<name>] profile` of every partition that has accounts, the
     default credential chain (`AWS_DEFAULT_PROFILE`, `AWS_PROFILE`, `AWS_CONFIG_FILE`), which
-    the member accounts' sessions read whatever the hub's profile, and the `AWS_ENDPOINT_URL*`
-    variables of the services the run calls. `env` defaults to `os.environ` (for naming the
-    variable to blame).
+    the member accounts' sessions read whatever the hub's profile, and the endpoint URLs of
+    the services the run calls (`check_endpoints`). `env` defaults to `os.environ` (for
+    naming the variable to blame).
     """
     import botocore.session
     from botocore.exceptions import ConfigParseError, ProfileNotFound
@@ -577,28 +578,71 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
             botocore.session.Session(profile=profile).get_scoped_config()
         except (ProfileNotFound, ConfigParseError) as exc:
             raise ConfigError(source, key, str(exc)) from None
-    _check_endpoint_variables(settings, env)
+    check_endpoints(settings)
 
 
-def _check_endpoint_variables(settings: Settings, env: Mapping[str, str]) -> None:
-    """The `AWS_ENDPOINT_URL*` variables of the services a run calls must be URLs botocore
-    takes; it raises `Invalid endpoint` for each client otherwise, and every partition fails.
-    (The value is not quoted: a URL may carry credentials.)"""
+def check_endpoints(settings: Settings | None, *, output: str | None = None) -> None:
+    """Raise `ConfigError` (one line) if the endpoint URL configured for a service the run
+    calls is one botocore refuses: it raises "Invalid endpoint" as it creates each client,
+    and every partition fails.
+
+    The URL is the one botocore picks, in its documented order: `AWS_ENDPOINT_URL_<SERVICE>`,
+    `AWS_ENDPOINT_URL`, the profile's `services` section, the profile's `endpoint_url`; none
+    when `ignore_configured_endpoint_urls` is set (variable or profile). Per profile that makes
+    the clients: the default chain's for Snowball (the member accounts' sessions), each used
+    partition's hub (`[partitions.<name>] profile`) for STS and Organizations, the configured
+    partition's hub for an S3 `output` (default `output.directory`; with `settings` None, the
+    default chain's, for that location alone). The value is not quoted: a URL may carry
+    credentials.
+    """
+    import botocore.session
     from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
-    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
-        return
-    services = ["SNOWBALL", "STS"]
-    if settings.accounts.organizations.enabled:
-        services.append("ORGANIZATIONS")
-    if settings.output.directory.startswith("s3://"):
-        services.append("S3")
-    for name in ("AWS_ENDPOINT_URL", *(f"AWS_ENDPOINT_URL_{s}" for s in services)):
-        url = env.get(name)
-        if url and not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
-            raise ConfigError(
-                _env_source(name), "", "not an endpoint URL (expected http(s)://host[:port])"
+    wanted: dict[str | None, set[str]] = {}
+    hub = None
+    if settings is not None:
+        wanted[None] = {"snowball"}
+        calls = {"sts"} | ({"organizations"} if settings.accounts.organizations.enabled else set())
+        for name in _partitions_used(settings.accounts):
+            wanted.setdefault(_hub_profile(settings, name), set()).update(calls)
+        output = output or settings.output.directory
+        hub = _hub_profile(settings, settings.accounts.partition)
+    if output and output.startswith("s3://"):
+        wanted.setdefault(hub, set()).add("s3")
+    for profile, services in wanted.items():
+        session = botocore.session.Session(profile=profile)
+        if session.get_config_variable("ignore_configured_endpoint_urls"):
+            continue
+        scoped = session.get_scoped_config()
+        where = f"AWS config file (profile {profile or 'default'})"
+        section: Mapping[str, Any] = {}
+        if "services" in scoped:
+            found = session.full_config.get("services", {}).get(scoped["services"])
+            if not isinstance(found, dict):
+                raise ConfigError(where, "services", f"no [services {scoped['services']}] section")
+            section = found
+        for service in sorted(services):
+            variable = f"AWS_ENDPOINT_URL_{service.upper()}"
+            entry = section.get(service)
+            candidates = (
+                (_env_source(variable), os.environ.get(variable)),
+                (_env_source("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL")),
+                (
+                    f"{where}: services.{service}.endpoint_url",
+                    (entry or {}).get("endpoint_url") if isinstance(entry, dict) else None,
+                ),
+                (f"{where}: endpoint_url", scoped.get("endpoint_url")),
             )
+            source, url = next(((s, u) for s, u in candidates if u), ("", None))
+            if url and not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+                raise ConfigError(
+                    source, "", "not an endpoint URL (expected http(s)://host[:port])"
+                )
+
+
+def _hub_profile(settings: Settings, partition: str) -> str | None:
+    """The profile of `partition`'s hub (`[partitions.<name>] profile`), None: the default."""
+    return next((p.profile for n, p in settings.partitions.items() if n == partition), None) or None
 
 
 def load_settings(

@@ -215,6 +215,32 @@ def test_malformed_s3_output_flag_is_one_line_naming_the_flag(
     assert err == f"error: --output: {info.value.problem}\n"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "--config", "{cfg}"],
+        ["diff", "latest", "latest"],
+        ["merge", "--config", "{cfg}", "--run-id", "r1", "--shards", "2"],
+    ],
+)
+def test_an_s3_output_flag_with_an_endpoint_botocore_refuses_is_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    """`--output s3://...` makes the run call S3, so its endpoint URL is checked as the
+    configured ones are: a traceback ("Invalid endpoint", exit 1) before; one line naming the
+    variable, exit 2, now."""
+    cfg = config_file(tmp_path, ["111111111111"], ["eu-west-1"], tmp_path / "out")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "not-a-url")
+    argv = [arg.format(cfg=cfg) for arg in command]
+    assert main([*argv, "--output", "s3://inventory/x"]) == 2
+    err = capsys.readouterr().err
+    expected = "AWS_ENDPOINT_URL_S3 (environment): not an endpoint URL"
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+
+
 def test_malformed_s3_output_flag_never_prints_a_traceback(tmp_path: Path) -> None:
     """The real console entry point exits 2 with one line for a bad `--output`."""
     cfg = config_file(tmp_path, ["111111111111"], ["eu-west-1"], tmp_path / "out")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.cli import main
-from aggregator.config import load_settings, parse_duration, settings_from_mapping
+from aggregator.config import check_endpoints, load_settings, parse_duration, settings_from_mapping
 from aggregator.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "aggregator.example.toml"
@@ -207,31 +207,82 @@ def test_only_the_profiles_a_run_uses_are_checked(
         load_settings(with_hub)
 
 
-def test_endpoint_variables_that_are_no_url_are_one_line(
+_ENDPOINT_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_SNOWBALL",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_ORGANIZATIONS",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+)
+
+
+def _endpoints(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    """Exactly these endpoint variables set (botocore reads the process environment)."""
+    for name in _ENDPOINT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_endpoint_urls_botocore_refuses_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An `AWS_ENDPOINT_URL*` variable botocore would refuse for every client ("Invalid
-    endpoint", every partition failed, exit 1) is one line naming it, without its value; one
-    for a service the run does not call, or with configured endpoints ignored, is not."""
-    _aws_config(tmp_path, monkeypatch)
+    """The endpoint URL botocore would pick for a service the run calls and then refuse
+    ("Invalid endpoint" for every client, every partition failed, exit 1) is one line naming
+    where it was set, without the value. botocore's order decides which one that is: a
+    service's variable before `AWS_ENDPOINT_URL`, then the profile's `services` section and
+    `endpoint_url`; none when configured endpoints are ignored."""
+    aws_config = _aws_config(tmp_path, monkeypatch)
     path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    bad = "not-a-url:secret"
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SNOWBALL", "AWS_ENDPOINT_URL_STS"):
-        env = {name: "not-a-url:secret"}
+        _endpoints(monkeypatch, **{name: bad})
         with pytest.raises(ConfigError) as info:
-            load_settings(path, env=env)
+            load_settings(path)
         assert str(info.value) == (
             f"{name} (environment): not an endpoint URL (expected http(s)://host[:port])"
         )
     for fine in ("http://127.0.0.1:4566", "https://snowball.example", "http://[::1]:80"):
-        load_settings(path, env={"AWS_ENDPOINT_URL": fine})
-    load_settings(path, env={"AWS_ENDPOINT_URL_S3": "nope", "AWS_ENDPOINT_URL_ORGANIZATIONS": ""})
-    ignored = {"AWS_ENDPOINT_URL": "nope", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}
-    load_settings(path, env=ignored)
+        _endpoints(monkeypatch, AWS_ENDPOINT_URL=fine)
+        load_settings(path)
+    good = "http://127.0.0.1:4566"
+    # Never used: the services' own variables win, or the run does not call the service.
+    _endpoints(monkeypatch, AWS_ENDPOINT_URL=bad, AWS_ENDPOINT_URL_SNOWBALL=good)
+    with pytest.raises(ConfigError, match=r"^AWS_ENDPOINT_URL \(environment\)"):
+        load_settings(path)  # STS still takes the global one
+    _endpoints(
+        monkeypatch, AWS_ENDPOINT_URL=bad, AWS_ENDPOINT_URL_SNOWBALL=good, AWS_ENDPOINT_URL_STS=good
+    )
+    load_settings(path)
+    _endpoints(monkeypatch, AWS_ENDPOINT_URL_S3=bad, AWS_ENDPOINT_URL_ORGANIZATIONS="")
+    settings = load_settings(path)
+    with pytest.raises(ConfigError, match=r"^AWS_ENDPOINT_URL_S3 \(environment\): not an"):
+        check_endpoints(settings, output="s3://inventory/p")  # `run --output s3://...`
     s3 = write(
         tmp_path, '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "s3://inventory/p"\n'
     )
     with pytest.raises(ConfigError, match=r"^AWS_ENDPOINT_URL_S3 \(environment\): not an"):
-        load_settings(s3, env={"AWS_ENDPOINT_URL_S3": "nope"})
+        load_settings(s3)
+    # Ignored as botocore reads the flag: from the variable (its exact spelling) or the profile.
+    _endpoints(monkeypatch, AWS_ENDPOINT_URL=bad, AWS_IGNORE_CONFIGURED_ENDPOINT_URLS="true")
+    load_settings(path)
+    _endpoints(monkeypatch, AWS_ENDPOINT_URL=bad, AWS_IGNORE_CONFIGURED_ENDPOINT_URLS="true\n")
+    with pytest.raises(ConfigError, match=r"^AWS_ENDPOINT_URL \(environment\)"):
+        load_settings(path)
+    _endpoints(monkeypatch, AWS_ENDPOINT_URL=bad)
+    aws_config.write_text("[default]\nignore_configured_endpoint_urls = true\n")
+    load_settings(path)
+    aws_config.write_text(
+        "[default]\nservices = local\n[services local]\nsts =\n  endpoint_url = nope\n"
+    )
+    _endpoints(monkeypatch)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == (
+        "AWS config file (profile default): services.sts.endpoint_url: not an endpoint URL "
+        "(expected http(s)://host[:port])"
+    )
 
 
 def test_unusual_inputs_are_one_short_line(
