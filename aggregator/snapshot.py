@@ -210,6 +210,8 @@ def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
         problem = _path_problem(entry.get("path"))
         if problem is not None:
             return f"{part}.path: {problem}"
+        if part == "data" and not _count(entry.get("records")):
+            return f"data.records {entry.get('records')!r} is not a number of records"
     statuses = manifest.get("partition_status", [])
     if not isinstance(statuses, list) or not all(
         isinstance(p, Mapping)
@@ -922,7 +924,7 @@ class Store(ABC):
         self, manifest: Mapping[str, Any]
     ) -> AsyncGenerator[list[bytes], None]:
         try:
-            async for lines in self._line_batches(manifest):
+            async for lines in self._record_lines(manifest):
                 yield lines
         except (OutputError, ValueError, KeyError, TypeError, zlib.error) as exc:
             raise _UnreadablePrevious(str(exc)) from exc
@@ -1017,17 +1019,33 @@ class Store(ABC):
         if rest.strip():
             yield [line for line in lines_of(rest) if line != b"\n"]
 
+    async def _record_lines(self, manifest: Mapping[str, Any]) -> AsyncIterator[list[bytes]]:
+        """`_line_batches`, then an `OutputError` if there were not as many lines as the
+        manifest's `data.records` says: a data file cut short or damaged would otherwise drop
+        jobs without a word (from what a failed partition carries forward, for one)."""
+        expected = manifest["data"].get("records")
+        seen = 0
+        async for lines in self._line_batches(manifest):
+            seen += len(lines)
+            yield lines
+        if expected is not None and seen != expected:
+            raise OutputError(
+                f"{self.locate(manifest['data']['path'])}: {seen} records, but its manifest "
+                f"says {expected}: the data file is damaged"
+            )
+
     async def _batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[Batch]:
         """The comparison view of a snapshot's records, in batches."""
         loads = orjson.loads
-        async for lines in self._line_batches(manifest):
+        async for lines in self._record_lines(manifest):
             yield batch_of_dicts(list(map(loads, lines)))
 
     async def read_records(self, manifest: Mapping[str, Any]) -> AsyncIterator[JobRecord]:
-        """Stream the records of the snapshot described by `manifest` (gzip or not)."""
+        """Stream the records of the snapshot described by `manifest` (gzip or not); raises
+        `OutputError` if the file does not hold the number of records the manifest says."""
         rel = manifest["data"]["path"]
         try:
-            async for lines in self._line_batches(manifest):
+            async for lines in self._record_lines(manifest):
                 for line in lines:
                     yield JobRecord.from_json_dict(orjson.loads(line))
         except (ValueError, KeyError, zlib.error) as exc:

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from aggregator.errors import OutputError
 from aggregator.retry import RetryPolicy
 from aggregator.sandbox import Faults
 from aggregator.service import run_once
@@ -283,6 +284,26 @@ async def test_failed_partition_keeps_its_jobs_as_stale(
     assert third.status == "complete" and not any(
         r["stale"] for r in read_snapshot(third.data_path)
     )
+
+
+async def test_a_previous_snapshot_cut_short_is_never_carried_forward_short(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """What a failed partition carries forward comes from the previous snapshot's data file.
+    One cut short (a damaged disk, a hand edit) holds fewer records than its manifest says;
+    read as it is, the failed account's jobs dropped out of a 'partial' snapshot without a
+    word. The run fails with one line instead, and LATEST stays."""
+    sb = await make_sandbox(accounts=3, seed=36)
+    victim = max(sb.account_ids)  # its lines end the file
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "us-east-1"]})
+    first = await run_once(settings, output=tmp_path, policy=FAST)
+    lines = Path(first.data_path).read_bytes().splitlines(keepends=True)
+    Path(first.data_path).write_bytes(b"".join(lines[: len(lines) // 2]))
+    sb.faults = replace(sb.faults, deny_list_jobs=frozenset({victim}))
+    with pytest.raises(OutputError) as info:
+        await run_once(settings, output=tmp_path, policy=FAST)
+    assert f"{len(lines) // 2} records, but its manifest says {len(lines)}" in str(info.value)
+    assert (tmp_path / "LATEST").read_text().strip().endswith(f"{first.snapshot_id}.manifest.json")
 
 
 async def test_a_region_that_answers_not_enabled_keeps_its_jobs_as_stale(

@@ -419,6 +419,27 @@ async def test_unreadable_previous_snapshot_skips_the_change_file(tmp_path: Path
     assert [e for e in logs if e["event"] == "changes.skipped"]
 
 
+async def test_a_previous_snapshot_cut_short_skips_the_change_file(tmp_path: Path) -> None:
+    """A previous data file with fewer records than its manifest says is read as damaged: the
+    next snapshot has no change file (whose events would claim the missing jobs were added)
+    and a warning naming the count; `diff` and `read_records` refuse it too."""
+    async with LocalStore(tmp_path) as store:
+        first = await write(store, sid(0), {"A": "New", "B": "New", "C": "New"})
+    data = tmp_path / first.data_path
+    data.write_bytes(b"".join(data.read_bytes().splitlines(keepends=True)[:2]))
+    async with LocalStore(tmp_path) as store:
+        manifest = await store.read_manifest(sid(0))
+        with pytest.raises(OutputError, match="2 records, but its manifest says 3"):
+            [r async for r in store.read_records(manifest)]
+        with capture_logs() as logs:
+            written = await write(store, sid(1), {"A": "New", "B": "New", "C": "New"})
+        with pytest.raises(OutputError, match="2 records, but its manifest says 3"):
+            [e async for e in store.diff(sid(0), sid(1))]
+    assert written.changes_path is None
+    skipped = [e for e in logs if e["event"] == "changes.skipped"]
+    assert len(skipped) == 1 and "2 records, but its manifest says 3" in skipped[0]["error"]
+
+
 async def test_a_snapshot_can_be_written_without_change_file(tmp_path: Path) -> None:
     """`changes=False` (a shard's snapshot) writes no change file and says so; the stored
     bytes of any file can be streamed back for checking its digest."""
