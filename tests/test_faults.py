@@ -286,6 +286,13 @@ async def test_failed_partition_keeps_its_jobs_as_stale(
     )
 
 
+def cut_in_half(path: Path | str) -> list[bytes]:
+    """Keep the first half of the lines of the file at `path`; returns all of them."""
+    lines = Path(path).read_bytes().splitlines(keepends=True)
+    Path(path).write_bytes(b"".join(lines[: len(lines) // 2]))
+    return lines
+
+
 async def test_a_previous_snapshot_cut_short_is_never_carried_forward_short(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
@@ -297,8 +304,7 @@ async def test_a_previous_snapshot_cut_short_is_never_carried_forward_short(
     victim = max(sb.account_ids)  # its lines end the file
     settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "us-east-1"]})
     first = await run_once(settings, output=tmp_path, policy=FAST)
-    lines = Path(first.data_path).read_bytes().splitlines(keepends=True)
-    Path(first.data_path).write_bytes(b"".join(lines[: len(lines) // 2]))
+    lines = cut_in_half(first.data_path)
     sb.faults = replace(sb.faults, deny_list_jobs=frozenset({victim}))
     with pytest.raises(OutputError) as info:
         await run_once(settings, output=tmp_path, policy=FAST)
