@@ -944,10 +944,13 @@ class Store(ABC):
         return value
 
     async def _latest_rel(self) -> str | None:
+        """What LATEST names (stripped), None without LATEST. An empty LATEST is "": damaged
+        (this tool never writes one), not a location without snapshots, from which a run
+        would start afresh and drop what failed partitions carry forward."""
         body = await self._read(LATEST)
         if body is None:
             return None
-        return body.decode("utf-8", "replace").strip() or None
+        return body.decode("utf-8", "replace").strip()
 
     async def latest_manifest(self) -> dict[str, Any] | None:
         """The manifest LATEST points to, or None when there is no snapshot yet.
@@ -957,7 +960,7 @@ class Store(ABC):
         rel = await self._latest_rel()
         if rel is None:
             return None
-        problem = _path_problem(rel)
+        problem = _path_problem(rel) if rel else "it is empty"
         if problem is not None:
             raise OutputError(f"{self.location}: LATEST does not name a manifest: {problem}")
         try:
