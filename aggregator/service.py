@@ -319,7 +319,8 @@ class Aggregator:
             jobs[result.partition.key] = len(result.entries)
             results.append(dataclasses.replace(result, entries=()))
             event = "partition.done" if result.status == "ok" else f"partition.{result.status}"
-            log.info(
+            # A failure is a warning: `logging.level = "warning"` must still show it.
+            (log.warning if result.status == "failed" else log.info)(
                 event,
                 account_id=result.partition.account_id,
                 region=result.region,

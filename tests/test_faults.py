@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from aggregator.errors import OutputError
 from aggregator.retry import RetryPolicy
@@ -226,7 +227,8 @@ async def test_attempt_budget_means_what_it_says(
 async def test_denied_accounts_and_disabled_regions_in_the_manifest(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
-    """AssumeRole and ListJobs denials are failed partitions; a disabled region is skipped."""
+    """AssumeRole and ListJobs denials are failed partitions, each logged as a warning (so a
+    log level of `warning` still shows them); a disabled region is skipped (info)."""
     sb = await make_sandbox(accounts=4, seed=35)
     a, b, c, _ = sb.account_ids
     sb.faults = Faults(
@@ -235,7 +237,21 @@ async def test_denied_accounts_and_disabled_regions_in_the_manifest(
         disabled_regions={c: frozenset({"af-south-1"})},
     )
     settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "af-south-1"]})
-    summary = await run_once(settings, output=tmp_path, policy=FAST)
+    with capture_logs() as logs:
+        summary = await run_once(settings, output=tmp_path, policy=FAST)
+    levels = {
+        (e["event"], e["account_id"], e["region"]): e["log_level"]
+        for e in logs
+        if e["event"] in ("partition.failed", "partition.skipped")
+    }
+    assert levels == {
+        **{
+            ("partition.failed", x, r): "warning"
+            for x in (a, b)
+            for r in ("eu-west-1", "af-south-1")
+        },
+        ("partition.skipped", c, "af-south-1"): "info",
+    }
     assert summary.status == "partial" and summary.exit_code == 1
     manifest = orjson.loads(summary.manifest_path.read_bytes())
     status = {(p["account_id"], p["region"]): p for p in manifest["partition_status"]}
