@@ -583,8 +583,8 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
 
 def check_endpoints(settings: Settings | None, *, output: str | None = None) -> None:
     """Raise `ConfigError` (one line) if the endpoint URL configured for a service the run
-    calls is one botocore refuses: it raises "Invalid endpoint" as it creates each client,
-    and every partition fails.
+    calls is one botocore refuses (it raises "Invalid endpoint" as it creates each client, and
+    every partition fails) or not http(s) (`ftp://...`: botocore takes it, aiohttp cannot).
 
     The URL is the one botocore picks, in its documented order: `AWS_ENDPOINT_URL_<SERVICE>`,
     `AWS_ENDPOINT_URL`, the profile's `services` section, the profile's `endpoint_url`; none
@@ -634,7 +634,10 @@ def check_endpoints(settings: Settings | None, *, output: str | None = None) -> 
                 (f"{where}: endpoint_url", scoped.get("endpoint_url")),
             )
             source, url = next(((s, u) for s, u in candidates if u), ("", None))
-            if url and not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+            if url and not (
+                url.lower().startswith(("http://", "https://"))  # all aiohttp speaks
+                and (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
+            ):
                 raise ConfigError(
                     source, "", "not an endpoint URL (expected http(s)://host[:port])"
                 )

@@ -236,8 +236,12 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
     aws_config = _aws_config(tmp_path, monkeypatch)
     path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
     bad = "not-a-url:secret"
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SNOWBALL", "AWS_ENDPOINT_URL_STS"):
-        _endpoints(monkeypatch, **{name: bad})
+    for name, value in [
+        ("AWS_ENDPOINT_URL", bad),
+        ("AWS_ENDPOINT_URL_SNOWBALL", "ftp://snowball.example"),  # botocore's fine, not aiohttp
+        ("AWS_ENDPOINT_URL_STS", bad),
+    ]:
+        _endpoints(monkeypatch, **{name: value})
         with pytest.raises(ConfigError) as info:
             load_settings(path)
         assert str(info.value) == (
