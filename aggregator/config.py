@@ -264,7 +264,7 @@ class LimitsSettings(_Model):
     max_attempts: int = Field(default=8, ge=1, le=100)
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     max_restarts: int = Field(default=5, ge=0, le=100)
-    partition_deadline_seconds: float = Field(default=1800.0, gt=0)
+    partition_deadline_seconds: float = Field(default=1800.0, gt=0, le=MAX_INTERVAL)  # (a week)
 
 
 def _output_location(value: str) -> str:

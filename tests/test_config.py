@@ -132,6 +132,11 @@ def test_settings_are_frozen() -> None:
             'source = "x"\n[accounts]\nids = ["111111111111"]\n',
             "prod.toml: source: unknown key",
         ),
+        (  # without a bound the daemon's liveness could never fail
+            '[accounts]\nids = ["111111111111"]\n[limits]\npartition_deadline_seconds = inf\n',
+            "prod.toml: limits.partition_deadline_seconds: input should be less than or equal "
+            "to 604800",
+        ),
         (
             '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "x\\u0000y"\n',
             "prod.toml: output.directory: 'x\\x00y' holds a control character",
