@@ -151,8 +151,9 @@ def resolve_shard(
     `--shard I/N` (`cli_value`) wins; without it, `JOB_COMPLETION_INDEX` and
     `SNOWBALL_SHARD_COUNT` from `env` are used when both are set (`JOB_COMPLETION_INDEX` alone,
     as in an Indexed Job that is not a sharded run, is ignored). The run id is `run_id`
-    (`--run-id`) or `SNOWBALL_RUN_ID`; a sharded run must have one. Raises `ConfigError` (exit
-    code 2) naming the option or variable that is wrong.
+    (`--run-id`) or `SNOWBALL_RUN_ID`; a sharded run must have one, and `--run-id` without a
+    shard is refused (a shard that lost its setting would publish a whole snapshot). Raises
+    `ConfigError` (exit code 2) naming the option or variable that is wrong.
     """
     if cli_value is not None:
         source = "--shard"
@@ -164,6 +165,13 @@ def resolve_shard(
         raw_count = (env.get(SHARD_COUNT_ENV) or "").strip()
         raw_index = (env.get(SHARD_INDEX_ENV) or "").strip()
         if not raw_count:
+            if run_id is not None:  # a sharded run that lost its shard: never publish it whole
+                raise ConfigError(
+                    "--run-id",
+                    "",
+                    f"names a sharded run, but there is no --shard I/N (nor {SHARD_INDEX_ENV} "
+                    f"and {SHARD_COUNT_ENV})",
+                )
             if raw_index:
                 log.info("shard.not_sharded", reason=f"{SHARD_INDEX_ENV} without {SHARD_COUNT_ENV}")
             return None

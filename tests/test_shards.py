@@ -115,6 +115,7 @@ def test_resolve_shard_from_cli_and_environment() -> None:
         ("5/4", "r", {}, "--shard: shard index 5 is out of range"),
         ("0/4", None, {}, "--shard: a sharded run needs the run id"),
         ("0/4", "../x", {}, "--run-id: '../x' is not a run id"),
+        (None, "r9", {}, "--run-id: names a sharded run, but there is no --shard I/N"),
         (
             None,
             None,
