@@ -637,11 +637,12 @@ def _check_carried_from(
         and not (run == merged.run_id and merged.shard_snapshot_ids[i] in in_latest)
     ]
     if stale:
+        base = merged.carried_from[stale[0]]
         raise ShardError(
-            f"run {merged.run_id}: shard(s) {', '.join(map(str, stale))} carried the jobs of "
-            f"failed partitions forward from snapshot {merged.carried_from[stale[0]]}, but "
-            f"LATEST names {latest} now (published after they ran): run those shards again; "
-            "nothing written"
+            f"run {merged.run_id}: shard(s) {', '.join(map(str, stale))} had failed or skipped "
+            "partitions, whose jobs come from the snapshot LATEST named when they ran ("
+            f"{base or 'none yet'}), but LATEST names {latest} now (published after they ran): "
+            "run those shards again; nothing written"
         )
 
 
