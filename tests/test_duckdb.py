@@ -48,9 +48,8 @@ TIME_IN_STATE = """
 WITH transitions AS (
   SELECT account_id, job_id, to_state AS state, observed_at::TIMESTAMP AS since
   FROM read_json('var/demo/changes/*/[0-9]*.jsonl*', hive_partitioning = true)
-  WHERE event IN ('job_added', 'state_changed', 'job_removed')
-     OR (event = 'job_recovered' AND from_state IS DISTINCT FROM to_state)
-), spans AS (
+  WHERE event IN ('job_added', 'state_changed', 'job_removed')  -- a recovery in a new state
+), spans AS (                                                     -- is a state_changed too
   SELECT state, since,
          lead(since) OVER (PARTITION BY account_id, job_id ORDER BY since) AS until
   FROM transitions
