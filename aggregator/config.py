@@ -432,12 +432,17 @@ def _overrides(key: str, overridden: str) -> bool:
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
-    """Apply overrides in place; returns {dotted key: variable name} for error messages."""
+    """Apply overrides in place; returns {dotted key: variable name} for error messages: the
+    keys set, and the tables an override created (whatever is wrong inside one came from the
+    environment, not from the file)."""
     origins: dict[str, str] = {}
     for name, path in _env_paths(env):
         node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
+        for depth, part in enumerate(path[:-1], start=1):
+            if part not in node:
+                node[part] = {}
+                origins.setdefault(_key_path(tuple(path[:depth])), name)
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(
                     _env_source(name), _key_path(tuple(path)), f"{part!r} is not a table"
@@ -563,7 +568,11 @@ def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None
     env = os.environ if env is None else env
     used = _partitions_used(settings.accounts)
     checks: list[tuple[str, str, str | None]] = [
-        (settings.source, f"partitions.{name}.profile", p.profile)
+        (
+            key_source(settings, f"partitions.{name}.profile", env=env),
+            f"partitions.{name}.profile",
+            p.profile,
+        )
         for name, p in sorted(settings.partitions.items())
         if p.profile and name in used
     ]

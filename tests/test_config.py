@@ -405,6 +405,25 @@ def test_environment_errors_on_indexed_keys_name_the_variable(tmp_path: Path) ->
     assert str(info.value).startswith(f"{tmp_path / 'prod.toml'}: accounts.ids[0]: ")
 
 
+def test_environment_errors_in_tables_it_made_or_profiles_it_named_name_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table only an override made (an unknown section, a list given as a table) and a
+    profile only an override named are the variable's mistakes: they used to name the file,
+    which does not hold them."""
+    _aws_config(tmp_path, monkeypatch)
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    prefix = "SNOWBALL_AGGREGATOR_"
+    for name, value, problem in [
+        ("LIMITSX__A", "1", "limitsx: unknown key (did you mean 'limits'?)"),
+        ("ACCOUNTS__LIST__0__ID", "111111111111", "accounts.list: input should be a valid"),
+        ("PARTITIONS__AWS__PROFILE", "absent", "partitions.aws.profile: The config profile"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_settings(path, env={prefix + name: value})
+        assert str(info.value).startswith(f"{prefix}{name} (environment): {problem}"), info.value
+
+
 def test_utf8_bom_is_accepted_and_other_encodings_are_one_line(tmp_path: Path) -> None:
     """A file saved with a UTF-8 byte order mark loads; UTF-16 (or any non-UTF-8 bytes) is
     still one clear line."""
