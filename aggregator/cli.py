@@ -223,6 +223,15 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     return summary.exit_code
 
 
+def _seconds_or_text(text: str) -> float | str:
+    """A command-line duration: a plain number is seconds (`300`), anything else a duration
+    (`50m`) for `parse_duration`."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .shards import merge_run
 
@@ -238,7 +247,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if not 1 <= args.shards <= MAX_SHARDS:
         raise ConfigError("--shards", "", f"must be between 1 and {MAX_SHARDS}, got {args.shards}")
     try:
-        wait = 0.0 if args.wait.strip() in ("0", "0s") else parse_duration(args.wait)
+        wait = parse_duration(_seconds_or_text(args.wait), zero=True)  # 0, 0s, 0m: no wait
     except ValueError as exc:
         raise ConfigError("--wait", "", str(exc)) from None
     result = asyncio.run(

@@ -139,8 +139,9 @@ def _role_name(value: str) -> str:
     return value
 
 
-def parse_duration(value: object) -> float:
-    """`"15m"`, `"1h30m"`, `"45s"`, `"2.5s"` or a number of seconds -> seconds (float)."""
+def parse_duration(value: object, *, zero: bool = False) -> float:
+    """`"15m"`, `"1h30m"`, `"45s"`, `"2.5s"` or a number of seconds -> seconds (float); more
+    than zero, or zero too with `zero` (however written: `0`, `0s`, `0m`)."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '15m', '30s' or '1h'")
     if isinstance(value, int | float):
@@ -152,7 +153,7 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"{value!r} is not a duration such as '15m', '30s' or '1h'")
     if not math.isfinite(seconds):
         raise ValueError(f"{value!r} is not a finite duration")
-    if not seconds > 0:
+    if not (seconds >= 0 if zero else seconds > 0):
         raise ValueError(f"{value!r}: a duration must be positive")
     return seconds
 

@@ -431,6 +431,23 @@ async def test_merge_into_a_location_that_cannot_be_written_is_exit_2(
     assert err.count("\n") == 1 and "cannot write" in err, err
 
 
+@pytest.mark.parametrize(("wait", "code"), [("0", 1), ("0m", 1), ("0s", 1), ("-1m", 2), ("x", 2)])
+async def test_merge_wait_takes_no_wait_however_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], wait: str, code: int
+) -> None:
+    """`--wait 0`, `0s` and `0m` all mean no wait (`0m` was refused as not positive): the
+    merge goes straight to naming the missing shards (exit 1); a negative or malformed wait is
+    a usage error (exit 2)."""
+    from aggregator.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "{tmp_path}"\n')
+    args = ["merge", "--config", str(config), "--run-id", "r1", "--shards", "2", f"--wait={wait}"]
+    assert await asyncio.to_thread(main, args) == code
+    err = capsys.readouterr().err
+    assert ("shard snapshots missing" in err) == (code == 1) and err.count("\n") == 1, err
+
+
 async def test_merge_refuses_a_missing_shard(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
     """With shard 2 of 4 absent the merge names it and writes nothing."""
     sb = await make_sandbox(accounts=12, seed=3, regions=("eu-west-1",))
