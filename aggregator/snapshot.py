@@ -1089,9 +1089,12 @@ class Store(ABC):
             async with gate:
                 self._previous_of[snapshot_id] = await self._read_previous_id(snapshot_id)
 
-        async with asyncio.TaskGroup() as tg:
-            for snapshot_id in missing:
-                tg.create_task(one(snapshot_id))
+        # gather, not a TaskGroup: a failed read must reach prune's callers as the OutputError
+        # it is (a warning once the snapshot is published), not wrapped in an ExceptionGroup.
+        outcomes = await asyncio.gather(*map(one, missing), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def prune(self, retain: int) -> Pruned:
         """Delete all but the newest `retain` published snapshots, and crash debris.
