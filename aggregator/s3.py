@@ -45,6 +45,7 @@ from .snapshot import (
     Store,
     latest_snapshot_id,
     manifest_path,
+    to_the_end,
 )
 
 __all__ = ["S3Store", "parse_s3_url"]
@@ -362,12 +363,36 @@ class S3Store(Store):
                 rel, condition = None, {"IfNoneMatch": "*"}
             else:
                 async with answer["Body"] as body:
-                    rel = (await body.read()).decode("utf-8", "replace").strip() or None
+                    rel = (await body.read()).decode("utf-8", "replace").strip()
                 etag = answer.get("ETag")
                 condition = {"IfMatch": etag} if etag else {}
         current = latest_snapshot_id(rel)
         if current != previous_id:
             raise self._not_published(snapshot_id, previous_id, current)
+        try:
+            # From here LATEST may move: a cancellation (SIGTERM, a shutdown deadline) waits
+            # for the answer, so that a run that published never reports itself cancelled.
+            await to_the_end(self._replace_latest(key, latest, condition, snapshot_id, previous_id))
+        except OutputError as exc:
+            if not exc.transient:
+                raise
+            # A PUT that S3 applied but whose answer was lost (a timeout, a reset) is published
+            # all the same; LATEST says so. (A re-read that fails too leaves the error as is.)
+            try:
+                named = latest_snapshot_id(await self._latest_rel())
+            except OutputError:
+                raise exc from None
+            if named != snapshot_id:
+                raise
+
+    async def _replace_latest(
+        self,
+        key: str,
+        latest: bytes,
+        condition: dict[str, str],
+        snapshot_id: str,
+        previous_id: str | None,
+    ) -> None:
         with self.errors("write LATEST"):
             put = {"Bucket": self.bucket, "Key": key, "Body": latest, "ContentType": _TEXT}
             try:
@@ -380,6 +405,14 @@ class S3Store(Store):
                     named = latest_snapshot_id(await self._latest_rel())
                     if named == snapshot_id:
                         return
+                    if named == previous_id:  # 409: another conditional write was in flight
+                        raise OutputError(
+                            f"{self.location}: snapshot {snapshot_id} was written but not "
+                            f"published: replacing LATEST conflicted with another write in "
+                            f"flight ({code}); LATEST still names {previous_id}, which the "
+                            "next run starts from",
+                            transient=True,
+                        ) from None
                     raise self._not_published(snapshot_id, previous_id, named) from None
                 if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
                     raise

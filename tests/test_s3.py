@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import hashlib
@@ -22,7 +23,7 @@ from aiobotocore.session import AioSession
 from aggregator.errors import OutputError
 from aggregator.records import JobRecord
 from aggregator.s3 import S3Store, parse_s3_url
-from aggregator.snapshot import Store, diff_command, new_snapshot_id, open_store
+from aggregator.snapshot import Store, diff_command, manifest_path, new_snapshot_id, open_store
 
 from .conftest import SandboxFactory, make_settings
 
@@ -314,6 +315,92 @@ async def test_a_latest_put_retried_after_it_landed_is_still_published(bucket: s
         written = await write(store, sid(2), {"A": "Done"})
         assert retried and written.snapshot_id == sid(2)
         assert (await store.latest_manifest() or {})["snapshot_id"] == sid(2)
+
+
+async def put_raw(bucket: str, key: str, body: bytes) -> None:
+    """What another process (or S3 itself, before its answer was lost) writes."""
+    async with AioSession().create_client("s3") as s3:
+        await s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def is_latest_put(request: Any) -> bool:
+    return bool(request.method == "PUT" and request.url.split("?")[0].endswith("/LATEST"))
+
+
+async def test_a_latest_put_that_landed_but_timed_out_is_published(bucket: str) -> None:
+    """Every answer to the PUT of LATEST is lost (read timeouts, through botocore's retries)
+    though the first one landed: LATEST names this snapshot, so the write is published, not
+    an error saying the previous snapshot stays LATEST."""
+    from botocore.exceptions import ReadTimeoutError
+
+    url = f"s3://{bucket}/timeout"
+
+    async def land_then_time_out(request: Any, **_: Any) -> None:
+        if is_latest_put(request):
+            if not landed:
+                landed.append(request.url)
+                await put_raw(bucket, "timeout/LATEST", manifest_path(sid(2)).encode() + b"\n")
+            raise ReadTimeoutError(endpoint_url=request.url)
+
+    landed: list[str] = []
+    async with open_store(url, max_attempts=1) as store:  # (botocore's retries wait real time)
+        await write(store, sid(1), {"A": "New"})
+        store.client.meta.events.register("before-send.s3.PutObject", land_then_time_out)
+        written = await write(store, sid(2), {"A": "Done"})
+        assert landed and written.snapshot_id == sid(2)
+        assert (await store.latest_manifest() or {})["snapshot_id"] == sid(2)
+
+
+async def test_a_cancellation_while_latest_is_replaced_on_s3_lets_it_finish(bucket: str) -> None:
+    """A cancellation (SIGTERM, the daemon's shutdown deadline) that comes while the PUT of
+    LATEST is in flight waits for its answer: the run published, so it reports its snapshot
+    instead of "cancelled, the previous snapshot stays LATEST"."""
+    url = f"s3://{bucket}/cancel"
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def land_then_wait(request: Any, **_: Any) -> None:
+        if is_latest_put(request) and not reached.is_set():
+            await put_raw(bucket, "cancel/LATEST", manifest_path(sid(2)).encode() + b"\n")
+            reached.set()
+            await release.wait()
+
+    async with open_store(url) as store:
+        await write(store, sid(1), {"A": "New"})
+        store.client.meta.events.register("before-send.s3.PutObject", land_then_wait)
+        task = asyncio.create_task(write(store, sid(2), {"A": "Done"}))
+        await reached.wait()
+        task.cancel()
+        release.set()
+        written = await task
+        assert written.snapshot_id == sid(2) and not task.cancelled()
+        assert (await store.latest_manifest() or {})["snapshot_id"] == sid(2)
+
+
+async def test_a_conflicting_latest_write_says_what_happened(bucket: str) -> None:
+    """S3's 409 ConditionalRequestConflict (another conditional write in flight) with LATEST
+    still on the previous snapshot: a transient error that says so, where it used to say that
+    LATEST names X, not X."""
+
+    class Conflict:
+        status_code = 409
+        headers: ClassVar[dict[str, str]] = {}
+
+    def conflict(params: dict[str, Any], **_: Any) -> Any:
+        if params["url_path"].endswith("/LATEST"):
+            error = {"Code": "ConditionalRequestConflict", "Message": "try again (injected)"}
+            return Conflict(), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 409}}
+        return None
+
+    async with open_store(f"s3://{bucket}/conflict") as store:
+        await write(store, sid(1), {"A": "New"})
+        store.client.meta.events.register("before-call.s3.PutObject", conflict)
+        with pytest.raises(OutputError) as info:
+            await write(store, sid(2), {"A": "Done"})
+        assert info.value.transient
+        message = str(info.value)
+        assert "conflicted with another write in flight (ConditionalRequestConflict)" in message
+        assert f"LATEST still names {sid(1)}" in message
+        assert (await store.latest_manifest() or {})["snapshot_id"] == sid(1)
 
 
 async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
