@@ -975,6 +975,10 @@ class Store(ABC):
 
     def _checked(self, manifest: dict[str, Any], rel: str) -> dict[str, Any]:
         problem = _manifest_problem(manifest)
+        named = _LATEST_ID.search(rel)
+        if problem is None and named is not None and named[1] != manifest["snapshot_id"]:
+            # (a manifest copied under another name: runs from it would never publish again)
+            problem = f"it is named for snapshot {named[1]} but says {manifest['snapshot_id']}"
         if problem is not None:
             raise OutputError(f"{self.locate(rel)}: not a valid manifest: {problem}")
         return manifest

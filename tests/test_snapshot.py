@@ -366,6 +366,7 @@ async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> N
         ({"data": {"path": "/dev/zero"}}, "data.path: '/dev/zero' is not a relative path"),
         ({"changes": {"path": 7}}, "changes.path: 7 is not a path"),
         ({"snapshot_id": 5}, "snapshot_id 5 is not a snapshot id"),
+        ({"snapshot_id": "20261128T160000Z-0005"}, "named for snapshot 20261128T150000Z-0000 but"),
         (
             {"partition_status": [{"account_id": A, "region": "eu-west-1", "jobs": "eleven"}]},
             "partition_status is not a list",
@@ -383,6 +384,7 @@ async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> N
         "data-path",
         "changes-path",
         "id",
+        "renamed",
         "jobs",
         "stale-jobs",
     ],
