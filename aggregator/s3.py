@@ -107,7 +107,14 @@ class _Errors:
 
 # S3 answers and transport failures that a later run may not see.
 _TRANSIENT_CODES = frozenset(
-    {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "Throttling",
+        "NoSuchUpload",  # our upload aborted meanwhile (by a prune elsewhere): try again later
+    }
 )
 _TRANSIENT_ERRORS = (
     EndpointConnectionError,
@@ -483,19 +490,28 @@ class S3Store(Store):
         found = ARTIFACT_RE.fullmatch(latest_rel or "")
         if found is not None:
             try:
-                await self._abort_stale_uploads(found["id"])
+                await self._abort_stale_uploads(found["id"], pruned.shard_runs)
             except OutputError as exc:  # e.g. no s3:ListBucketMultipartUploads: best effort
                 log.info("snapshot.upload_cleanup_skipped", error=str(exc))
         return pruned
 
-    async def _abort_stale_uploads(self, latest: str) -> None:
-        """Abort the uploads of snapshots older than `latest` (never one in progress)."""
+    async def _abort_stale_uploads(self, latest: str, shard_runs: Sequence[str] = ()) -> None:
+        """Abort the uploads of snapshots older than `latest`, and those under the folders of
+        `shard_runs` (pruned), once they started `debris_age` ago: a writer elsewhere may
+        still be uploading a snapshot whose id sorts first (its clock is behind ours)."""
+        started_before = self._clock() - self._debris_age
+        doomed_runs = {f"shards/run={run}/" for run in shard_runs}
         paginator = self.client.get_paginator("list_multipart_uploads")
         with self.errors("list multipart uploads"):
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key("")):
                 for upload in page.get("Uploads", ()):
-                    m = ARTIFACT_RE.fullmatch(self._rel(upload["Key"]))
-                    if m is None or m["id"] >= latest:
+                    rel = self._rel(upload["Key"])
+                    m = ARTIFACT_RE.fullmatch(rel)
+                    stale = (m is not None and m["id"] < latest) or any(
+                        rel.startswith(run) for run in doomed_runs
+                    )
+                    initiated = upload.get("Initiated")
+                    if not stale or (initiated and initiated.timestamp() > started_before):
                         continue
                     await self.client.abort_multipart_upload(
                         Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]

@@ -267,6 +267,40 @@ async def test_prune_on_s3_removes_the_objects_of_old_shard_runs(bucket: str) ->
     assert list(await objects(bucket, "other/")) == [old_run[0]]
 
 
+async def test_prune_aborts_an_upload_only_once_it_is_old(bucket: str) -> None:
+    """An upload of a snapshot whose id sorts before LATEST's may still be in progress (a
+    writer whose clock is behind): prune aborts it only once it started `debris_age` ago; it
+    aborted it at once, failing that writer. Uploads of a pruned shard run's folder go too."""
+    url = f"s3://{bucket}/young"
+    soon = datetime.now(UTC) + timedelta(hours=2)  # snapshots that start after the uploads
+    async with open_store(url) as store:
+        for n in (0, 1):
+            await write(store, new_snapshot_id(soon + timedelta(minutes=n)), {"A": "New"})
+    keys = [f"young/snapshots/date=2026-11-28/{sid(1)}.jsonl", "young/shards/run=r1/shard=0-of-2/x"]
+    async with AioSession().create_client("s3") as s3:
+        started = [await s3.create_multipart_upload(Bucket=bucket, Key=key) for key in keys]
+        await put_raw(bucket, "young/shards/run=r1/shard=0-of-2/LATEST", b"x\n")
+
+        async def left() -> set[str]:
+            listed = await s3.list_multipart_uploads(Bucket=bucket, Prefix="young/")
+            return {u["UploadId"] for u in listed.get("Uploads", ())}
+
+        def initiated_now(parsed: dict[str, Any], **_: Any) -> None:
+            for upload in parsed.get("Uploads", ()):  # moto answers a fixed date in 2010
+                upload["Initiated"] = now
+
+        now = datetime.now(UTC)
+        async with open_store(url) as store:
+            store.client.meta.events.register("after-call.s3.ListMultipartUploads", initiated_now)
+            await store.prune(1)
+        assert {u["UploadId"] for u in started} <= await left()
+        later = time.time() + 4 * 3600  # everything is old now
+        async with open_store(url, clock=lambda: later) as store:
+            store.client.meta.events.register("after-call.s3.ListMultipartUploads", initiated_now)
+            pruned = await store.prune(1)
+        assert pruned.shard_runs == ("r1",) and not {u["UploadId"] for u in started} & await left()
+
+
 async def test_latest_put_by_another_writer_in_between_is_never_overwritten(bucket: str) -> None:
     """LATEST is replaced by a conditional PUT (If-Match the ETag read): a writer that
     publishes between this write's read of LATEST and its PUT (here: injected through
