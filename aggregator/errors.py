@@ -55,6 +55,7 @@ __all__ = [
     "RetryableError",
     "ThrottledError",
     "TransientError",
+    "redact",
     "translate",
 ]
 
@@ -102,11 +103,15 @@ _ECHOED_REQUEST = re.compile(
 _SIGNED_VALUES = re.compile(
     r"(x-amz-security-token\s*[:=]\s*|Signature\s*=\s*)[^\s,;&'\"]+", re.IGNORECASE
 )
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
 
 
-def _redact(message: str) -> str:
-    """`message` without the parts of a request a service may echo that are secrets."""
+def redact(message: str) -> str:
+    """`message` without the parts of a request a service may echo that are secrets (the
+    request quoted by a signature mismatch, session tokens, signatures), nor the credentials
+    of a URL (`https://user:secret@host`)."""
     message = _ECHOED_REQUEST.sub(" (the request the service quoted is withheld)", message)
+    message = _URL_CREDENTIALS.sub(r"\1<redacted>@", message)
     return _SIGNED_VALUES.sub(r"\1<redacted>", message)
 
 
@@ -130,7 +135,7 @@ class AwsError(AggregatorError):
         self.region = region
         self.operation = operation
         self.code = code
-        self.detail = " ".join(_redact(detail).split())[:500]
+        self.detail = " ".join(redact(detail).split())[:500]
         super().__init__(
             f"{operation} in {account_id}/{region} failed: {code}"
             + (f": {self.detail}" if self.detail else "")

@@ -35,7 +35,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from .errors import OutputError
+from .errors import OutputError, redact
 from .snapshot import (
     ARTIFACT_RE,
     LATEST,
@@ -100,9 +100,15 @@ class _Errors:
             transient = isinstance(exc, _TRANSIENT_ERRORS)
         else:
             return
+        reason = redact(reason)  # an S3-compatible store or a proxy may echo the request
+        if len(reason) > _MAX_REASON:
+            reason = reason[: _MAX_REASON - 3] + "..."
         raise OutputError(
             f"{self.location}: cannot {self.action}: {reason}", transient=transient
         ) from exc
+
+
+_MAX_REASON = 400
 
 
 # S3 answers and transport failures that a later run may not see.

@@ -437,6 +437,34 @@ async def test_a_conflicting_latest_write_says_what_happened(bucket: str) -> Non
         assert (await store.latest_manifest() or {})["snapshot_id"] == sid(1)
 
 
+async def test_an_s3_error_that_echoes_secrets_is_redacted(bucket: str) -> None:
+    """An S3-compatible store or a proxy that echoes the request in its error message (session
+    token, signature, a URL with credentials) never gets them into the one-line error, which
+    is also cut to a few hundred characters."""
+    token, signature = "FQoGZXIvYXdzSESSIONTOKENSECRET", "7f16d1cafe0123456789abcdef"
+
+    class Denied:
+        status_code = 403
+        headers: ClassVar[dict[str, str]] = {}
+
+    def echo(**_: Any) -> Any:
+        message = (
+            f"The request signature we calculated does not match. x-amz-security-token:{token}"
+            f" Authorization=AWS4-HMAC-SHA256 Credential=AKIA/x, Signature={signature} via "
+            f"https://user:hunter2@proxy.example/ {'x' * 2000}"
+        )
+        error = {"Code": "SignatureDoesNotMatch", "Message": message}
+        return Denied(), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 403}}
+
+    async with open_store(f"s3://{bucket}/echo") as store:
+        store.client.meta.events.register("before-call.s3.PutObject", echo)
+        with pytest.raises(OutputError) as info:
+            await store.check_writable()
+    message = str(info.value)
+    assert "SignatureDoesNotMatch" in message and len(message) < 600
+    assert token not in message and signature not in message and "hunter2" not in message
+
+
 async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
     """Writing to a bucket that does not exist fails early with the S3 error code."""
     async with open_store(f"s3://{bucket}-missing/x") as store:
