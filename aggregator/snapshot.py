@@ -181,14 +181,20 @@ async def to_the_end(aw: Awaitable[T]) -> T:
                 task.uncancel()
 
 
+def _quoted(value: object) -> str:
+    """`repr(value)` (an invisible byte order mark shows), cut to 200 characters."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _path_problem(rel: object) -> str | None:
     """Why `rel` is not a path inside the location, as this tool writes them (None if it is)."""
     if not isinstance(rel, str) or not rel:
-        return f"{rel!r} is not a path"
+        return f"{_quoted(rel)} is not a path"
     if any(ord(c) < 32 for c in rel) or rel.startswith(("/", "\\")):
-        return f"{rel!r} is not a relative path"
+        return f"{_quoted(rel)} is not a relative path"
     if ".." in rel.replace("\\", "/").split("/"):
-        return f"{rel!r} leaves the location"
+        return f"{_quoted(rel)} leaves the location"
     return None
 
 
@@ -967,10 +973,12 @@ class Store(ABC):
             manifest = await self._read_json(rel)
         except OutputError as exc:
             raise OutputError(
-                f"{self.location}: LATEST points to an unreadable manifest {rel}"
+                f"{self.location}: LATEST points to an unreadable manifest {_quoted(rel)}"
             ) from exc
         if manifest is None:
-            raise OutputError(f"{self.location}: LATEST points to a missing manifest {rel}")
+            raise OutputError(
+                f"{self.location}: LATEST points to a missing manifest {_quoted(rel)}"
+            )
         return self._checked(manifest, rel)
 
     def _checked(self, manifest: dict[str, Any], rel: str) -> dict[str, Any]:

@@ -360,6 +360,8 @@ async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> N
         ({"latest": b"/etc/passwd"}, "is not a relative path"),
         ({"latest": b"../elsewhere/x.manifest.json"}, "leaves the location"),
         ({"latest": b" \n"}, "LATEST does not name a manifest: it is empty"),
+        ({"latest": "\ufeffsnapshots/x.manifest.json".encode()}, "manifest '\\ufeffsnapshots/x"),
+        ({"latest": b"snapshots/" + b"a" * 100_000}, "manifest 'snapshots/aaaa"),
         ({"data": {"path": "x.jsonl", "records": -1}}, "data.records -1 is not a number"),
         ({"partition_status": [1]}, "partition_status is not a list"),
         ({"data": None}, "data is not an object"),
@@ -378,6 +380,8 @@ async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> N
         "absolute",
         "dotdot",
         "empty",
+        "bom",
+        "huge",
         "records",
         "status",
         "data",
@@ -403,8 +407,9 @@ async def test_a_damaged_latest_or_manifest_is_one_clear_error(
         path = tmp_path / first.manifest_path
         path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), **damage}))
     async with open_store(tmp_path) as store:
-        with pytest.raises(OutputError, match=re.escape(problem)):
+        with pytest.raises(OutputError, match=re.escape(problem)) as info:
             await store.read_manifest("latest")
+        assert len(str(info.value)) < 400 + len(str(tmp_path))
         with pytest.raises(OutputError, match=re.escape(problem)):
             await write(store, sid(1), {"A": "New"})
     assert snapshot_ids(tmp_path) == [sid(0)]
