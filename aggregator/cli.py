@@ -439,6 +439,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    check_output_location(args.output)  # a mistake there is the flag's, not "<demo>"'s
     configure_logging(level="warning", fmt="auto")
     return asyncio.run(_demo(args))
 

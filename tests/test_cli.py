@@ -196,6 +196,7 @@ BAD_S3 = "s3://Bad_Bucket/x"
         ["run", "--config", "{cfg}"],
         ["diff", "latest", "latest"],
         ["merge", "--config", "{cfg}", "--run-id", "r1", "--shards", "2"],
+        ["demo"],
     ],
 )
 def test_malformed_s3_output_flag_is_one_line_naming_the_flag(
