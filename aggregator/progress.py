@@ -91,7 +91,7 @@ def summary_table(summary: RunSummary) -> Table:
     title = f"snapshot {escape(summary.snapshot_id)} ({summary.status})"
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a long snapshot path wraps, never cut to "..."
     rows = [
         ("accounts", str(summary.accounts)),
         ("partitions", f"{p['ok']} ok, {p['failed']} failed, {p['skipped']} skipped"),

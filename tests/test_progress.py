@@ -39,3 +39,33 @@ def test_values_are_shown_as_they_are_never_as_markup() -> None:
     assert "/data/[prod]/[/x]/snapshot.jsonl" in text
     assert text.count("[Denied]") == 10
     assert "... and 2 more" in text
+
+
+def test_a_long_snapshot_path_wraps_and_is_never_cut() -> None:
+    """On a narrow terminal the snapshot path wraps onto more lines; it used to end in an
+    ellipsis, hiding the one thing the table is read for."""
+    path = "/var/lib/snowball-aggregator/snapshots/date=2026-11-28/20261128T150000Z-abcd.jsonl"
+    summary = RunSummary(
+        snapshot_id="20261128T150000Z-abcd",
+        status="complete",
+        output="/var/lib/snowball-aggregator",
+        manifest_path=path.replace(".jsonl", ".manifest.json"),
+        data_path=path,
+        accounts=1,
+        partitions={"planned": 1, "ok": 1, "failed": 0, "skipped": 0},
+        jobs=5,
+        stale=0,
+        duplicates=0,
+        requests=1,
+        throttles=0,
+        retries=0,
+        restarts=0,
+        wall_seconds=1.5,
+        failed=(),
+    )
+    console = Console(record=True, width=60)
+    console.print(summary_table(summary))
+    cells = [
+        line.split("│")[-2].strip() for line in console.export_text().splitlines() if "│" in line
+    ]
+    assert path in "".join(cells) and "…" not in console.export_text()
