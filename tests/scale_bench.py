@@ -3,6 +3,8 @@
     python -m tests.scale_bench [--accounts 10000] [--regions us-east-1,eu-west-1,ap-southeast-2]
                                 [--seed 1] [--limit-mb 1024] [--output DIR]
 
+`--regions all` is every Snowball region, as `regions.names = ["all"]` reads it.
+
 The sandbox runs as its own process (`tests.benchmarks.sandbox.SandboxProcess`), so its memory
 and CPU are not ours. The aggregation runs in a fresh child process: Organizations discovery of
 every account (`discover_accounts`, as `[accounts.organizations] enabled = true` does), then
@@ -108,6 +110,10 @@ def _child_env(sandbox_env: dict[str, str]) -> dict[str, str]:
 
 def bench(args: argparse.Namespace) -> int:
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    if regions == ["all"]:  # as `regions.names = ["all"]` reads it (the sandbox takes names)
+        from aggregator.config import snowball_regions
+
+        regions = list(snowball_regions())
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as scratch:
         output = args.output or str(Path(scratch) / "out")
         sandbox_args = [
