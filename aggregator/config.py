@@ -606,6 +606,7 @@ def check_endpoints(settings: Settings | None, *, output: str | None = None) -> 
     credentials.
     """
     import botocore.session
+    from botocore.exceptions import ConfigParseError, ProfileNotFound
     from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
     wanted: dict[str | None, set[str]] = {}
@@ -620,30 +621,16 @@ def check_endpoints(settings: Settings | None, *, output: str | None = None) -> 
     if output and output.startswith("s3://"):
         wanted.setdefault(hub, set()).add("s3")
     for profile, services in wanted.items():
-        session = botocore.session.Session(profile=profile)
-        if session.get_config_variable("ignore_configured_endpoint_urls"):
-            continue
-        scoped = session.get_scoped_config()
         where = f"AWS config file (profile {profile or 'default'})"
-        section: Mapping[str, Any] = {}
-        if "services" in scoped:
-            found = session.full_config.get("services", {}).get(scoped["services"])
-            if not isinstance(found, dict):
-                raise ConfigError(where, "services", f"no [services {scoped['services']}] section")
-            section = found
+        try:
+            session = botocore.session.Session(profile=profile)
+            if session.get_config_variable("ignore_configured_endpoint_urls"):
+                continue
+            scoped = session.get_scoped_config()
+        except (ProfileNotFound, ConfigParseError) as exc:  # (`diff` loads no settings first)
+            raise ConfigError(where, "", str(exc)) from None
         for service in sorted(services):
-            variable = f"AWS_ENDPOINT_URL_{service.upper()}"
-            entry = section.get(service)
-            candidates = (
-                (_env_source(variable), os.environ.get(variable)),
-                (_env_source("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL")),
-                (
-                    f"{where}: services.{service}.endpoint_url",
-                    (entry or {}).get("endpoint_url") if isinstance(entry, dict) else None,
-                ),
-                (f"{where}: endpoint_url", scoped.get("endpoint_url")),
-            )
-            source, url = next(((s, u) for s, u in candidates if u), ("", None))
+            source, url = _configured_endpoint(service, session, scoped, where)
             if url and not (
                 url.lower().startswith(("http://", "https://"))  # all aiohttp speaks
                 and (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
@@ -651,6 +638,26 @@ def check_endpoints(settings: Settings | None, *, output: str | None = None) -> 
                 raise ConfigError(
                     source, "", "not an endpoint URL (expected http(s)://host[:port])"
                 )
+
+
+def _configured_endpoint(
+    service: str, session: Any, scoped: Mapping[str, Any], where: str
+) -> tuple[str, str | None]:
+    """(where it was set, the endpoint URL) botocore would take for `service`, in its order;
+    the profile's `services` section is read only when no variable gave one (botocore
+    refuses a missing section only then)."""
+    for variable in (f"AWS_ENDPOINT_URL_{service.upper()}", "AWS_ENDPOINT_URL"):
+        if os.environ.get(variable):
+            return _env_source(variable), os.environ[variable]
+    if "services" in scoped:
+        section = session.full_config.get("services", {}).get(scoped["services"])
+        if not isinstance(section, dict):
+            raise ConfigError(where, "services", f"no [services {scoped['services']}] section")
+        entry = section.get(service)
+        url = entry.get("endpoint_url") if isinstance(entry, dict) else None
+        if url:
+            return f"{where}: services.{service}.endpoint_url", url
+    return f"{where}: endpoint_url", scoped.get("endpoint_url")
 
 
 def _hub_profile(settings: Settings, partition: str) -> str | None:

@@ -103,7 +103,9 @@ _ECHOED_REQUEST = re.compile(
 _SIGNED_VALUES = re.compile(
     r"(x-amz-security-token\s*[:=]\s*|Signature\s*=\s*)[^\s,;&'\"]+", re.IGNORECASE
 )
-_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
+# Up to the last "@" of the URL (a secret may hold an unencoded "/"), never past a space, a
+# quote or a comma (a URL without credentials, then an address elsewhere in the message).
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s\"',<>]*@", re.IGNORECASE)
 
 
 def redact(message: str) -> str:

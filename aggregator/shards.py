@@ -165,12 +165,20 @@ def resolve_shard(
         raw_count = (env.get(SHARD_COUNT_ENV) or "").strip()
         raw_index = (env.get(SHARD_INDEX_ENV) or "").strip()
         if not raw_count:
-            if run_id is not None:  # a sharded run that lost its shard: never publish it whole
+            # A shard that lost its count must never publish a whole snapshot (N of them would).
+            if run_id is not None:
                 raise ConfigError(
                     "--run-id",
                     "",
                     f"names a sharded run, but there is no --shard I/N (nor {SHARD_INDEX_ENV} "
                     f"and {SHARD_COUNT_ENV})",
+                )
+            if raw_index and (env.get(RUN_ID_ENV) or "").strip():
+                raise ConfigError(
+                    f"{RUN_ID_ENV} (environment)",
+                    "",
+                    f"and {SHARD_INDEX_ENV} name a shard of a sharded run, but {SHARD_COUNT_ENV} "
+                    "is not set",
                 )
             if raw_index:
                 log.info("shard.not_sharded", reason=f"{SHARD_INDEX_ENV} without {SHARD_COUNT_ENV}")

@@ -242,6 +242,21 @@ def test_an_s3_output_flag_with_an_endpoint_botocore_refuses_is_one_line(
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
 
 
+def test_diff_without_config_and_a_broken_aws_config_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`diff --output s3://...` without `--config` checks the S3 endpoint from the default
+    profile; a profile that is not there is one line, exit 2, not a traceback."""
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "absent")
+    assert main(["diff", "latest", "latest", "--output", "s3://inventory/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "(absent) could not be found" in err, err
+    assert err.count("\n") == 1
+
+
 def test_malformed_s3_output_flag_never_prints_a_traceback(tmp_path: Path) -> None:
     """The real console entry point exits 2 with one line for a bad `--output`."""
     cfg = config_file(tmp_path, ["111111111111"], ["eu-west-1"], tmp_path / "out")

@@ -292,6 +292,14 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
         "AWS config file (profile default): services.sts.endpoint_url: not an endpoint URL "
         "(expected http(s)://host[:port])"
     )
+    # A profile naming a services section that is not there: botocore refuses it only when no
+    # variable gave the URL first.
+    aws_config.write_text("[default]\nservices = missing\n")
+    _endpoints(monkeypatch, AWS_ENDPOINT_URL=good)
+    load_settings(path)
+    _endpoints(monkeypatch)
+    with pytest.raises(ConfigError, match=r"services: no \[services missing\] section"):
+        load_settings(path)
 
 
 def test_unusual_inputs_are_one_short_line(

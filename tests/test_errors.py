@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
-from aggregator.errors import AccessDeniedError, ClientFailureError, translate
+from aggregator.errors import AccessDeniedError, ClientFailureError, redact, translate
 
 TOKEN = "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQDexampletoken+/="
 SIGNATURE = "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7"
@@ -82,3 +82,27 @@ def test_ordinary_messages_are_kept_whole() -> None:
     )
     assert isinstance(err, AccessDeniedError)
     assert err.detail == message
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "via https://AKIAEXAMPLE:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@proxy:8080/x failed",
+            "via https://<redacted>@proxy:8080/x failed",
+        ),
+        (
+            "proxy https://user:hunter2@proxy.example/ down",
+            "proxy https://<redacted>@proxy.example/ down",
+        ),
+        (
+            '{"Endpoint":"http://minio:9000","Contact":"ops@example.com"}',
+            '{"Endpoint":"http://minio:9000","Contact":"ops@example.com"}',
+        ),
+        ("s3://bucket/key and http://host/path, ops@example.com", None),
+    ],
+)
+def test_credentials_in_urls_are_redacted_and_nothing_else(message: str, shown: str | None) -> None:
+    """A URL's credentials go (a secret key may hold an unencoded `/`); a URL without them, and
+    an address after it, stay as they are."""
+    assert redact(message) == (shown if shown is not None else message)

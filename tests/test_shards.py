@@ -119,6 +119,12 @@ def test_resolve_shard_from_cli_and_environment() -> None:
         (
             None,
             None,
+            {"JOB_COMPLETION_INDEX": "2", "SNOWBALL_RUN_ID": "run-0001"},
+            "SNOWBALL_RUN_ID (environment): and JOB_COMPLETION_INDEX name a shard",
+        ),
+        (
+            None,
+            None,
             {"SNOWBALL_SHARD_COUNT": "4", "SNOWBALL_RUN_ID": "r"},
             "SNOWBALL_SHARD_COUNT (environment): is set but JOB_COMPLETION_INDEX is not",
         ),
