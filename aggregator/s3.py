@@ -422,8 +422,8 @@ class S3Store(Store):
                         raise OutputError(
                             f"{self.location}: snapshot {snapshot_id} was written but not "
                             f"published: replacing LATEST conflicted with another write in "
-                            f"flight ({code}); LATEST still names {previous_id}, which the "
-                            "next run starts from",
+                            f"flight ({code}); LATEST still names {previous_id or 'nothing'}, "
+                            "which the next run starts from",
                             transient=True,
                         ) from None
                     raise self._not_published(snapshot_id, previous_id, named) from None
