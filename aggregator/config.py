@@ -651,7 +651,7 @@ def _configured_endpoint(
             return _env_source(variable), os.environ[variable]
     if "services" in scoped:
         section = session.full_config.get("services", {}).get(scoped["services"])
-        if not isinstance(section, dict):
+        if not section or not isinstance(section, dict):  # botocore refuses an empty one too
             raise ConfigError(where, "services", f"no [services {scoped['services']}] section")
         entry = section.get(service)
         url = entry.get("endpoint_url") if isinstance(entry, dict) else None

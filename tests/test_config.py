@@ -300,6 +300,9 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
     _endpoints(monkeypatch)
     with pytest.raises(ConfigError, match=r"services: no \[services missing\] section"):
         load_settings(path)
+    aws_config.write_text("[default]\nservices = empty\n[services empty]\n")
+    with pytest.raises(ConfigError, match=r"services: no \[services empty\] section"):
+        load_settings(path)
 
 
 def test_unusual_inputs_are_one_short_line(
