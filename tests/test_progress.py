@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 
 from aggregator.progress import summary_table
 from aggregator.service import RunSummary
+
+
+def run_summary(**fields: Any) -> RunSummary:
+    """A run's summary: one complete partition, unless `fields` say otherwise."""
+    values: dict[str, Any] = {
+        "snapshot_id": "20261128T150000Z-abcd",
+        "status": "complete",
+        "output": "/data",
+        "manifest_path": "/data/m.json",
+        "data_path": "/data/snapshot.jsonl",
+        "accounts": 1,
+        "partitions": {"planned": 1, "ok": 1, "failed": 0, "skipped": 0},
+        "jobs": 5,
+        "stale": 0,
+        "duplicates": 0,
+        "requests": 1,
+        "throttles": 0,
+        "retries": 0,
+        "restarts": 0,
+        "wall_seconds": 1.5,
+        "failed": (),
+    }
+    return RunSummary(**(values | fields))
 
 
 def test_values_are_shown_as_they_are_never_as_markup() -> None:
@@ -15,22 +40,16 @@ def test_values_are_shown_as_they_are_never_as_markup() -> None:
         {"account_id": f"11111111111{i % 10}", "region": "eu-west-1", "error_code": "[Denied]"}
         for i in range(12)
     )
-    summary = RunSummary(
-        snapshot_id="20261128T150000Z-abcd",
+    summary = run_summary(
         status="partial",
         output="/data/[prod]",
         manifest_path="/data/[prod]/m.json",
         data_path="/data/[prod]/[/x]/snapshot.jsonl",
         accounts=10,
         partitions={"planned": 22, "ok": 10, "failed": 12, "skipped": 0},
-        jobs=5,
         stale=1,
-        duplicates=0,
         requests=30,
-        throttles=0,
         retries=2,
-        restarts=0,
-        wall_seconds=1.5,
         failed=failed,
     )
     console = Console(record=True, width=200)
@@ -45,27 +64,8 @@ def test_a_long_snapshot_path_wraps_and_is_never_cut() -> None:
     """On a narrow terminal the snapshot path wraps onto more lines; it used to end in an
     ellipsis, hiding the one thing the table is read for."""
     path = "/var/lib/snowball-aggregator/snapshots/date=2026-11-28/20261128T150000Z-abcd.jsonl"
-    summary = RunSummary(
-        snapshot_id="20261128T150000Z-abcd",
-        status="complete",
-        output="/var/lib/snowball-aggregator",
-        manifest_path=path.replace(".jsonl", ".manifest.json"),
-        data_path=path,
-        accounts=1,
-        partitions={"planned": 1, "ok": 1, "failed": 0, "skipped": 0},
-        jobs=5,
-        stale=0,
-        duplicates=0,
-        requests=1,
-        throttles=0,
-        retries=0,
-        restarts=0,
-        wall_seconds=1.5,
-        failed=(),
-    )
     console = Console(record=True, width=60)
-    console.print(summary_table(summary))
-    cells = [
-        line.split("│")[-2].strip() for line in console.export_text().splitlines() if "│" in line
-    ]
-    assert path in "".join(cells) and "…" not in console.export_text()
+    console.print(summary_table(run_summary(data_path=path)))
+    text = console.export_text()
+    cells = [line.split("│")[-2].strip() for line in text.splitlines() if "│" in line]
+    assert path in "".join(cells) and "…" not in text
