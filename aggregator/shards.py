@@ -151,9 +151,10 @@ def resolve_shard(
     `--shard I/N` (`cli_value`) wins; without it, `JOB_COMPLETION_INDEX` and
     `SNOWBALL_SHARD_COUNT` from `env` are used when both are set (`JOB_COMPLETION_INDEX` alone,
     as in an Indexed Job that is not a sharded run, is ignored). The run id is `run_id`
-    (`--run-id`) or `SNOWBALL_RUN_ID`; a sharded run must have one, and `--run-id` without a
-    shard is refused (a shard that lost its setting would publish a whole snapshot). Raises
-    `ConfigError` (exit code 2) naming the option or variable that is wrong.
+    (`--run-id`) or `SNOWBALL_RUN_ID`; a sharded run must have one. `--run-id` without a
+    shard is refused, and so is `SNOWBALL_RUN_ID` with `JOB_COMPLETION_INDEX` but no count: a
+    shard that lost its setting would publish a whole snapshot. Raises `ConfigError` (exit
+    code 2) naming the option or variable that is wrong.
     """
     if cli_value is not None:
         source = "--shard"
