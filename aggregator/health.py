@@ -17,6 +17,8 @@ Two questions, two endpoints:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from .records import JobRecord
 __all__ = ["HealthServer", "HealthState"]
 
 _PARTITION_DEADLINE = float(LimitsSettings.model_fields["partition_deadline_seconds"].default)
+_METRICS_TTL = 1.0  # seconds a rendered /metrics is served again
 
 
 @dataclass(slots=True)
@@ -127,20 +130,94 @@ class HealthState:
         return alive, body
 
 
+# aiohttp's handler logs a malformed request as a traceback quoting the client's bytes, through
+# stdlib logging (not structlog: plain text, whatever `logging.level`); its 400 answer is enough.
+_QUIET = logging.getLogger("snowball_aggregator.http")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol for one connection, under a cap on connections and a lifetime.
+
+    aiohttp has no deadline for a request's headers and keeps connections alive for an hour:
+    clients that connect and send nothing (a port scanner, a slow loris) were held until the
+    process ran out of file descriptors and its cycles could not write. Past `cap` live
+    connections a new one is dropped at once; each is aborted `lifetime` seconds after it was
+    accepted (probes and scrapes take milliseconds; Prometheus reconnects).
+    """
+
+    def __init__(self, inner: asyncio.Protocol, live: set[_Guarded], cap: int, lifetime: float):
+        self._inner = inner
+        self._live = live
+        self._cap = cap
+        self._lifetime = lifetime
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self._live) >= self._cap:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.transport = transport
+        self._live.add(self)
+        self._timer = asyncio.get_running_loop().call_later(self._lifetime, self.abort)
+        self._inner.connection_made(transport)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # dropped over the cap: aiohttp never saw it
+        self._live.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
 class HealthServer:
     """Serves `/healthz`, `/livez` and `/metrics` on `host:port`; an async context manager.
 
     Keyword options: `state` (HealthState), `metrics` (Metrics), `listen` ("HOST:PORT"; port 0
-    picks a free port, see `port` after entry).
+    picks a free port, see `port` after entry), `max_connections` (64) and
+    `connection_lifetime` (seconds, 30; see `_Guarded`). `/metrics` is rendered at most once a
+    second (by `state.clock`): a flood of scrapes does not take the event loop from the cycle.
     """
 
-    def __init__(self, *, state: HealthState, metrics: Metrics, listen: str) -> None:
+    def __init__(
+        self,
+        *,
+        state: HealthState,
+        metrics: Metrics,
+        listen: str,
+        max_connections: int = 64,
+        connection_lifetime: float = 30.0,
+    ) -> None:
         self._state = state
         self._metrics = metrics
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
         self._port = int(port)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._live: set[_Guarded] = set()
+        self._cap = max_connections
+        self._lifetime = connection_lifetime
+        self._rendered: tuple[float, bytes] | None = None
         self.port = self._port
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -150,10 +227,10 @@ class HealthServer:
         return _json(*self._state.liveness())
 
     async def _metrics_view(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self._metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
+        now = self._state.clock()
+        if self._rendered is None or not 0 <= now - self._rendered[0] < _METRICS_TTL:
+            self._rendered = (now, generate_latest(self._metrics.registry))
+        return web.Response(body=self._rendered[1], headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def __aenter__(self) -> HealthServer:
         if self._runner is not None:
@@ -162,19 +239,24 @@ class HealthServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/metrics", self._metrics_view)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(
+            app, access_log=None, logger=_QUIET, keepalive_timeout=5.0, shutdown_timeout=1.0
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
+        handler = runner.server
+        assert handler is not None
+        live, cap, lifetime = self._live, self._cap, self._lifetime
         try:
-            await site.start()
+            server = await asyncio.get_running_loop().create_server(
+                lambda: _Guarded(handler(), live, cap, lifetime), self._host or None, self._port
+            )
         except OSError:
             await runner.cleanup()
             raise
-        for address in runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
-                break
-        self._runner = runner
+        for sock in server.sockets:
+            self.port = int(sock.getsockname()[1])
+            break
+        self._runner, self._server = runner, server
         return self
 
     async def __aexit__(
@@ -184,6 +266,11 @@ class HealthServer:
         tb: TracebackType | None,
     ) -> None:
         runner, self._runner = self._runner, None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # no new connections; the open ones go now, answered or not (a
+            for connection in list(self._live):  # client that never reads held shutdown 2 min)
+                connection.abort()
         if runner is not None:
             await runner.cleanup()
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -156,3 +160,104 @@ def test_default_window_outlasts_a_partition_deadline_and_then_some() -> None:
     assert state.partition_deadline == limits.partition_deadline_seconds
     _, body = state.liveness()
     assert body["window_seconds"] > limits.partition_deadline_seconds + daemon.interval * 1.5
+
+
+# --- the listener under abuse: idle connections, bad requests, clients that never read ------
+
+
+async def _answer(port: int, request: bytes) -> bytes:
+    """Send `request` on a new connection; everything the server sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_idle_connections_are_capped_and_expire(state: HealthState) -> None:
+    """Connections that send nothing (a port scanner, a slow loris) were held for good, until
+    the daemon ran out of file descriptors: past the cap a new one is closed at once, and each
+    is closed `connection_lifetime` after it was accepted; then requests are served again."""
+    server = HealthServer(
+        state=state,
+        metrics=Metrics(),
+        listen="127.0.0.1:0",
+        max_connections=2,
+        connection_lifetime=0.3,
+    )
+    async with server as http:
+        idle = [await asyncio.open_connection("127.0.0.1", http.port) for _ in range(2)]
+        assert await _answer(http.port, b"GET /livez HTTP/1.0\r\n\r\n") == b""  # over the cap
+        for reader, writer in idle:  # then each idle one ends with its lifetime
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+        assert (await _answer(http.port, b"GET /livez HTTP/1.0\r\n\r\n")).startswith(
+            b"HTTP/1.0 200"
+        )
+
+
+def test_a_malformed_request_is_a_400_and_nothing_on_stderr() -> None:
+    """aiohttp logged each malformed request through stdlib logging, which the daemon leaves
+    unconfigured: a plain-text traceback on stderr quoting the client's bytes, whatever
+    `logging.level` (1,000 of them wrote 12,000 lines). The 400 is enough. (In a process of
+    its own: pytest's log capture would hide what reaches stderr.)"""
+    script = """
+import asyncio
+from aggregator.health import HealthServer, HealthState
+from aggregator.metrics import Metrics
+
+async def main():
+    async with HealthServer(state=HealthState(interval=60.0), metrics=Metrics(),
+                            listen="127.0.0.1:0") as http:
+        for request in (b"GET /healthz HTTP/9.9\\r\\n\\r\\n", b"GET /\\x00 HTTP/1.1\\r\\n\\r\\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+            writer.write(request)
+            print(((await reader.read()).split(b" ", 2)[1]).decode())
+            writer.close()
+
+asyncio.run(main())
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.stdout.split() == ["400", "400"], proc.stderr
+    assert proc.stderr == ""
+
+
+async def test_shutdown_does_not_wait_for_a_client_that_never_reads(state: HealthState) -> None:
+    """A client that pipelines scrapes and never reads its answers held the handler, and the
+    daemon's shutdown for two minutes (past any grace period: SIGKILL). It is cut at once."""
+    server = HealthServer(state=state, metrics=Metrics(), listen="127.0.0.1:0")
+    async with server as http:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", http.port))
+        await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        await asyncio.sleep(1.0)  # the server answers into the full buffers and waits
+        exit_server = server.__aexit__(None, None, None)
+        await asyncio.wait_for(exit_server, 10)  # (a hang fails here, not after 2 minutes)
+        sock.close()
+
+
+async def test_metrics_are_rendered_at_most_once_a_second(state: HealthState, clock: Clock) -> None:
+    """A flood of scrapes rendered the registry on the event loop each time (about 1 ms):
+    1,000 at once stretched a cycle 84-fold. Within a second the same rendering is served."""
+    metrics = Metrics()
+    async with (
+        HealthServer(state=state, metrics=metrics, listen="127.0.0.1:0") as http,
+        aiohttp.ClientSession() as client,
+    ):
+
+        async def scrape() -> bytes:
+            async with client.get(f"http://127.0.0.1:{http.port}/metrics") as response:
+                return await response.read()
+
+        first = await scrape()
+        metrics.cycle_skipped(3)
+        assert await scrape() == first
+        clock.now += 1.0
+        assert await scrape() != first
