@@ -28,6 +28,7 @@ from .config import (
     check_output_location,
     key_source,
     load_settings,
+    output_origin,
     parse_duration,
     settings_from_mapping,
 )
@@ -198,12 +199,14 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
             if held:
                 task.cancel()  # terminated while starting
                 await asyncio.sleep(0)
+        options: dict[str, Any] = {"output": args.output, "shard": shard}
+        options["output_origin"] = output_origin(settings, "--output" if args.output else None)
         if not interactive:
-            return await run_once(settings, output=args.output, shard=shard)
+            return await run_once(settings, **options)
         from .progress import ProgressBar
 
         with ProgressBar() as bar:
-            return await run_once(settings, output=args.output, observers=[bar], shard=shard)
+            return await run_once(settings, observers=[bar], **options)
 
     try:
         summary = asyncio.run(run())
@@ -260,6 +263,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             store_options={
                 "compress": settings.output.compress,
                 "session": _output_session(settings),
+                "origin": output_origin(settings, "--output" if args.output else None),
             },
         )
     )
@@ -421,7 +425,7 @@ async def _demo(args: argparse.Namespace) -> int:
             source="<demo>",
         )
         cpu = time.process_time()
-        summary = await run_once(settings)
+        summary = await run_once(settings, output_origin="--output")
         cpu = time.process_time() - cpu
         truth = len(sb.truth())
     p = summary.partitions

@@ -48,6 +48,7 @@ __all__ = [
     "check_output_location",
     "key_source",
     "load_settings",
+    "output_origin",
     "parse_duration",
 ]
 
@@ -465,6 +466,14 @@ def key_source(settings: Settings, key: str, *, env: Mapping[str, str] | None = 
         if _overrides(key, _key_path(tuple(path))):
             origin = name  # the last one applied wins
     return _env_source(origin) if origin else settings.source
+
+
+def output_origin(settings: Settings, flag: str | None = None) -> str:
+    """Where the output location was given, to start its errors with: the command-line
+    `flag` when it was, else `<file or variable>: output.directory` (see `key_source`)."""
+    if flag is not None:
+        return flag
+    return f"{key_source(settings, 'output.directory')}: output.directory"
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

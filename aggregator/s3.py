@@ -335,7 +335,7 @@ class S3Store(Store):
         if stack is not None:
             await stack.aclose()
 
-    async def check_writable(self) -> None:
+    async def _check_writable(self) -> None:
         key = self._key(".write-probe")
         with self.errors("write to the output location"):
             await self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")

@@ -30,7 +30,7 @@ from structlog.contextvars import bound_contextvars
 from . import wire
 from .accounts import resolve_accounts
 from .clients import ClientPool
-from .config import Settings
+from .config import Settings, output_origin
 from .credentials import CredentialBroker
 from .direct import DirectSender
 from .errors import ConfigError, OutputError
@@ -108,7 +108,9 @@ class Aggregator:
     (False: botocore signs and sends ListJobs itself instead of the direct path, see
     direct.py; to measure what that path buys, or to rule it out), `shard=None`
     (a `Shard`: inventory only the accounts of that shard and write the snapshot to the shard's
-    folder, see shards.py).
+    folder, see shards.py), `output_origin=None` (where `output` was given, such as
+    `--output`, to start the error of a location that cannot be written with; without
+    `output`, it is `output.directory` in the configuration file or its variable).
     """
 
     def __init__(
@@ -127,8 +129,10 @@ class Aggregator:
         stock: bool = False,
         direct: bool = True,
         shard: Shard | None = None,
+        output_origin: str | None = None,
     ) -> None:
         self.settings = settings
+        self._output_origin = output_origin
         self._direct = direct and not stock
         self._shard = shard
         self._session_cls: Any = None
@@ -209,10 +213,13 @@ class Aggregator:
             )
             output = self.settings.output
             location = self._output if self._output is not None else output.directory
+            origin = self._output_origin
+            if origin is None and self._output is None:
+                origin = output_origin(self.settings)
             # The output location is written with the hub credentials of the configured
             # partition (its `[partitions.<name>] profile` when it has one), as the docs say.
             hub = self._broker.hub_session_for(self.settings.accounts.partition)
-            options = {"compress": output.compress, "session": hub}
+            options = {"compress": output.compress, "session": hub, "origin": origin}
             self._store = await stack.enter_async_context(open_store(location, **options))
             if self._shard is not None:
                 self._shard_store = await stack.enter_async_context(
@@ -242,6 +249,14 @@ class Aggregator:
             max_restarts=lim.max_restarts,
             partition_deadline=lim.partition_deadline_seconds,
         )
+
+    async def check_output(self) -> None:
+        """Raise `OutputError` if the output location (a shard's own folder, for a shard)
+        cannot be written; its message starts with where the location was given."""
+        store = self._shard_store or self._store
+        if store is None:
+            raise RuntimeError("Aggregator is not open")
+        await store.check_writable()
 
     async def cycle(self) -> RunSummary:
         """Run one aggregation cycle and write its snapshot; returns the summary.
@@ -279,7 +294,7 @@ class Aggregator:
         # writes into its own folder below it, which `merge` combines.
         shard = self._shard
         store = self._shard_store or base
-        await store.check_writable()
+        await self.check_output()
         limits = self._limits()
         policy = self._policy_for()
         with bound_contextvars(snapshot_id=snapshot_id):
@@ -499,10 +514,12 @@ async def run_forever(
     is set meanwhile (a second SIGTERM or Ctrl-C). When
     `reload_requested` is set, `reload()` is called between cycles: new settings apply from
     the next cycle; a `ConfigError`, or settings the Aggregator cannot open with (an output
-    location or profile that does not work), is logged as one line and the old settings are
-    kept. A daemon cycle that raises (e.g. the disk is full) is logged and counted, and the
-    loop goes on; so does a failure to reopen with the old settings (tried again an interval
-    later). Only the first opening's failure propagates. Returns the last summary.
+    location that cannot be written, or a profile that does not work), is logged as one line
+    and the old settings are kept. A daemon cycle that raises (e.g. the disk is full) is
+    logged and counted, and the loop goes on; so does a failure to reopen with the old
+    settings (tried again an interval later). Only the first opening's failure propagates,
+    an output location that cannot be written included (one that fails for now, such as S3
+    unreachable, is a warning: see `_check_output`). Returns the last summary.
     """
     stop = stop or asyncio.Event()
     reload_requested = reload_requested or asyncio.Event()
@@ -518,7 +535,10 @@ async def run_forever(
             aggregator = await stack.enter_async_context(
                 Aggregator(settings, rng=rng, observers=observers, **options)
             )
+            if not burst:  # (a cycle checks it too, first thing)
+                await _check_output(aggregator)
         except Exception as exc:
+            await stack.aclose()
             if good is None or burst:
                 raise
             if settings is not good:
@@ -600,6 +620,19 @@ async def run_forever(
                 if reopen:
                     break  # reopen the Aggregator with the new settings
     return last
+
+
+async def _check_output(aggregator: Aggregator) -> None:
+    """A daemon's output location, checked as it opens: one that is wrong (a file, no
+    permission, no such bucket) raises, so that a daemon started with it stops at once (exit
+    2) and a reload to it is refused; one that fails for now (S3 unreachable) is a warning,
+    and the cycles try again."""
+    try:
+        await aggregator.check_output()
+    except OutputError as exc:
+        if not exc.transient:
+            raise
+        log.warning("output.unavailable", error=str(exc))
 
 
 def _cycle_failed(observers: Sequence[CycleObserver], exc: Exception) -> None:

@@ -594,7 +594,9 @@ class Store(ABC):
     against them without reading that snapshot back; used only while it is still the
     previous snapshot), `debris_age` (seconds, default 3600: `prune` leaves the files of an
     unpublished or manifest-less snapshot alone until they are this old, since another writer
-    may still be producing them) and `clock` (epoch seconds, default `time.time`).
+    may still be producing them), `clock` (epoch seconds, default `time.time`) and `origin`
+    (where the location was given, such as `aggregator.toml: output.directory` or `--output`:
+    `check_writable`'s error starts with it, so that a wrong location names its setting).
     """
 
     location: str
@@ -607,6 +609,7 @@ class Store(ABC):
         remember: bool = True,
         debris_age: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        origin: str | None = None,
     ) -> None:
         if compress not in (None, "none", "gzip"):
             raise ValueError(f"compress must be 'none' or 'gzip', not {compress!r}")
@@ -618,6 +621,7 @@ class Store(ABC):
         self._previous_of: dict[str, str | None] = {}
         self._remember = remember
         self._view: tuple[str, list[bytes]] | None = None
+        self._origin = origin
 
     async def __aenter__(self) -> Store:
         if self._entered:
@@ -649,9 +653,19 @@ class Store(ABC):
         """The full name of `rel` (a path for a directory, an `s3://` URL for S3); "" names
         the location itself."""
 
-    @abstractmethod
     async def check_writable(self) -> None:
-        """Raise `OutputError` now (before any AWS call) if the location cannot be written."""
+        """Raise `OutputError` now (before any AWS call) if the location cannot be written;
+        its message starts with the store's `origin`, when it has one."""
+        try:
+            await self._check_writable()
+        except OutputError as exc:
+            if self._origin is None:
+                raise
+            raise OutputError(f"{self._origin}: {exc}", transient=exc.transient) from exc
+
+    @abstractmethod
+    async def _check_writable(self) -> None:
+        """`check_writable` without the origin."""
 
     @abstractmethod
     async def _open(self, rel: str, metadata: Mapping[str, str] | None = None) -> Sink:
@@ -1439,7 +1453,7 @@ class LocalStore(Store):
     async def _close_backend(self) -> None:
         return None
 
-    async def check_writable(self) -> None:
+    async def _check_writable(self) -> None:
         with self.guard("write to the output directory"):
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{os.getpid()}"

@@ -51,9 +51,14 @@ def test_demo_prints_summary_and_snapshot_path(
 
 
 async def test_exit_codes_complete_partial_and_output_error(
-    make_sandbox: SandboxFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    make_sandbox: SandboxFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """0 when every partition succeeds, 1 when one fails, 2 when the output is unwritable."""
+    """0 when every partition succeeds, 1 when one fails, 2 when the output is unwritable
+    (one line that names where the location was given: the flag, or the file and key, or the
+    variable)."""
     import asyncio
 
     sb = await make_sandbox(accounts=3, seed=12)
@@ -78,6 +83,18 @@ async def test_exit_codes_complete_partial_and_output_error(
     assert await asyncio.to_thread(run, "--output", str(blocker / "out")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write" in err
+    assert err.startswith(f"error: --output: {blocker / 'out'}: "), err
+    # The same location in the file names the file and the key; in a variable, the variable.
+    assert config_file(tmp_path, sb.account_ids, ["eu-west-1"], blocker / "out") == cfg
+    assert await asyncio.to_thread(run) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cfg}: output.directory: {blocker / 'out'}: cannot write"), err
+    variable = "SNOWBALL_AGGREGATOR_OUTPUT__DIRECTORY"
+    monkeypatch.setenv(variable, str(blocker / "env"))
+    assert await asyncio.to_thread(run) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {variable} (environment): output.directory: "), err
+    assert err.count("\n") == 1
 
 
 def test_standalone_sandbox_and_service_specific_endpoint_variables(tmp_path: Path) -> None:

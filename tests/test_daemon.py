@@ -460,6 +460,99 @@ async def test_a_reload_the_aggregator_cannot_open_with_keeps_the_old_settings(
     assert len(complete_snapshots(out)) == 3
 
 
+def test_a_daemon_started_with_an_output_it_cannot_write_exits_2(tmp_path: Path) -> None:
+    """A wrong output location (here a file) stops the daemon at once, exit 2, with one line
+    that names the file and the key, instead of serving 503s and failing every cycle."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "daemon.toml"
+    _write_config(config, ["111111111111"], blocker / "out")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SNOWBALL_"))}
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    done = subprocess.run(
+        [sys.executable, "-m", "aggregator", "daemon", "--config", str(config)],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"error: {config}: output.directory: {blocker / 'out'}: cannot write")
+    assert b"cycle.started" not in done.stderr
+
+
+async def test_a_reload_to_an_output_it_cannot_write_keeps_the_old_settings(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A reload whose output location cannot be written is refused like a broken file: one
+    line naming the key, and the cycles go on into the old location."""
+    from structlog.testing import capture_logs
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    out, blocker = tmp_path / "out", tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    daemon = {"interval": 0.05}
+    good = make_settings(
+        sb.account_ids, regions=REGIONS, daemon=daemon, output={"directory": str(out)}
+    )
+    bad = make_settings(
+        sb.account_ids, regions=REGIONS, daemon=daemon, output={"directory": str(blocker)}
+    )
+    stop, reload_requested = asyncio.Event(), asyncio.Event()
+    recorder = ReloadAfterFirst(3, stop, reload_requested)
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            run_forever(
+                good,
+                stop=stop,
+                reload=lambda: bad,
+                reload_requested=reload_requested,
+                observers=[recorder],
+            ),
+            60,
+        )
+    assert recorder.events == ["start", "finish"] * 3
+    failed = [e for e in logs if e["event"] == "config.reload_failed"]
+    assert len(failed) == 1
+    assert failed[0]["error"].startswith(f"<test>: output.directory: {blocker}: cannot write")
+    assert len(complete_snapshots(out)) == 3
+
+
+async def test_an_output_unavailable_for_now_at_start_is_a_warning(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output location that fails for now as the daemon starts (S3 unreachable: a
+    transient error) does not stop it: a warning, and the cycles try again."""
+    from structlog.testing import capture_logs
+
+    from aggregator import service
+    from aggregator.errors import OutputError
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
+    checked = service.Aggregator.check_output
+    checks: list[int] = []
+
+    async def unreachable_once(self: Any) -> None:
+        checks.append(1)
+        if len(checks) == 1:
+            raise OutputError("s3://b/p: cannot write: endpoint unreachable", transient=True)
+        await checked(self)
+
+    monkeypatch.setattr(service.Aggregator, "check_output", unreachable_once)
+    stop = asyncio.Event()
+    recorder = Recorder(2, stop)
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            run_forever(settings, stop=stop, observers=[recorder], output=tmp_path), 60
+        )
+    assert recorder.events == ["start", "finish"] * 2
+    warned = [e for e in logs if e["event"] == "output.unavailable"]
+    assert [e["error"] for e in warned] == ["s3://b/p: cannot write: endpoint unreachable"]
+    assert len(checks) == 3  # at the start, then first thing in each cycle
+
+
 async def test_a_failure_to_reopen_with_the_old_settings_is_a_failed_cycle(
     make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

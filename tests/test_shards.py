@@ -435,6 +435,11 @@ async def test_merge_into_a_location_that_cannot_be_written_is_exit_2(
     assert await asyncio.to_thread(main, [*args, "--output", str(blocker)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write" in err, err
+    assert err.startswith(f"error: --output: {blocker}: "), err
+    config.write_text(f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "{blocker}"\n')
+    assert await asyncio.to_thread(main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: output.directory: {blocker}: cannot write"), err
 
 
 @pytest.mark.parametrize(("wait", "code"), [("0", 1), ("0m", 1), ("0s", 1), ("-1m", 2), ("x", 2)])
