@@ -277,8 +277,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                     "status": result.status,
                     "snapshot_id": written.snapshot_id,
                     "jobs": written.records,
-                    "manifest": written.manifest_path,
-                    "data": written.data_path,
+                    "manifest": result.manifest_location,
+                    "data": result.data_location,
                     "already_merged": result.already_merged,
                 },
                 option=orjson.OPT_SORT_KEYS,
@@ -288,7 +288,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         again = " (already merged: nothing written)" if result.already_merged else ""
         print(
             f"{result.status}: run {args.run_id}: {args.shards} shards merged into snapshot "
-            f"{written.snapshot_id}, {written.records} jobs; {written.data_path}{again}"
+            f"{written.snapshot_id}, {written.records} jobs; {result.data_location}{again}"
         )
     return result.exit_code
 

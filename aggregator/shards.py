@@ -618,11 +618,15 @@ async def merge_shards(
 @dataclass(frozen=True, slots=True)
 class MergeResult:
     """What `merge_run` did: the merged snapshot (`written`), its `status` (complete, partial,
-    failed) and `already_merged` (these shard snapshots were merged before: nothing written)."""
+    failed) and `already_merged` (these shard snapshots were merged before: nothing written);
+    `data_location` and `manifest_location` are the full names of its files (a path under
+    the output directory or an `s3://` URL, as `run` reports them)."""
 
     written: WrittenSnapshot
     status: str
     already_merged: bool
+    data_location: str
+    manifest_location: str
 
     @property
     def exit_code(self) -> int:
@@ -754,7 +758,7 @@ async def merge_run(
         before = await _merged_before(store, merged, previous)
         if before is not None:
             log.info("merge.already_merged", run_id=run_id, snapshot_id=before.snapshot_id)
-            return MergeResult(written=before, status=status, already_merged=True)
+            return _result(store, before, status, already_merged=True)
         latest = None if previous is None else str(previous.get("snapshot_id"))
         if previous is not None and _merged_shards(previous)[0] == run_id:
             # A shard was run again since this run's last merge: a new snapshot replaces it.
@@ -791,4 +795,16 @@ async def merge_run(
         records=written.records,
         status=status,
     )
-    return MergeResult(written=written, status=status, already_merged=False)
+    return _result(store, written, status, already_merged=False)
+
+
+def _result(
+    store: Store, written: WrittenSnapshot, status: str, *, already_merged: bool
+) -> MergeResult:
+    return MergeResult(
+        written=written,
+        status=status,
+        already_merged=already_merged,
+        data_location=str(store.locate(written.data_path)),
+        manifest_location=str(store.locate(written.manifest_path)),
+    )

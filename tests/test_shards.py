@@ -648,6 +648,15 @@ async def test_cli_sharded_run_with_discovery_equals_unsharded(
         tmp_path / "single" / single["data"]["path"]
     )
     merged = manifest_of(out, result["manifest"])
+    # Full names, as `run --json` gives them, not names relative to the output directory.
+    assert result["data"] == str(out / merged["data"]["path"])
+    assert result["manifest"] == str(
+        out / merged["data"]["path"].replace(".jsonl", ".manifest.json")
+    )
     assert merged["accounts"] == single["accounts"] == len(sb.active_account_ids)
     assert merged["requests"] != single["requests"]  # each shard discovered the organization
     assert merged["requests"]["organizations"] == 4 * single["requests"]["organizations"]
+    # Merged again: nothing written, and the line names the snapshot's data file in full.
+    assert await asyncio.to_thread(cli, "merge", "--run-id", "r1", "--shards", "4") == 0
+    line = capsys.readouterr().out.strip()
+    assert line.endswith(f"; {result['data']} (already merged: nothing written)"), line
