@@ -35,6 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks
 	$(BIN)/python -m tests.scale_bench
+	$(BIN)/python -m tests.benchmarks.daemon_bench
 
 clean:
 	rm -rf $(VENV) .venv-iac var .pytest_cache .mypy_cache .ruff_cache

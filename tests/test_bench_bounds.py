@@ -37,3 +37,32 @@ def test_first_run_order_starts_us_regions_then_accounts_round_robin() -> None:
         ("1", "eu-west-1"),
         ("2", "eu-west-1"),
     ]
+
+
+def test_daemon_bench_verdict_holds_memory_descriptors_and_jobs_flat() -> None:
+    """The daemon benchmark's targets compare every cycle after the warm-up with the last
+    warm-up cycle: flat passes; a resident set that grows past 5% (or 10 MB), one more
+    descriptor or thread, or a cycle short of the truth fails."""
+    from tests.benchmarks.daemon_bench import verdict
+
+    def rows(rss: list[float], fds: int = 70, jobs: int = 100) -> list[dict[str, object]]:
+        return [
+            {
+                "cycle": i + 1,
+                "rss_mb": r,
+                "fds": fds,
+                "threads": 2,
+                "status": "complete",
+                "jobs": jobs,
+            }
+            for i, r in enumerate(rss)
+        ]
+
+    flat = rows([100.0, 300.0, 300.0, 304.0, 309.0])
+    assert verdict(flat, 3, 100)[0]
+    assert not verdict(rows([100.0, 300.0, 300.0, 305.0, 316.0]), 3, 100)[0]  # +16 > 15 MB
+    assert verdict(rows([50.0, 60.0, 60.0, 69.0]), 3, 100)[0]  # within the 10 MB floor
+    leaky = [*flat[:4], {**flat[4], "fds": 71}]
+    ok, lines = verdict(leaky, 3, 100)
+    assert not ok and lines[1].startswith("  [FAIL] open descriptors 70 after cycle 3, at most 71")
+    assert not verdict(flat, 3, 101)[0]  # a cycle short of the truth
