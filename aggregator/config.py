@@ -32,6 +32,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -350,6 +351,9 @@ class Settings(_Model):
     daemon: DaemonSettings = DaemonSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = Field(default="<defaults>", exclude=True)
+    # {dotted key: variable} of the environment overrides applied when loading (see
+    # `settings_from_mapping`); None for settings made otherwise (`key_source` then looks).
+    _origins: dict[str, str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _some_accounts(self) -> Settings:
@@ -460,8 +464,14 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
 def key_source(settings: Settings, key: str, *, env: Mapping[str, str] | None = None) -> str:
     """Where the value of the dotted `key` came from, for an error found after loading (such
     as `daemon.listen` that cannot be bound): the environment variable that set it, as in
-    validation errors, else `settings.source`. `env` defaults to `os.environ`."""
+    validation errors, else `settings.source`. For settings loaded by `settings_from_mapping`,
+    the overrides it applied; for others, those `env` (default `os.environ`) would apply."""
     origin = None
+    if settings._origins is not None:
+        for overridden, name in settings._origins.items():  # in the order applied
+            if _overrides(key, overridden):
+                origin = name
+        return _env_source(origin) if origin else settings.source
     for name, path in _env_paths(os.environ if env is None else env):
         if _overrides(key, _key_path(tuple(path))):
             origin = name  # the last one applied wins
@@ -542,7 +552,9 @@ def settings_from_mapping(
         origin = origins.get("source")
         raise ConfigError(_env_source(origin) if origin else source, "source", "unknown key")
     try:
-        return Settings.model_validate({**_tuples(doc), "source": source})
+        settings = Settings.model_validate({**_tuples(doc), "source": source})
+        settings._origins = origins
+        return settings
     except RecursionError:
         raise ConfigError(source, "", "nested too deeply") from None
     except ValidationError as exc:

@@ -26,6 +26,7 @@ request on and masks any session token or signature left in the text.
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 from typing import Any
 
@@ -57,6 +58,7 @@ __all__ = [
     "TransientError",
     "redact",
     "translate",
+    "wrong_location",
 ]
 
 
@@ -106,6 +108,47 @@ _SIGNED_VALUES = re.compile(
 # Up to the last "@" of the URL (a secret may hold an unencoded "/"), never past a space, a
 # quote or a comma (a URL without credentials, then an address elsewhere in the message).
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s\"',<>]*@", re.IGNORECASE)
+
+
+def wrong_location(exc: OutputError) -> bool:
+    """Whether `exc` says the output location itself is wrong, so that no later attempt can
+    write it as configured: a path through a file, a folder without permission or on a
+    read-only file system; a bucket that does not exist or denies the credentials. Not a
+    full disk, an I/O error, S3 unreachable or answering 5xx, or credentials not available
+    yet: those may pass (the daemon keeps trying them, see service.py)."""
+    cause = exc.__cause__
+    while isinstance(cause, OutputError):
+        cause = cause.__cause__
+    if isinstance(cause, ClientError):
+        return str(cause.response.get("Error", {}).get("Code")) in _WRONG_LOCATION_CODES
+    if isinstance(cause, OSError) and not isinstance(cause, ConnectionError | TimeoutError):
+        return cause.errno in _WRONG_LOCATION_ERRNOS
+    return False
+
+
+_WRONG_LOCATION_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "InvalidBucketName",
+        "NoSuchBucket",
+        "PermanentRedirect",
+        "SignatureDoesNotMatch",
+    }
+)
+_WRONG_LOCATION_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.ENOTDIR,
+        errno.EPERM,
+        errno.EROFS,
+    }
+)
 
 
 def redact(message: str) -> str:

@@ -33,7 +33,7 @@ from .clients import ClientPool
 from .config import Settings, output_origin
 from .credentials import CredentialBroker
 from .direct import DirectSender
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, OutputError, wrong_location
 from .fetch import PartitionResult
 from .gate import Gate
 from .gcpolicy import cycle_gc
@@ -153,6 +153,7 @@ class Aggregator:
         self._store: Store | None = None  # the output location (holds the previous snapshot)
         self._shard_store: Store | None = None  # a shard's own folder below it
         self._gate = Gate(settings.limits.max_concurrency)
+        self._output_fresh = False  # check_output passed just now (see run_forever)
 
     def _limits(self) -> Limits:
         lim = self.settings.limits
@@ -294,7 +295,10 @@ class Aggregator:
         # writes into its own folder below it, which `merge` combines.
         shard = self._shard
         store = self._shard_store or base
-        await self.check_output()
+        if self._output_fresh:  # checked as the daemon opened, just before this cycle
+            self._output_fresh = False
+        else:
+            await self.check_output()
         limits = self._limits()
         policy = self._policy_for()
         with bound_contextvars(snapshot_id=snapshot_id):
@@ -518,8 +522,8 @@ async def run_forever(
     and the old settings are kept. A daemon cycle that raises (e.g. the disk is full) is
     logged and counted, and the loop goes on; so does a failure to reopen with the old
     settings (tried again an interval later). Only the first opening's failure propagates,
-    an output location that cannot be written included (one that fails for now, such as S3
-    unreachable, is a warning: see `_check_output`). Returns the last summary.
+    an output location that is wrong included (one that fails for now, such as S3
+    unreachable, is a warning: see `_output_checked`). Returns the last summary.
     """
     stop = stop or asyncio.Event()
     reload_requested = reload_requested or asyncio.Event()
@@ -535,11 +539,12 @@ async def run_forever(
             aggregator = await stack.enter_async_context(
                 Aggregator(settings, rng=rng, observers=observers, **options)
             )
-            if not burst:  # (a cycle checks it too, first thing)
-                await _check_output(aggregator)
-        except Exception as exc:
-            await stack.aclose()
-            if good is None or burst:
+            if not burst and not await _output_checked(aggregator, stop):
+                await _close(stack)
+                break  # stopped while the output was checked
+        except BaseException as exc:
+            await _close(stack)
+            if not isinstance(exc, Exception) or good is None or burst:
                 raise
             if settings is not good:
                 log.error("config.reload_failed", error=str(exc), error_type=type(exc).__name__)
@@ -622,17 +627,43 @@ async def run_forever(
     return last
 
 
-async def _check_output(aggregator: Aggregator) -> None:
-    """A daemon's output location, checked as it opens: one that is wrong (a file, no
-    permission, no such bucket) raises, so that a daemon started with it stops at once (exit
-    2) and a reload to it is refused; one that fails for now (S3 unreachable) is a warning,
-    and the cycles try again."""
+async def _output_checked(aggregator: Aggregator, stop: asyncio.Event) -> bool:
+    """A daemon's output location, checked as it opens; False if `stop` is set first (the
+    check is cancelled: S3 behind a dead endpoint takes minutes to give up).
+
+    A location that is wrong (`errors.wrong_location`: a path through a file, no permission,
+    no such bucket) raises, so that a daemon started with it stops at once (exit 2) and a
+    reload to it is refused. Any other failure (disk full, S3 unreachable, credentials not
+    available yet) is a warning, and the cycles try again. A check that passes stands for the
+    first cycle's own."""
+    check = asyncio.ensure_future(aggregator.check_output())
+    stopper = asyncio.ensure_future(stop.wait())
     try:
-        await aggregator.check_output()
-    except OutputError as exc:
-        if not exc.transient:
-            raise
+        await asyncio.wait({check, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not check.done():
+            check.cancel()
+            await asyncio.wait({check})
+    if check.cancelled():
+        return False
+    exc = check.exception()
+    if exc is None:
+        aggregator._output_fresh = True
+        return True
+    if isinstance(exc, OutputError) and not wrong_location(exc):
         log.warning("output.unavailable", error=str(exc))
+        return True
+    raise exc
+
+
+async def _close(stack: contextlib.AsyncExitStack) -> None:
+    """Close an Aggregator's stack; an error while closing is logged, not raised (the error
+    that made us close it is the one to report)."""
+    try:
+        await stack.aclose()
+    except Exception as exc:
+        log.warning("aggregator.close_failed", error=str(exc), error_type=type(exc).__name__)
 
 
 def _cycle_failed(observers: Sequence[CycleObserver], exc: Exception) -> None:

@@ -12,7 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.cli import main
-from aggregator.config import check_endpoints, load_settings, parse_duration, settings_from_mapping
+from aggregator.config import (
+    check_endpoints,
+    key_source,
+    load_settings,
+    output_origin,
+    parse_duration,
+    settings_from_mapping,
+)
 from aggregator.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "aggregator.example.toml"
@@ -363,6 +370,17 @@ def test_environment_overrides_and_names_the_variable(tmp_path: Path) -> None:
     assert s.limits.max_concurrency == 16
     assert s.regions.names == ("eu-west-1", "us-east-1")
     assert s.output.directory == "/srv/snapshots"
+    # An error found later names where the value came from: the variable that was applied,
+    # not one that merely is in this process's environment now.
+    variable = "SNOWBALL_AGGREGATOR_OUTPUT__DIRECTORY"
+    assert key_source(s, "output.directory") == f"{variable} (environment)"
+    assert key_source(s, "daemon.listen") == str(path)
+    from_file = load_settings(path, env={})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(variable, "/elsewhere")
+        assert key_source(from_file, "output.directory") == str(path)
+        assert output_origin(from_file) == f"{path}: output.directory"
+        assert output_origin(from_file, "--output") == "--output"
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={"SNOWBALL_AGGREGATOR_LIMITS__MAX_ATTEMPTS": "0"})
     assert str(info.value).startswith(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -519,38 +520,84 @@ async def test_a_reload_to_an_output_it_cannot_write_keeps_the_old_settings(
     assert len(complete_snapshots(out)) == 3
 
 
+def _unavailable(kind: str) -> Exception:
+    """An output failure a later attempt may not see: S3 unreachable, or the disk full."""
+    from aggregator.errors import OutputError
+
+    if kind == "s3-unreachable":
+        return OutputError("s3://b/p: cannot write: endpoint unreachable", transient=True)
+    error = OutputError("out: cannot write to the output directory: No space left on device")
+    error.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    return error
+
+
+@pytest.mark.parametrize("kind", ["s3-unreachable", "disk-full"])
 async def test_an_output_unavailable_for_now_at_start_is_a_warning(
-    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """An output location that fails for now as the daemon starts (S3 unreachable: a
-    transient error) does not stop it: a warning, and the cycles try again."""
+    """An output location that fails for now as the daemon starts (S3 unreachable, the disk
+    full) does not stop it: a warning, and the cycles try again. A check that passes stands
+    for the first cycle's own (no second probe of the location)."""
     from structlog.testing import capture_logs
 
     from aggregator import service
-    from aggregator.errors import OutputError
 
     sb = await make_sandbox(accounts=2, seed=3)
     settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
     checked = service.Aggregator.check_output
     checks: list[int] = []
+    failing = [_unavailable(kind)]
 
-    async def unreachable_once(self: Any) -> None:
+    async def unavailable_once(self: Any) -> None:
         checks.append(1)
-        if len(checks) == 1:
-            raise OutputError("s3://b/p: cannot write: endpoint unreachable", transient=True)
+        if failing:
+            raise failing.pop()
         await checked(self)
 
-    monkeypatch.setattr(service.Aggregator, "check_output", unreachable_once)
-    stop = asyncio.Event()
-    recorder = Recorder(2, stop)
-    with capture_logs() as logs:
+    monkeypatch.setattr(service.Aggregator, "check_output", unavailable_once)
+
+    async def two_cycles() -> None:
+        stop = asyncio.Event()
+        recorder = Recorder(2, stop)
         await asyncio.wait_for(
             run_forever(settings, stop=stop, observers=[recorder], output=tmp_path), 60
         )
-    assert recorder.events == ["start", "finish"] * 2
-    warned = [e for e in logs if e["event"] == "output.unavailable"]
-    assert [e["error"] for e in warned] == ["s3://b/p: cannot write: endpoint unreachable"]
+        assert recorder.events == ["start", "finish"] * 2
+
+    with capture_logs() as logs:
+        await two_cycles()
+    warned = [e["error"] for e in logs if e["event"] == "output.unavailable"]
+    assert len(warned) == 1 and warned[0].endswith(("endpoint unreachable", "left on device"))
     assert len(checks) == 3  # at the start, then first thing in each cycle
+    checks.clear()
+    await two_cycles()
+    assert len(checks) == 2  # the start's check stood for the first cycle's
+
+
+async def test_a_stop_while_the_output_is_checked_ends_the_daemon_at_once(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the start's output check hangs (S3 behind a dead endpoint) stops the
+    daemon at once: the check is cancelled and the aggregator closed, no cycle runs."""
+    from aggregator import service
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
+    stop, never = asyncio.Event(), asyncio.Event()
+    opened: list[Any] = []
+
+    async def hangs(self: Any) -> None:
+        opened.append(self)
+        stop.set()
+        await never.wait()
+
+    monkeypatch.setattr(service.Aggregator, "check_output", hangs)
+    recorder = Recorder(1, stop)
+    result = await asyncio.wait_for(
+        run_forever(settings, stop=stop, observers=[recorder], output=tmp_path), 30
+    )
+    assert result is None and recorder.events == []
+    assert len(opened) == 1 and opened[0]._store is None  # closed
 
 
 async def test_a_failure_to_reopen_with_the_old_settings_is_a_failed_cycle(

@@ -106,3 +106,36 @@ def test_credentials_in_urls_are_redacted_and_nothing_else(message: str, shown: 
     """A URL's credentials go (a secret key may hold an unencoded `/`); a URL without them, and
     an address after it, stay as they are."""
     assert redact(message) == (shown if shown is not None else message)
+
+
+def test_wrong_location_is_only_what_no_later_attempt_can_write() -> None:
+    """A daemon stops at start only for a location that is wrong as configured (a bucket
+    that does not exist or denies access, a path through a file, no permission, read-only);
+    a full disk, an I/O error, S3 unreachable or 5xx, or credentials not there yet pass."""
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from aggregator.errors import OutputError, wrong_location
+
+    def caused(cause: BaseException, *, wrapped: bool = False) -> OutputError:
+        error = OutputError("loc: cannot write to the output location: ...")
+        error.__cause__ = cause
+        if wrapped:  # as Store.check_writable re-raises it with its origin
+            outer = OutputError(f"run.toml: output.directory: {error}")
+            outer.__cause__ = error
+            return outer
+        return error
+
+    for code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId"):
+        assert wrong_location(caused(_client_error(code, "", 403), wrapped=True)), code
+    for code in ("SlowDown", "InternalError", "ExpiredToken"):
+        assert not wrong_location(caused(_client_error(code, "", 503))), code
+    for number in (errno.ENOTDIR, errno.EACCES, errno.EEXIST, errno.EROFS):
+        assert wrong_location(caused(OSError(number, "x"), wrapped=True)), number
+    for number in (errno.ENOSPC, errno.EIO, errno.ESTALE):
+        assert not wrong_location(caused(OSError(number, "x"))), number
+    assert not wrong_location(caused(ConnectionRefusedError(errno.EACCES, "refused")))
+    assert not wrong_location(caused(EndpointConnectionError(endpoint_url="https://s3")))
+    assert not wrong_location(caused(NoCredentialsError()))
+    assert not wrong_location(OutputError("no cause"))
