@@ -566,11 +566,7 @@ async def run_forever(
                 if burst:
                     return await task
                 log.info("cycle.started")
-                stopper = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stopper.cancel()
+                await _race(task, stop)
                 if not task.done():
                     deadline = settings.daemon.shutdown_deadline
                     log.info("daemon.stopping", deadline_seconds=deadline)
@@ -637,11 +633,9 @@ async def _output_checked(aggregator: Aggregator, stop: asyncio.Event) -> bool:
     available yet) is a warning, and the cycles try again. A check that passes stands for the
     first cycle's own."""
     check = asyncio.ensure_future(aggregator.check_output())
-    stopper = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({check, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await _race(check, stop)
     finally:
-        stopper.cancel()
         if not check.done():
             check.cancel()
             await asyncio.wait({check})
@@ -655,6 +649,15 @@ async def _output_checked(aggregator: Aggregator, stop: asyncio.Event) -> bool:
         log.warning("output.unavailable", error=str(exc))
         return True
     raise exc
+
+
+async def _race(task: asyncio.Future[Any], event: asyncio.Event) -> None:
+    """Wait until `task` is done or `event` is set, whichever comes first."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 async def _close(stack: contextlib.AsyncExitStack) -> None:

@@ -422,27 +422,12 @@ async def test_sighup_reloads_valid_config_and_keeps_old_on_invalid(
         daemon.close()
 
 
-async def test_a_reload_the_aggregator_cannot_open_with_keeps_the_old_settings(
-    make_sandbox: SandboxFactory, tmp_path: Path
-) -> None:
-    """Settings that parse but do not open (an S3 output whose profile does not exist) are a
-    failed reload, logged as one line: the daemon goes on with the settings it had."""
+async def _reload_refused(good: Any, bad: Any) -> dict[str, Any]:
+    """Three cycles of `good`, asked after the first to reload to `bad`: the reload must be
+    refused (logged once as `config.reload_failed`, returned) and the cycles go on."""
     from structlog.testing import capture_logs
 
-    sb = await make_sandbox(accounts=2, seed=3)
-    out = tmp_path / "out"
-    good = make_settings(
-        sb.account_ids, regions=REGIONS, daemon={"interval": 0.05}, output={"directory": str(out)}
-    )
-    bad = make_settings(
-        sb.account_ids,
-        regions=REGIONS,
-        daemon={"interval": 0.05},
-        output={"directory": "s3://snapshots-bucket/prefix"},
-        partitions={"aws": {"profile": "no-such-profile"}},
-    )
     stop, reload_requested = asyncio.Event(), asyncio.Event()
-
     recorder = ReloadAfterFirst(3, stop, reload_requested)
     with capture_logs() as logs:
         await asyncio.wait_for(
@@ -457,7 +442,30 @@ async def test_a_reload_the_aggregator_cannot_open_with_keeps_the_old_settings(
         )
     assert recorder.events == ["start", "finish"] * 3
     failed = [e for e in logs if e["event"] == "config.reload_failed"]
-    assert len(failed) == 1 and "no-such-profile" in failed[0]["error"]
+    assert len(failed) == 1
+    return failed[0]
+
+
+async def test_a_reload_the_aggregator_cannot_open_with_keeps_the_old_settings(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Settings that parse but do not open (an S3 output whose profile does not exist) are a
+    failed reload, logged as one line: the daemon goes on with the settings it had."""
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    out = tmp_path / "out"
+    good = make_settings(
+        sb.account_ids, regions=REGIONS, daemon={"interval": 0.05}, output={"directory": str(out)}
+    )
+    bad = make_settings(
+        sb.account_ids,
+        regions=REGIONS,
+        daemon={"interval": 0.05},
+        output={"directory": "s3://snapshots-bucket/prefix"},
+        partitions={"aws": {"profile": "no-such-profile"}},
+    )
+    failed = await _reload_refused(good, bad)
+    assert "no-such-profile" in failed["error"]
     assert len(complete_snapshots(out)) == 3
 
 
@@ -488,7 +496,6 @@ async def test_a_reload_to_an_output_it_cannot_write_keeps_the_old_settings(
 ) -> None:
     """A reload whose output location cannot be written is refused like a broken file: one
     line naming the key, and the cycles go on into the old location."""
-    from structlog.testing import capture_logs
 
     sb = await make_sandbox(accounts=2, seed=3)
     out, blocker = tmp_path / "out", tmp_path / "a-file"
@@ -500,23 +507,8 @@ async def test_a_reload_to_an_output_it_cannot_write_keeps_the_old_settings(
     bad = make_settings(
         sb.account_ids, regions=REGIONS, daemon=daemon, output={"directory": str(blocker)}
     )
-    stop, reload_requested = asyncio.Event(), asyncio.Event()
-    recorder = ReloadAfterFirst(3, stop, reload_requested)
-    with capture_logs() as logs:
-        await asyncio.wait_for(
-            run_forever(
-                good,
-                stop=stop,
-                reload=lambda: bad,
-                reload_requested=reload_requested,
-                observers=[recorder],
-            ),
-            60,
-        )
-    assert recorder.events == ["start", "finish"] * 3
-    failed = [e for e in logs if e["event"] == "config.reload_failed"]
-    assert len(failed) == 1
-    assert failed[0]["error"].startswith(f"<test>: output.directory: {blocker}: cannot write")
+    failed = await _reload_refused(good, bad)
+    assert failed["error"].startswith(f"<test>: output.directory: {blocker}: cannot write")
     assert len(complete_snapshots(out)) == 3
 
 
