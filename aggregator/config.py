@@ -58,12 +58,18 @@ PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
 MAX_INTERVAL = 7 * 24 * 3600.0  # daemon.interval: a week; longer is a cron job, not a daemon
 MAX_CONFIG_BYTES = 1024 * 1024  # a configuration file; more is some other file
 MIN_INTERVAL = 0.001  # daemon.interval: shorter is no interval (and overflows the slot count)
-_ACCOUNT_RE = re.compile(r"^\d{12}$")
-_ROLE_ARN_RE = re.compile(r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$")
-_ROLE_NAME_RE = re.compile(r"^[\w+=,.@/-]{1,64}$")
+# re.ASCII: `\d` and `\w` would match other scripts' digits and letters (Arabic-Indic
+# digits are no account id: they pass int() and then fail to encode where an id is hashed).
+_ACCOUNT_RE = re.compile(r"^\d{12}$", re.ASCII)
+_ROLE_ARN_RE = re.compile(
+    r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$", re.ASCII
+)
+_ROLE_NAME_RE = re.compile(r"^[\w+=,.@/-]{1,64}$", re.ASCII)
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+_DURATION_RE = re.compile(
+    r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$", re.ASCII
+)
 
 
 @cache
@@ -331,12 +337,14 @@ class PartitionSettings(_Model):
 
 
 def _partitions_used(accounts: AccountsSettings) -> set[str]:
-    """The AWS partitions the configured accounts are in (discovery: the hub's)."""
-    partitions: set[str] = {accounts.partition}
+    """The AWS partitions the configured accounts are in: `accounts.partition` for `ids` and
+    discovery (the hub's) and for `list` entries without a role ARN; else the ARN's."""
+    partitions: set[str] = set()
+    if accounts.ids or accounts.organizations.enabled:
+        partitions.add(accounts.partition)
     for entry in accounts.list:
         m = _ROLE_ARN_RE.fullmatch(entry.role_arn or "")
-        if m:
-            partitions.add(m.group(1))
+        partitions.add(m.group(1) if m else accounts.partition)
     return partitions
 
 
@@ -367,11 +375,13 @@ class Settings(_Model):
         named = {*a.ids, *(e.id for e in a.list)}
         if not a.organizations.enabled and named <= set(a.exclude):
             raise ValueError("accounts: accounts.exclude excludes every configured account")
-        partitions = _partitions_used(a)
-        if not any(select_regions(self.regions, p) for p in partitions):
+        # Nor may the accounts of one AWS partition get no region at all: their jobs would be
+        # in no snapshot (and reported removed).
+        empty = sorted(p for p in _partitions_used(a) if not select_regions(self.regions, p))
+        if empty:
             raise ValueError(
-                f"regions: names and exclude leave no Snowball region of "
-                f"{' or '.join(sorted(partitions))}"
+                f"regions: names and exclude leave no Snowball region of {' or '.join(empty)}, "
+                "where configured accounts are"
             )
         return self
 
@@ -536,6 +546,8 @@ def _problem(err: Mapping[str, Any]) -> str:
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if kind in {"value_error", "assertion_error"}:
         return msg
+    if "external_id" in loc:  # a shared secret of sorts: its type is enough to say
+        return f"{msg[0].lower()}{msg[1:]}, got a {type(value).__name__}"
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."

@@ -63,7 +63,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not url.startswith("s3://"):
         raise ValueError(f"{url!r} is not an s3://bucket/prefix URL")
     bucket, _, prefix = url[len("s3://") :].partition("/")
-    if "@" in bucket:  # not echoed: what precedes the @ may be a key and its secret
+    # Not echoed: what precedes the @ may be a key and its secret, which may hold a "/" (so
+    # the bucket is then only part of it). An @ in the prefix of a valid bucket is a key's.
+    if "@" in bucket or ("@" in url and not _BUCKET.fullmatch(bucket)):
         raise ValueError("an s3:// URL carries no credentials (user:secret@bucket is refused)")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise ValueError(

@@ -78,8 +78,8 @@ RUN_ID_ENV = "SNOWBALL_RUN_ID"
 MAX_SHARDS = 1000
 # Safe as one path segment and as a Kubernetes label value.
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
-_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_SHARD_DIR_RE = re.compile(r"^shard=(\d+)-of-(\d+)$")
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$", re.ASCII)
+_SHARD_DIR_RE = re.compile(r"^shard=(\d+)-of-(\d+)$", re.ASCII)
 
 
 class ShardError(AggregatorError):

@@ -135,6 +135,24 @@ def test_settings_are_frozen() -> None:
             '[accounts]\nids = ["111111111111"]\n[regions]\nnames = ["cn-north-1"]\n',
             "prod.toml: regions: names and exclude leave no Snowball region of aws",
         ),
+        (  # accounts only in aws-cn: the default accounts.partition (aws) has none of them
+            '[[accounts.list]]\nid = "111111111111"\n'
+            'role_arn = "arn:aws-cn:iam::111111111111:role/R"\n[regions]\nnames = ["us-east-1"]\n',
+            "prod.toml: regions: names and exclude leave no Snowball region of aws-cn, where",
+        ),
+        (  # one partition's accounts get a region, the other's none: theirs would vanish
+            '[accounts]\nids = ["222222222222"]\n[[accounts.list]]\nid = "111111111111"\n'
+            'role_arn = "arn:aws-cn:iam::111111111111:role/R"\n[regions]\nnames = ["us-east-1"]\n',
+            "prod.toml: regions: names and exclude leave no Snowball region of aws-cn, where",
+        ),
+        (  # digits of another script are no account id (\\d matched them)
+            '[accounts]\nids = ["' + "\u0661" * 12 + '"]\n',
+            "prod.toml: accounts.ids[0]: ",
+        ),
+        (  # the external id's value is not quoted back
+            '[accounts]\nids = ["111111111111"]\nexternal_id = ["SuperSecretValue123"]\n',
+            "prod.toml: accounts.external_id: input should be a valid string, got a tuple",
+        ),
         (
             'source = "x"\n[accounts]\nids = ["111111111111"]\n',
             "prod.toml: source: unknown key",
@@ -327,13 +345,23 @@ def test_unusual_inputs_are_one_short_line(
     with pytest.raises(ConfigError) as info:
         load_settings(huge, env={})
     assert len(str(info.value)) < 600 and "accounts.role_name" in str(info.value)
-    secret = "AKIAFAKEFAKEFAKEFAKE:wJalrXUtnFEMIK7MDENGbPxRfiCYFAKEKEY"
-    url = write(
-        tmp_path, f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "s3://{secret}@b/x"\n'
+    # A secret access key may hold a "/": then the "bucket" is only the part before it.
+    for secret in (
+        "AKIAFAKEFAKEFAKEFAKE:wJalrXUtnFEMIK7MDENGbPxRfiCYFAKEKEY",
+        "AKIAFAKEFAKEFAKEFAKE:wJalrXUtnFEMI/K7MDENGbPxRfiCYFAKEKEY",
+    ):
+        url = write(
+            tmp_path,
+            f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "s3://{secret}@b/x"\n',
+        )
+        with pytest.raises(ConfigError, match="carries no credentials") as info:
+            load_settings(url, env={})
+        assert "AKIA" not in str(info.value) and "wJalr" not in str(info.value)
+        assert "K7MDENG" not in str(info.value)
+    at = write(
+        tmp_path, '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "s3://bkt/t@x"\n'
     )
-    with pytest.raises(ConfigError, match="carries no credentials") as info:
-        load_settings(url, env={})
-    assert "AKIA" not in str(info.value) and "wJalr" not in str(info.value)
+    assert load_settings(at, env={}).output.directory == "s3://bkt/t@x"  # a key's @, not a user's
     with pytest.raises(SystemExit) as exited:
         main(["merge", "--shards", "abc"])
     assert exited.value.code == 2

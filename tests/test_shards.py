@@ -86,6 +86,7 @@ def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
         ("-1/4", "is not I/N"),
         ("1of4", "is not I/N"),
         ("", "is not I/N"),
+        ("\u0660/\u0662", "is not I/N"),  # digits of another script
     ],
 )
 def test_parse_shard_rejects(text: str, problem: str) -> None:
