@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 import zlib
 from abc import ABC, abstractmethod
@@ -1627,15 +1628,28 @@ async def diff_command(
     location: str | os.PathLike[str], old: str, new: str, *, out: IO[bytes], **options: Any
 ) -> int:
     """`snowball-aggregator diff OLD NEW`: write the events between two snapshots as JSON
-    Lines to `out`; returns the exit code (0). Raises `OutputError` for an unknown snapshot."""
-    try:
+    Lines to `out`; returns the exit code (0). Raises `OutputError` for an unknown snapshot,
+    or one found damaged.
+
+    The events reach `out` only once the comparison has finished, so that a snapshot found
+    damaged midway (a record count or line that is wrong near its end) prints the error and
+    no events, never a feed cut short that looks whole. Meanwhile they wait in memory, up to
+    `_DIFF_SPOOL` bytes, then in a temporary file."""
+    with tempfile.SpooledTemporaryFile(max_size=_DIFF_SPOOL) as spool:
         async with open_store(location, **options) as store:
             async for batch in store.diff(old, new):
-                _emit(out.write, encode_events(batch))
-        _emit(out.flush)
-    except BrokenPipeError:  # `diff ... | head`: the reader has what it wanted
-        return 0
+                _emit(spool.write, encode_events(batch))
+        spool.seek(0)
+        try:
+            while chunk := spool.read(READ_CHUNK):
+                _emit(out.write, chunk)
+            _emit(out.flush)
+        except BrokenPipeError:  # `diff ... | head`: the reader has what it wanted
+            return 0
     return 0
+
+
+_DIFF_SPOOL = 32 << 20
 
 
 def _emit(write: Callable[..., Any], *data: Any) -> None:

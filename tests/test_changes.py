@@ -965,6 +965,33 @@ async def test_diff_to_a_full_disk_is_one_error_and_to_a_closed_pipe_is_quiet(
     assert await diff_command(tmp_path, OLD_ID, NEW_ID, out=Gone()) == 0
 
 
+async def test_diff_of_a_snapshot_found_damaged_at_its_end_prints_no_events(
+    tmp_path: Path,
+) -> None:
+    """A data file found damaged only at its end (a last line missing: the record count is
+    checked once it is read) makes `diff` an error that prints no events: not thousands of
+    them, then the error, a feed cut short that a reader redirecting it would take whole."""
+    manifest = {"status": "complete", "partition_status": []}
+    jobs = [
+        JobRecord.from_json_dict(
+            {"account_id": A, "job_id": f"J{i:05d}", "snapshot_id": NEW_ID, "observed_at": NEW_SEEN}
+        )
+        for i in range(5000)
+    ]
+    async with open_store(tmp_path) as store:
+        await store.write(OLD_ID, [], manifest)
+        written = await store.write(NEW_ID, jobs, manifest, previous=await store.latest_manifest())
+    whole = io.BytesIO()
+    assert await diff_command(tmp_path, OLD_ID, NEW_ID, out=whole) == 0
+    assert whole.getvalue().count(b"\n") == 5000
+    data = tmp_path / written.data_path
+    data.write_bytes(data.read_bytes().rsplit(b"\n", 2)[0] + b"\n")  # the last record gone
+    out = io.BytesIO()
+    with pytest.raises(OutputError, match="4999 records, but its manifest says 5000"):
+        await diff_command(tmp_path, OLD_ID, NEW_ID, out=out)
+    assert out.getvalue() == b""
+
+
 async def test_diff_command_line(
     make_sandbox: SandboxFactory, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
