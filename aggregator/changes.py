@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from .plan import US_REGIONS
-from .records import JobRecord
+from .records import JobRecord, check_record_types
 
 __all__ = [
     "EVENT_TYPES",
@@ -173,6 +173,11 @@ def batch_of_dicts(items: Sequence[Mapping[str, Any]]) -> Batch:
         raise UnreadableLine(f"not a snapshot record: {exc}") from exc
     if not all(type(a) is str and type(j) is str for (a, j), _, _ in cores):
         raise UnreadableLine("not a snapshot record: account_id and job_id must be strings")
+    try:
+        for d in items:
+            check_record_types(d)
+    except ValueError as exc:
+        raise UnreadableLine(f"not a snapshot record: {exc}") from exc
     return cores, extra
 
 
@@ -492,6 +497,7 @@ def _decoded(line: bytes) -> tuple[Core, Extra]:
         key = (d["account_id"], d["job_id"])
         if type(key[0]) is not str or type(key[1]) is not str:
             raise TypeError("account_id and job_id must be strings")
+        check_record_types(d)
         core = (key, d.get("job_state"), bool(d.get("stale")))
         return core, (d.get("regions") or (), d.get("last_seen") or d["observed_at"])
     except (ValueError, KeyError, TypeError) as exc:

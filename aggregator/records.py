@@ -19,6 +19,7 @@ __all__ = [
     "JobEntry",
     "JobRecord",
     "Page",
+    "check_record_types",
     "epoch_millis",
     "iso_millis",
     "iso_seconds",
@@ -218,7 +219,9 @@ class JobRecord(NamedTuple):
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> JobRecord:
-        """Read a record back from a snapshot line (fields added later default sensibly)."""
+        """Read a record back from a snapshot line (fields added later default sensibly);
+        `ValueError` if a field the comparison and carry-forward use has the wrong type."""
+        check_record_types(data)
         return cls(
             account_id=data["account_id"],
             job_id=data["job_id"],
@@ -234,3 +237,26 @@ class JobRecord(NamedTuple):
             last_seen=data.get("last_seen") or data["observed_at"],
             stale=bool(data.get("stale", False)),
         )
+
+
+def check_record_types(data: Mapping[str, Any]) -> None:
+    """Raise `ValueError` if a field of a record read back from a snapshot line that the
+    comparison and carry-forward use has the wrong JSON type (a line edited by hand: a
+    `regions` string would be read one character a region, a numeric state would reach the
+    change feed): `job_state` a string or null, `regions` a list of strings, `stale` a
+    boolean, `last_seen` and `observed_at` strings (absent fields take their defaults)."""
+    state = data.get("job_state")
+    if state is not None and type(state) is not str:
+        raise ValueError(f"job_state {state!r} is not a string")
+    regions = data.get("regions")
+    if regions is not None and (
+        type(regions) is not list or not all(type(r) is str for r in regions)
+    ):
+        raise ValueError(f"regions {regions!r} is not a list of region names")
+    stale = data.get("stale")
+    if stale is not None and type(stale) is not bool:
+        raise ValueError(f"stale {stale!r} is not true or false")
+    for name in ("last_seen", "observed_at"):
+        value = data.get(name)
+        if value is not None and type(value) is not str:
+            raise ValueError(f"{name} {value!r} is not a time")

@@ -919,8 +919,13 @@ async def test_a_failed_first_partition_then_recovery_adds_its_jobs(
         b"[1, 2]\n",
         b'{"account_id": "111111111111", "job_id": 7}\n',
         b'{"job_id": "J"}\n',
+        # Edited by hand: a state that would reach the feed as a number, regions that would
+        # be read one character a region (and decide removals), a stale flag that is no flag.
+        b'{"account_id": "111111111111", "job_id": "J", "job_state": 7}\n',
+        b'{"account_id": "111111111111", "job_id": "J", "regions": "eu-west-1"}\n',
+        b'{"account_id": "111111111111", "job_id": "J", "stale": "no"}\n',
     ],
-    ids=["null", "array", "numeric-job-id", "no-account"],
+    ids=["null", "array", "numeric-job-id", "no-account", "numeric-state", "regions", "stale"],
 )
 async def test_diff_of_a_snapshot_with_a_line_that_is_no_record_is_one_error(
     tmp_path: Path, line: bytes

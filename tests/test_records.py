@@ -134,3 +134,24 @@ def test_iso_seconds_converts_to_utc_and_pads() -> None:
     assert iso_seconds(east) == "2026-11-28T15:00:03Z"
     assert iso_seconds(instant.replace(tzinfo=None)) == "2026-11-28T15:00:03Z"
     assert iso_seconds(datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC)) == "0999-01-02T03:04:05Z"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"regions": "eu-west-1"},
+        {"regions": [1]},
+        {"job_state": 7},
+        {"stale": "no"},
+        {"last_seen": 1},
+    ],
+)
+def test_a_record_read_back_with_a_field_of_the_wrong_type_is_refused(
+    field: dict[str, object],
+) -> None:
+    """What a failed partition carries forward is read back from the previous snapshot: a
+    line edited by hand with `regions` as a string would be carried as one region a letter."""
+    base = {"account_id": "111111111111", "job_id": "J", "snapshot_id": "s", "observed_at": "t"}
+    assert JobRecord.from_json_dict(base).regions == ()
+    with pytest.raises(ValueError, match="is not"):
+        JobRecord.from_json_dict({**base, **field})
