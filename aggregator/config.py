@@ -573,15 +573,23 @@ def settings_from_mapping(
         errors = exc.errors()
         first = errors[0]
         key = _key_path(first["loc"])
-        # The last override applied that covers the key (a table, then a key inside it).
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        problem = _problem(first)
+        # A check across keys names its key first ("regions: ...", or "names: ..." in the
+        # regions table).
+        head, _, rest = problem.partition(": ")
+        if rest and head.isidentifier():
+            key, problem = (f"{key}.{head}" if key else head), rest
+        # The last override applied that covers the key (a table, then a key inside it); for
+        # a table's check across its keys, the last override inside it.
         origin = None
         for overridden, name in origins.items():
             if _overrides(key, overridden):
                 origin = name
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        problem = _problem(first)
-        if not key and ": " in problem and problem.split(": ", 1)[0].isidentifier():
-            key, problem = problem.split(": ", 1)
+        if origin is None:
+            for overridden, name in origins.items():
+                if _overrides(overridden, key):
+                    origin = name
         return_source = _env_source(origin) if origin else source
         raise ConfigError(return_source, key, problem + more) from None
 

@@ -462,6 +462,29 @@ def test_environment_errors_on_indexed_keys_name_the_variable(tmp_path: Path) ->
     assert str(info.value).startswith(f"{tmp_path / 'prod.toml'}: accounts.ids[0]: ")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ACCOUNTS__IDS", "[]", "accounts: no accounts configured"),
+        ("ACCOUNTS__EXCLUDE", '["111111111111"]', "accounts: accounts.exclude excludes every"),
+        ("REGIONS__EXCLUDE", '["us-east-1"]', "regions: names and exclude leave no Snowball"),
+        ("REGIONS__NAMES", "[]", "regions.names: at least one region"),
+    ],
+)
+def test_environment_errors_across_keys_name_the_variable(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    """A check across keys of a table (no accounts left, no region left) that an override
+    made fail names the variable, not the file that was fine without it."""
+    text = '[accounts]\nids = ["111111111111"]\n[regions]\nnames = ["us-east-1"]\n'
+    path = write(tmp_path, text)
+    assert load_settings(path, env={}).regions.names == ("us-east-1",)
+    name = f"SNOWBALL_AGGREGATOR_{variable}"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={name: value})
+    assert str(info.value).startswith(f"{name} (environment): {message}")
+
+
 def test_environment_errors_in_tables_it_made_or_profiles_it_named_name_the_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
