@@ -318,7 +318,7 @@ class DaemonSettings(_Model):
 
     interval: Interval = 900.0
     listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9464"
-    shutdown_deadline: Duration = 30.0
+    shutdown_deadline: Duration = Field(default=30.0, le=MAX_INTERVAL)  # (a week)
     jitter: float = Field(default=0.05, ge=0, le=0.5)
 
 
@@ -546,6 +546,8 @@ def _problem(err: Mapping[str, Any]) -> str:
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if kind in {"value_error", "assertion_error"}:
         return msg
+    if type(value) is float and not math.isfinite(value):  # not "less than 10000, got nan"
+        return f"{value!r} is not a finite number"
     if "external_id" in loc:  # a shared secret of sorts: its type is enough to say
         return f"{msg[0].lower()}{msg[1:]}, got a {type(value).__name__}"
     shown = repr(value)
@@ -716,6 +718,8 @@ def load_settings(
     """
     p = Path(path)
     name = str(path)
+    if not name:  # Path("") is the working directory
+        raise ConfigError("--config", "", "must not be empty")
     try:
         with p.open("rb") as fh:  # (a pipe too: `--config <(envsubst < template)`)
             raw = fh.read(MAX_CONFIG_BYTES + 1)  # bounded: /dev/zero has no end

@@ -149,6 +149,14 @@ def test_settings_are_frozen() -> None:
             '[accounts]\nids = ["' + "\u0661" * 12 + '"]\n',
             "prod.toml: accounts.ids[0]: ",
         ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[limits]\nrequests_per_second = nan\n',
+            "prod.toml: limits.requests_per_second: nan is not a finite number",
+        ),
+        (  # bounded like the interval and the partition deadline
+            '[accounts]\nids = ["111111111111"]\n[daemon]\nshutdown_deadline = "9999999h"\n',
+            "prod.toml: daemon.shutdown_deadline: input should be less than or equal to 604800",
+        ),
         (  # the external id's value is not quoted back
             '[accounts]\nids = ["111111111111"]\nexternal_id = ["SuperSecretValue123"]\n',
             "prod.toml: accounts.external_id: input should be a valid string, got a tuple",
@@ -159,8 +167,7 @@ def test_settings_are_frozen() -> None:
         ),
         (  # without a bound the daemon's liveness could never fail
             '[accounts]\nids = ["111111111111"]\n[limits]\npartition_deadline_seconds = inf\n',
-            "prod.toml: limits.partition_deadline_seconds: input should be less than or equal "
-            "to 604800",
+            "prod.toml: limits.partition_deadline_seconds: inf is not a finite number",
         ),
         (
             '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "x\\u0000y"\n',
@@ -381,6 +388,8 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
     """A path that does not exist is reported, not raised as a traceback."""
     with pytest.raises(ConfigError, match=r"nope\.toml: file not found"):
         load_settings(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match=r"^--config: must not be empty$"):  # not "a directory"
+        load_settings("", env={})
 
 
 def test_environment_overrides_and_names_the_variable(tmp_path: Path) -> None:
