@@ -55,6 +55,9 @@ log = structlog.get_logger()
 MiB = 1 << 20
 _MIN_PART = 5 * MiB  # S3's minimum size of every part but the last
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_ADDRESS = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}", re.ASCII)
+# The longest key under the prefix is a change file or manifest path of about 90 bytes.
+_MAX_PREFIX = 900
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -67,14 +70,24 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     # the bucket is then only part of it). An @ in the prefix of a valid bucket is a key's.
     if "@" in bucket or ("@" in url and not _BUCKET.fullmatch(bucket)):
         raise ValueError("an s3:// URL carries no credentials (user:secret@bucket is refused)")
-    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+    if (
+        not _BUCKET.fullmatch(bucket)
+        or ".." in bucket
+        or ".-" in bucket
+        or "-." in bucket
+        or _IP_ADDRESS.fullmatch(bucket)
+    ):
         raise ValueError(
             f"{bucket!r} in {url!r} is not a valid S3 bucket name "
-            "(3-63 lowercase letters, digits, dots and hyphens)"
+            "(3-63 lowercase letters, digits, dots and hyphens, not an IP address)"
         )
+    if any(ord(c) < 32 or c == "\x7f" for c in prefix):  # as for a local directory
+        raise ValueError(f"{url!r} holds a control character (a NUL, a newline...)")
     prefix = prefix.strip("/")
     if "//" in prefix:
         raise ValueError(f"{url!r}: the prefix has an empty path segment")
+    if len(prefix.encode()) > _MAX_PREFIX:  # an S3 key is at most 1,024 bytes, ours included
+        raise ValueError(f"the prefix of {url[:60]!r}... is longer than {_MAX_PREFIX} bytes")
     return bucket, prefix
 
 

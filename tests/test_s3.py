@@ -126,6 +126,18 @@ def test_s3_urls_are_checked() -> None:
     for bad in ("s3://", "s3://UPPER/x", "s3://ab", "s3://a..b/x", "s3://ok-bucket/a//b"):
         with pytest.raises(ValueError):
             parse_s3_url(bad)
+    # Names S3 refuses too, and prefixes no key could hold (a control character, as for a
+    # local directory; longer than a key may be, with our file names under it).
+    for bad in ("s3://bkt.-x/y", "s3://bkt-.x/y", "s3://192.168.1.1/x"):
+        with pytest.raises(ValueError, match="is not a valid S3 bucket name"):
+            parse_s3_url(bad)
+    for bad in ("s3://bkt/x\ny", "s3://bkt/x\x00", "s3://bkt/x\x7f"):
+        with pytest.raises(ValueError, match="control character"):
+            parse_s3_url(bad)
+    with pytest.raises(ValueError, match="longer than 900 bytes"):
+        parse_s3_url("s3://bkt/" + "p" * 901)
+    assert parse_s3_url("s3://bkt/" + "p" * 900) == ("bkt", "p" * 900)
+    assert parse_s3_url("s3://1.2.3.4.example/x") == ("1.2.3.4.example", "x")
 
 
 async def test_layout_and_write_order_match_a_directory(bucket: str, tmp_path: Path) -> None:
