@@ -1129,10 +1129,32 @@ class Store(ABC):
             )
 
     async def _batches(self, manifest: Mapping[str, Any]) -> AsyncIterator[Batch]:
-        """The comparison view of a snapshot's records, in batches."""
+        """The comparison view of a snapshot's records, in batches; a line that is not a
+        record is an `OutputError` naming the file and the line."""
         loads = orjson.loads
+        seen = 0
         async for lines in self._record_lines(manifest):
-            yield batch_of_dicts(list(map(loads, lines)))
+            try:
+                batch = batch_of_dicts(list(map(loads, lines)))
+            except ValueError:
+                raise self._unreadable(manifest, lines, seen) from None
+            seen += len(lines)
+            yield batch
+
+    def _unreadable(
+        self, manifest: Mapping[str, Any], lines: list[bytes], seen: int
+    ) -> OutputError:
+        """The error for the first line of `lines` (after `seen` records) that is no record."""
+        for number, line in enumerate(lines, seen + 1):
+            try:
+                batch_of_dicts([orjson.loads(line)])
+            except ValueError as exc:
+                reason = str(exc).removeprefix("not a snapshot record: ")
+                return OutputError(
+                    f"{self.locate(manifest['data']['path'])}: record {number} is not a "
+                    f"snapshot record: {reason}"
+                )
+        raise AssertionError("a line of the batch failed")  # pragma: no cover
 
     async def read_records(self, manifest: Mapping[str, Any]) -> AsyncIterator[JobRecord]:
         """Stream the records of the snapshot described by `manifest` (gzip or not); raises

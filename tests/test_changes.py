@@ -940,8 +940,10 @@ async def test_diff_of_a_snapshot_with_a_line_that_is_no_record_is_one_error(
             "20261128T151500Z-bbbb", [], manifest, previous=await store.latest_manifest()
         )
     (tmp_path / first.data_path).write_bytes(line)
-    with pytest.raises(OutputError, match="not a snapshot record"):
+    with pytest.raises(OutputError, match="not a snapshot record") as info:
         await diff_command(tmp_path, "20261128T150000Z-aaaa", "latest", out=io.BytesIO())
+    # It names the file and the record, not only "line 1" of the record's JSON.
+    assert str(info.value).startswith(f"{tmp_path / first.data_path}: record 1 is not a ")
 
 
 async def test_diff_to_a_full_disk_is_one_error_and_to_a_closed_pipe_is_quiet(
