@@ -298,7 +298,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     if args.output is not None:
         check_output_location(args.output)
-    settings = load_settings(args.config) if args.config else None
+    settings = load_settings(args.config) if args.config is not None else None
     location = args.output or (settings.output.directory if settings else "var/snapshots")
     check_endpoints(settings, output=location)
     session = _output_session(settings) if settings else None

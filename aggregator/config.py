@@ -182,10 +182,18 @@ def _interval(value: object) -> float:
     return seconds
 
 
+def _deadline(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds > MAX_INTERVAL:
+        raise ValueError(f"{value!r} is longer than the maximum of 7 days")
+    return seconds
+
+
 AccountId = Annotated[str, AfterValidator(_account_id)]
 Region = Annotated[str, AfterValidator(_region)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Interval = Annotated[float, BeforeValidator(_interval)]
+Deadline = Annotated[float, BeforeValidator(_deadline)]
 
 
 class _Model(BaseModel):
@@ -278,9 +286,11 @@ class LimitsSettings(_Model):
 
 def _output_location(value: str) -> str:
     if value.startswith("s3://"):
-        from .s3 import parse_s3_url
+        from .s3 import MAX_PREFIX, parse_s3_url
 
-        parse_s3_url(value)  # its ValueError names the problem
+        _, prefix = parse_s3_url(value)  # its ValueError names the problem
+        if len(prefix.encode()) > MAX_PREFIX:
+            raise ValueError(f"the prefix of {value[:60]!r}... is longer than {MAX_PREFIX} bytes")
         return value
     if any(ord(c) < 32 or c == "\x7f" for c in value):
         raise ValueError(f"{value!r} holds a control character (a NUL, a newline...)")
@@ -318,7 +328,7 @@ class DaemonSettings(_Model):
 
     interval: Interval = 900.0
     listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9464"
-    shutdown_deadline: Duration = Field(default=30.0, le=MAX_INTERVAL)  # (a week)
+    shutdown_deadline: Deadline = 30.0
     jitter: float = Field(default=0.05, ge=0, le=0.5)
 
 
@@ -337,14 +347,21 @@ class PartitionSettings(_Model):
 
 
 def _partitions_used(accounts: AccountsSettings) -> set[str]:
-    """The AWS partitions the configured accounts are in: `accounts.partition` for `ids` and
-    discovery (the hub's) and for `list` entries without a role ARN; else the ARN's."""
+    """The AWS partitions of the accounts that will be asked (as `accounts.static_accounts`
+    picks them: excluded ids left out, a `list` entry before the same id in `ids`): its role
+    ARN's for a `list` entry that has one, else `accounts.partition`, which discovery uses
+    too (the hub's)."""
+    excluded = set(accounts.exclude)
+    listed = {entry.id for entry in accounts.list}
     partitions: set[str] = set()
-    if accounts.ids or accounts.organizations.enabled:
+    if accounts.organizations.enabled or any(
+        i not in excluded and i not in listed for i in accounts.ids
+    ):
         partitions.add(accounts.partition)
     for entry in accounts.list:
-        m = _ROLE_ARN_RE.fullmatch(entry.role_arn or "")
-        partitions.add(m.group(1) if m else accounts.partition)
+        if entry.id not in excluded:
+            m = _ROLE_ARN_RE.fullmatch(entry.role_arn or "")
+            partitions.add(m.group(1) if m else accounts.partition)
     return partitions
 
 
@@ -549,7 +566,7 @@ def _problem(err: Mapping[str, Any]) -> str:
     if type(value) is float and not math.isfinite(value):  # not "less than 10000, got nan"
         return f"{value!r} is not a finite number"
     if "external_id" in loc:  # a shared secret of sorts: its type is enough to say
-        return f"{msg[0].lower()}{msg[1:]}, got a {type(value).__name__}"
+        return f"{msg[0].lower()}{msg[1:]}, got a value of type {type(value).__name__}"
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
@@ -583,17 +600,32 @@ def settings_from_mapping(
         if rest and head.isidentifier():
             key, problem = (f"{key}.{head}" if key else head), rest
         # The last override applied that covers the key (a table, then a key inside it); for
-        # a table's check across its keys, the last override inside it.
+        # a check across keys, the last override of a key that check reads.
         origin = None
         for overridden, name in origins.items():
             if _overrides(key, overridden):
                 origin = name
         if origin is None:
             for overridden, name in origins.items():
-                if _overrides(overridden, key):
+                if any(_overrides(overridden, read) for read in _CHECK_READS.get(key, ())):
                     origin = name
         return_source = _env_source(origin) if origin else source
         raise ConfigError(return_source, key, problem + more) from None
+
+
+# The keys each check across keys (see Settings._some_accounts, RegionsSettings) reads.
+_ACCOUNT_KEYS = (
+    "accounts.ids",
+    "accounts.list",
+    "accounts.exclude",
+    "accounts.organizations",
+    "accounts.partition",
+)
+_CHECK_READS: dict[str, tuple[str, ...]] = {
+    "accounts": _ACCOUNT_KEYS,
+    "regions": ("regions.names", "regions.exclude", *_ACCOUNT_KEYS),
+    "regions.names": ("regions.names",),
+}
 
 
 def check_aws_config(settings: Settings, *, env: Mapping[str, str] | None = None) -> None:

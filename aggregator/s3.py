@@ -48,7 +48,7 @@ from .snapshot import (
     to_the_end,
 )
 
-__all__ = ["S3Store", "parse_s3_url"]
+__all__ = ["MAX_PREFIX", "S3Store", "parse_s3_url"]
 
 log = structlog.get_logger()
 
@@ -56,8 +56,11 @@ MiB = 1 << 20
 _MIN_PART = 5 * MiB  # S3's minimum size of every part but the last
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IP_ADDRESS = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}", re.ASCII)
-# The longest key under the prefix is a change file or manifest path of about 90 bytes.
-_MAX_PREFIX = 900
+# The longest prefix an output URL may have (checked where one is configured: config.py). An
+# S3 key is at most 1,024 bytes, and the longest key the store writes below the prefix is a
+# sharded run's manifest: `/shards/run=<64>/shard=<n>-of-<n>/snapshots/date=<10>/<id>` +
+# `.manifest.json`, about 160 bytes.
+MAX_PREFIX = 800
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -66,9 +69,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not url.startswith("s3://"):
         raise ValueError(f"{url!r} is not an s3://bucket/prefix URL")
     bucket, _, prefix = url[len("s3://") :].partition("/")
-    # Not echoed: what precedes the @ may be a key and its secret, which may hold a "/" (so
-    # the bucket is then only part of it). An @ in the prefix of a valid bucket is a key's.
-    if "@" in bucket or ("@" in url and not _BUCKET.fullmatch(bucket)):
+    # Not echoed: what precedes the @ may be a key and its secret (`user:secret@`), which may
+    # hold a "/" (so the bucket is then only part of it). An @ in the prefix of a valid bucket
+    # is a key's.
+    if "@" in bucket or (
+        "@" in url and ":" in url[len("s3://") : url.rindex("@")] and not _BUCKET.fullmatch(bucket)
+    ):
         raise ValueError("an s3:// URL carries no credentials (user:secret@bucket is refused)")
     if (
         not _BUCKET.fullmatch(bucket)
@@ -86,8 +92,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     prefix = prefix.strip("/")
     if "//" in prefix:
         raise ValueError(f"{url!r}: the prefix has an empty path segment")
-    if len(prefix.encode()) > _MAX_PREFIX:  # an S3 key is at most 1,024 bytes, ours included
-        raise ValueError(f"the prefix of {url[:60]!r}... is longer than {_MAX_PREFIX} bytes")
     return bucket, prefix
 
 

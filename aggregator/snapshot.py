@@ -1094,7 +1094,7 @@ class Store(ABC):
 
     async def _record_lines(
         self, manifest: Mapping[str, Any], *, verify: bool = True
-    ) -> AsyncIterator[list[bytes]]:
+    ) -> AsyncGenerator[list[bytes], None]:
         """`_line_batches`, then an `OutputError` if there were not as many lines as the
         manifest's `data.records` says, or the file is not the size its `data.bytes` says, or
         (with `verify`) not the file its `data.sha256` describes: a data file cut short,
@@ -1133,13 +1133,14 @@ class Store(ABC):
         record is an `OutputError` naming the file and the line."""
         loads = orjson.loads
         seen = 0
-        async for lines in self._record_lines(manifest):
-            try:
-                batch = batch_of_dicts(list(map(loads, lines)))
-            except ValueError:
-                raise self._unreadable(manifest, lines, seen) from None
-            seen += len(lines)
-            yield batch
+        async with contextlib.aclosing(self._record_lines(manifest)) as it:
+            async for lines in it:
+                try:
+                    batch = batch_of_dicts(list(map(loads, lines)))
+                except ValueError:
+                    raise self._unreadable(manifest, lines, seen) from None
+                seen += len(lines)
+                yield batch
 
     def _unreadable(
         self, manifest: Mapping[str, Any], lines: list[bytes], seen: int
@@ -1156,14 +1157,18 @@ class Store(ABC):
                 )
         raise AssertionError("a line of the batch failed")  # pragma: no cover
 
-    async def read_records(self, manifest: Mapping[str, Any]) -> AsyncIterator[JobRecord]:
+    async def read_records(
+        self, manifest: Mapping[str, Any], *, verify: bool = True
+    ) -> AsyncIterator[JobRecord]:
         """Stream the records of the snapshot described by `manifest` (gzip or not); raises
-        `OutputError` if the file does not hold the number of records the manifest says."""
+        `OutputError` if the file is not the one the manifest describes (`_record_lines`:
+        `verify=False` for a caller that checked the digest itself)."""
         rel = manifest["data"]["path"]
         try:
-            async for lines in self._record_lines(manifest):
-                for line in lines:
-                    yield JobRecord.from_json_dict(orjson.loads(line))
+            async with contextlib.aclosing(self._record_lines(manifest, verify=verify)) as it:
+                async for lines in it:
+                    for line in lines:
+                        yield JobRecord.from_json_dict(orjson.loads(line))
         except (ValueError, KeyError, zlib.error) as exc:
             raise OutputError(f"{self.locate(rel)}: not a valid snapshot: {exc}") from exc
 

@@ -155,11 +155,18 @@ def test_settings_are_frozen() -> None:
         ),
         (  # bounded like the interval and the partition deadline
             '[accounts]\nids = ["111111111111"]\n[daemon]\nshutdown_deadline = "9999999h"\n',
-            "prod.toml: daemon.shutdown_deadline: input should be less than or equal to 604800",
+            "prod.toml: daemon.shutdown_deadline: '9999999h' is longer than the maximum of 7 days",
+        ),
+        (  # a prefix whose keys (a sharded run's, the longest) would pass S3's 1,024 bytes
+            '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "s3://bkt/'
+            + "p" * 801
+            + '"\n',
+            "prod.toml: output.directory: the prefix of 's3://bkt/ppp",
         ),
         (  # the external id's value is not quoted back
             '[accounts]\nids = ["111111111111"]\nexternal_id = ["SuperSecretValue123"]\n',
-            "prod.toml: accounts.external_id: input should be a valid string, got a tuple",
+            "prod.toml: accounts.external_id: input should be a valid string, got a value of "
+            "type tuple",
         ),
         (
             'source = "x"\n[accounts]\nids = ["111111111111"]\n',
@@ -492,6 +499,39 @@ def test_environment_errors_across_keys_name_the_variable(
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={name: value})
     assert str(info.value).startswith(f"{name} (environment): {message}")
+
+
+def test_accounts_that_are_not_asked_need_no_region(tmp_path: Path) -> None:
+    """The region rule goes by the accounts that will be asked: an excluded id, or an id that
+    a list entry with an aws-cn role takes over, needs no aws region."""
+    cn = 'role_arn = "arn:aws-cn:iam::111111111111:role/R"\n[regions]\nnames = ["cn-north-1"]\n'
+    for accounts in (
+        '[accounts]\nids = ["111111111111"]\nexclude = ["222222222222", "111111111111"]\n'
+        '[[accounts.list]]\nid = "333333333333"\n'
+        'role_arn = "arn:aws-cn:iam::333333333333:role/R"\n[regions]\nnames = ["cn-north-1"]\n',
+        '[accounts]\nids = ["111111111111"]\n[[accounts.list]]\nid = "111111111111"\n' + cn,
+    ):
+        assert load_settings(write(tmp_path, accounts), env={}).regions.names == ("cn-north-1",)
+
+
+def test_environment_errors_across_keys_blame_only_a_key_the_check_reads(tmp_path: Path) -> None:
+    """An override of a key the failing check does not read (the external id, the US
+    strategy) is not blamed for it: the file is."""
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\nexclude = ["111111111111"]\n')
+    env = {"SNOWBALL_AGGREGATOR_ACCOUNTS__EXTERNAL_ID": "abc"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env)
+    assert str(info.value).startswith(f"{path}: accounts: accounts.exclude excludes every")
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n[regions]\nnames = ["us-east-1"]\n')
+    env = {
+        "SNOWBALL_AGGREGATOR_ACCOUNTS__PARTITION": "aws-cn",
+        "SNOWBALL_AGGREGATOR_REGIONS__US_STRATEGY": "one",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=env)
+    assert str(info.value).startswith(
+        "SNOWBALL_AGGREGATOR_ACCOUNTS__PARTITION (environment): regions: names and exclude"
+    )
 
 
 def test_environment_errors_in_tables_it_made_or_profiles_it_named_name_the_variable(
