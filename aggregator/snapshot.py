@@ -1119,12 +1119,12 @@ class Store(ABC):
             sha, size = await digest.result()
         if data.get("bytes") is not None and size != data["bytes"]:
             raise OutputError(
-                f"{where}: {size} bytes, but its manifest says {data['bytes']}: the data file "
-                "is damaged or was edited"
+                f"{where}: {size} bytes do not match the size in its manifest "
+                f"({data['bytes']}): the data file is damaged or was edited"
             )
         if sha is not None and data.get("sha256") is not None and sha != data["sha256"]:
             raise OutputError(
-                f"{where}: its sha256 is not the one its manifest gives: the data file is "
+                f"{where}: does not match the sha256 in its manifest: the data file is "
                 "damaged or was edited"
             )
 

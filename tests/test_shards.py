@@ -546,6 +546,13 @@ async def test_merge_refuses_altered_data(make_sandbox: SandboxFactory, tmp_path
     with pytest.raises(ShardError, match=r"shard 1/2: .* does not match the sha256"):
         await merge_run(tmp_path, "tamper", 2)
     assert not (tmp_path / "LATEST").exists()
+    # A shard manifest that gives no digest to check against is refused too.
+    manifest_file = Path(location) / (Path(location) / "LATEST").read_text().strip()
+    manifest = orjson.loads(manifest_file.read_bytes())
+    del manifest["data"]["sha256"]
+    manifest_file.write_bytes(orjson.dumps(manifest))
+    with pytest.raises(ShardError, match=r"shard 1/2: its manifest gives no sha256 and size"):
+        await merge_run(tmp_path, "tamper", 2)
 
 
 async def test_merge_refuses_a_shard_of_another_run(

@@ -391,10 +391,10 @@ async def test_a_data_file_its_manifest_does_not_describe_is_refused(
             [r async for r in store.read_records(previous)]
         assert str(e.value).startswith(f"{path}: ")
         if compress == "none":  # (recompressed, the gzip file's size differs anyway)
-            assert "sha256 is not the one its manifest gives" in str(e.value)
+            assert "does not match the sha256 in its manifest" in str(e.value)
     edit(b'"job_state":"New"', b'"job_state":"Gone"')
     async with open_store(tmp_path, compress=compress) as store:
-        with pytest.raises(OutputError, match="bytes, but its manifest says"):
+        with pytest.raises(OutputError, match="bytes do not match the size in its manifest"):
             [r async for r in store.read_records(await store.read_manifest(sid(0)))]
         written = await write(store, sid(1), {"A": "New", "B": "Complete"})
         assert written.changes_path is None
