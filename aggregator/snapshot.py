@@ -1157,15 +1157,12 @@ class Store(ABC):
                 )
         raise AssertionError("a line of the batch failed")  # pragma: no cover
 
-    async def read_records(
-        self, manifest: Mapping[str, Any], *, verify: bool = True
-    ) -> AsyncIterator[JobRecord]:
+    async def read_records(self, manifest: Mapping[str, Any]) -> AsyncIterator[JobRecord]:
         """Stream the records of the snapshot described by `manifest` (gzip or not); raises
-        `OutputError` if the file is not the one the manifest describes (`_record_lines`:
-        `verify=False` for a caller that checked the digest itself)."""
+        `OutputError` if the file is not the one the manifest describes (`_record_lines`)."""
         rel = manifest["data"]["path"]
         try:
-            async with contextlib.aclosing(self._record_lines(manifest, verify=verify)) as it:
+            async with contextlib.aclosing(self._record_lines(manifest)) as it:
                 async for lines in it:
                     for line in lines:
                         yield JobRecord.from_json_dict(orjson.loads(line))
