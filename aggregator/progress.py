@@ -27,7 +27,10 @@ __all__ = ["ProgressBar", "summary_table"]
 
 
 class ProgressBar:
-    """A CycleObserver drawing partitions done/total, jobs, throttles, retries and ETA."""
+    """A CycleObserver drawing partitions done/total, jobs listed, throttles, retries and ETA.
+
+    "listed" counts ListJobs entries as they arrive, before the US dedupe (a US job is listed
+    by every US region of its account); the summary table gives the jobs after it."""
 
     def __init__(self, console: Console | None = None) -> None:
         self._console = console or Console(stderr=True)
@@ -36,7 +39,7 @@ class ProgressBar:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(
-                "jobs {task.fields[jobs]}  throttles {task.fields[throttles]}  "
+                "listed {task.fields[jobs]}  throttles {task.fields[throttles]}  "
                 "retries {task.fields[retries]}  failed {task.fields[failed]}"
             ),
             TimeElapsedColumn(),
