@@ -565,9 +565,11 @@ def _problem(err: Mapping[str, Any]) -> str:
         return msg
     if type(value) is float and not math.isfinite(value):  # not "less than 10000, got nan"
         return f"{value!r} is not a finite number"
-    if "external_id" in loc:  # a shared secret of sorts: its type is enough to say
-        return f"{msg[0].lower()}{msg[1:]}, got a value of type {type(value).__name__}"
     shown = repr(value)
+    # A shared secret of sorts: the type of the value is enough to say, whether the value is
+    # the external id or a table (or text) that holds one.
+    if "external_id" in loc or "external_id" in shown:
+        return f"{msg[0].lower()}{msg[1:]}, got a value of type {type(value).__name__}"
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return f"{msg[0].lower()}{msg[1:]}, got {shown}"
@@ -682,7 +684,6 @@ def check_endpoints(settings: Settings | None, *, output: str | None = None) -> 
     """
     import botocore.session
     from botocore.exceptions import ConfigParseError, ProfileNotFound
-    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
     wanted: dict[str | None, set[str]] = {}
     hub = None
@@ -706,13 +707,23 @@ def check_endpoints(settings: Settings | None, *, output: str | None = None) -> 
             raise ConfigError(where, "", str(exc)) from None
         for service in sorted(services):
             source, url = _configured_endpoint(service, session, scoped, where)
-            if url and not (
-                url.lower().startswith(("http://", "https://"))  # all aiohttp speaks
-                and (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
-            ):
+            if url and not _endpoint_url_ok(url):
                 raise ConfigError(
                     source, "", "not an endpoint URL (expected http(s)://host[:port])"
                 )
+
+
+def _endpoint_url_ok(url: str) -> bool:
+    """Whether botocore (and aiohttp, which speaks http and https only) takes `url` as an
+    endpoint; botocore's own checks raise ValueError for an unclosed `[` (a bad IPv6 host)."""
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    if not url.lower().startswith(("http://", "https://")):
+        return False
+    try:
+        return bool(is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
+    except ValueError:
+        return False
 
 
 def _configured_endpoint(

@@ -75,7 +75,9 @@ class ConfigError(AggregatorError):
     def __init__(self, source: str, key: str, problem: str) -> None:
         self.source = " ".join(source.split())  # a path or variable with a newline in it
         self.key = key
-        problem = " ".join(problem.split())  # one line, whatever the cause said
+        # One line, whatever the cause said; a value quoted back (an output location that is
+        # no location at all, say) keeps no credentials.
+        problem = redact(" ".join(problem.split()))
         if len(problem) > _MAX_PROBLEM:  # a value quoted in full could be megabytes long
             problem = problem[: _MAX_PROBLEM - 3] + "..."
         self.problem = problem
@@ -102,9 +104,17 @@ _ECHOED_REQUEST = re.compile(
     r"\s*The (?:Canonical String|String-to-Sign)[^\n]* should have been.*",
     re.IGNORECASE | re.DOTALL,
 )
+# A header's value follows its name after a colon or "=", quoted or not (JSON, a dict's repr,
+# HTML-escaped JSON), or after the tags of an HTML table's cells (a proxy's block page quoting
+# the request); a header list such as SignedHeaders=...;x-amz-security-token has none of these.
+_QUOTE = r"(?:[\"']|&quot;|&#0?39;)?"
 _SIGNED_VALUES = re.compile(
-    r"(x-amz-security-token\s*[:=]\s*|Signature\s*=\s*)[^\s,;&'\"]+", re.IGNORECASE
+    r"(x-amz-security-token" + _QUOTE + r"\s*(?:[:=]|(?:\s*</?[a-z]+>)+)\s*" + _QUOTE
+    + r"|Signature\s*=\s*|Credential\s*=\s*)[^\s,;&'\"<]+",
+    re.IGNORECASE,
 )
+# An access key id wherever it appears (AKIA: long-term, ASIA: temporary).
+_ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 # Up to the last "@" of the URL (a secret may hold an unencoded "/"), never past a space, a
 # quote or a comma (a URL without credentials, then an address elsewhere in the message).
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s\"',<>]*@", re.IGNORECASE)
@@ -153,11 +163,12 @@ _WRONG_LOCATION_ERRNOS = frozenset(
 
 def redact(message: str) -> str:
     """`message` without the parts of a request a service may echo that are secrets (the
-    request quoted by a signature mismatch, session tokens, signatures), nor the credentials
-    of a URL (`https://user:secret@host`)."""
+    request quoted by a signature mismatch, session tokens, signatures, access key ids), nor
+    the credentials of a URL (`https://user:secret@host`)."""
     message = _ECHOED_REQUEST.sub(" (the request the service quoted is withheld)", message)
     message = _URL_CREDENTIALS.sub(r"\1<redacted>@", message)
-    return _SIGNED_VALUES.sub(r"\1<redacted>", message)
+    message = _SIGNED_VALUES.sub(r"\1<redacted>", message)
+    return _ACCESS_KEY_ID.sub("<redacted>", message)
 
 
 class AwsError(AggregatorError):

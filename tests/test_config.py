@@ -184,6 +184,16 @@ def test_settings_are_frozen() -> None:
             '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "S3://bucket/x"\n',
             "prod.toml: output.directory: 'S3://bucket/x' is neither a directory nor s3://",
         ),
+        (  # a URL that is no location is quoted back without its credentials
+            '[accounts]\nids = ["111111111111"]\n[output]\n'
+            'directory = "S3://AKIAIOSFODNN7EXAMPLE:Se/cret@bucket/x"\n',
+            "prod.toml: output.directory: 'S3://<redacted>@bucket/x' is neither a directory",
+        ),
+        (  # nor the external id inside a table of the wrong type (repr quoted its values)
+            '[accounts]\nids = ["111111111111"]\n[accounts.list]\n'
+            'external_id = "SuperSecretValue123"\nid = "222222222222"\n',
+            "prod.toml: accounts.list: input should be a valid tuple, got a value of type dict",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -195,6 +205,7 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, expected: str) 
     assert "\n" not in message
     assert message.startswith(str(path.parent)), message
     assert expected in message, message
+    assert "Secret" not in message and "cret@" not in message
 
 
 def _aws_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -291,6 +302,13 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
         assert str(info.value) == (
             f"{name} (environment): not an endpoint URL (expected http(s)://host[:port])"
         )
+    # botocore's own check raises ValueError (a traceback) for an unclosed IPv6 bracket
+    _endpoints(monkeypatch, AWS_ENDPOINT_URL="http://u:p@[bad")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == (
+        "AWS_ENDPOINT_URL (environment): not an endpoint URL (expected http(s)://host[:port])"
+    )
     for fine in ("http://127.0.0.1:4566", "https://snowball.example", "http://[::1]:80"):
         _endpoints(monkeypatch, AWS_ENDPOINT_URL=fine)
         load_settings(path)

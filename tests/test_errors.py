@@ -100,11 +100,41 @@ def test_ordinary_messages_are_kept_whole() -> None:
             '{"Endpoint":"http://minio:9000","Contact":"ops@example.com"}',
         ),
         ("s3://bucket/key and http://host/path, ops@example.com", None),
+        # A proxy's or a stand-in endpoint's page quoting the request's headers (botocore makes
+        # a body that is not JSON the whole message): as JSON, a dict, a table, escaped JSON.
+        (
+            'Blocked: {"X-Amz-Security-Token": "IQoJb3JpZ2luX2VjEXAMPLETOKEN"}',
+            'Blocked: {"X-Amz-Security-Token": "<redacted>"}',
+        ),
+        (
+            "{'x-amz-security-token': 'IQoJb3JpZ2luX2VjEXAMPLETOKEN'}",
+            "{'x-amz-security-token': '<redacted>'}",
+        ),
+        (
+            "<tr><td>X-Amz-Security-Token</td> <td>IQoJb3JpZ2luX2VjEXAMPLETOKEN</td></tr>",
+            "<tr><td>X-Amz-Security-Token</td> <td><redacted></td></tr>",
+        ),
+        (
+            "&quot;X-Amz-Security-Token&quot;: &quot;IQoJb3JpZ2luX2VjEXAMPLETOKEN&quot;",
+            "&quot;X-Amz-Security-Token&quot;: &quot;<redacted>&quot;",
+        ),
+        # The access key id, in the Authorization header's Credential or on its own.
+        (
+            "Authorization: AWS4-HMAC-SHA256 Credential=ASIAIOSFODNN7EXAMPLE/20261129/us-east-1/"
+            "snowball/aws4_request, SignedHeaders=host;x-amz-security-token, Signature=0a1b2c",
+            "Authorization: AWS4-HMAC-SHA256 Credential=<redacted>, "
+            "SignedHeaders=host;x-amz-security-token, Signature=<redacted>",
+        ),
+        ("key AKIAIOSFODNN7EXAMPLE is not valid", "key <redacted> is not valid"),
+        # Naming the header, or a list of them, is no value.
+        ("missing x-amz-security-token header", None),
+        ("SignedHeaders=host;x-amz-date;x-amz-security-token", None),
     ],
 )
 def test_credentials_in_urls_are_redacted_and_nothing_else(message: str, shown: str | None) -> None:
-    """A URL's credentials go (a secret key may hold an unencoded `/`); a URL without them, and
-    an address after it, stay as they are."""
+    """A URL's credentials go (a secret key may hold an unencoded `/`), and so do a session
+    token quoted in any of the forms a page echoing the request's headers uses and an access
+    key id; a URL without credentials, an address after it and a header's name stay."""
     assert redact(message) == (shown if shown is not None else message)
 
 
