@@ -109,7 +109,10 @@ _ECHOED_REQUEST = re.compile(
 # the request); a header list such as SignedHeaders=...;x-amz-security-token has none of these.
 _QUOTE = r"(?:[\"']|&quot;|&#0?39;)?"
 _SIGNED_VALUES = re.compile(
-    r"(x-amz-security-token" + _QUOTE + r"\s*(?:[:=]|(?:\s*</?[a-z]+>)+)\s*" + _QUOTE
+    r"(x-amz-security-token"
+    + _QUOTE
+    + r"\s*(?:[:=]|(?:\s*</?[a-z]+>)+)\s*"
+    + _QUOTE
     + r"|Signature\s*=\s*|Credential\s*=\s*)[^\s,;&'\"<]+",
     re.IGNORECASE,
 )
