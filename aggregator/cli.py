@@ -344,10 +344,19 @@ async def _daemon(config: str, settings: Settings, held: list[int] | None = None
     def on_stop() -> None:  # the second SIGTERM or Ctrl-C cancels the running cycle at once
         (hurry if stop.is_set() else stop).set()
 
+    from .launch import PREVIOUS
+
+    def ours(sig: int) -> bool:
+        """Started as the command (launch.py), a signal whoever started the process ignores
+        (`nohup`, `trap '' INT`) stays ignored: only those launch.py held are taken over."""
+        return held is None or sig in PREVIOUS
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+        if ours(sig):
+            loop.add_signal_handler(sig, on_stop)
+    if ours(signal.SIGHUP):
+        loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     for number in held or ():  # arrived while the daemon started (see launch.py)
         if number == signal.SIGHUP:
             reload_requested.set()

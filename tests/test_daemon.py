@@ -216,12 +216,17 @@ def _write_config(path: Path, accounts: Sequence[str], output: Path, **extra: st
 class Daemon:
     """A `snowball-aggregator daemon` subprocess whose JSON log lines we can wait for."""
 
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
+    def __init__(self, config: Path, env: dict[str, str], ignored: Sequence[int] = ()) -> None:
+        def ignore() -> None:  # as `nohup` or a shell's `trap '' INT` leave them
+            for sig in ignored:
+                signal.signal(sig, signal.SIG_IGN)
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aggregator", "daemon", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
+            preexec_fn=ignore if ignored else None,
         )
         self.lines: list[dict[str, Any]] = []
 
@@ -345,6 +350,31 @@ def test_a_signal_its_parent_ignores_stays_ignored(tmp_path: Path) -> None:
         proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+async def test_a_daemon_leaves_the_signals_its_parent_ignores_ignored(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Started with SIGINT and SIGHUP ignored (a background job, `nohup`), the daemon does not
+    take them over: a Ctrl-C meant for the parent's terminal neither stops it nor, for SIGHUP,
+    reloads it. SIGTERM still stops it."""
+    sb = await make_sandbox(accounts=2, seed=9)
+    config = tmp_path / "daemon.toml"
+    _write_config(config, sb.account_ids, tmp_path / "out", interval="1h")
+    daemon = Daemon(config, _env(sb), ignored=(signal.SIGINT, signal.SIGHUP))
+    try:
+        await asyncio.to_thread(daemon.wait_for, "run.finished")
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            assert not _catches(daemon.proc.pid, sig)
+            daemon.proc.send_signal(sig)
+        assert _catches(daemon.proc.pid, signal.SIGTERM)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.proc.wait, 30) == 0
+        stopped = await asyncio.to_thread(daemon.wait_for, "daemon.stopped")
+        assert stopped["event"] == "daemon.stopped"
+        assert "config.reloaded" not in [line.get("event") for line in daemon.lines]
+    finally:
+        daemon.close()
 
 
 @pytest.mark.parametrize("when", ["starting", "fetching"])
