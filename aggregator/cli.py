@@ -384,8 +384,9 @@ async def _daemon(config: str, settings: Settings, held: list[int] | None = None
         await run_forever(
             settings,
             stop=stop,
-            reload=lambda: _reload_settings(config),
+            reload=lambda: load_settings(config),
             reload_requested=reload_requested,
+            adopted=_adopt_logging,
             hurry=hurry,
             observers=[metrics, state],
         )
@@ -393,12 +394,10 @@ async def _daemon(config: str, settings: Settings, held: list[int] | None = None
     return 0
 
 
-def _reload_settings(config: str) -> Settings:
-    """The daemon's SIGHUP: the config file read again; its `[logging]` applies at once (the
-    rest from the next cycle, see `run_forever`). Raises `ConfigError` (the old settings stay)."""
-    settings = load_settings(config)
+def _adopt_logging(settings: Settings) -> None:
+    """The daemon's SIGHUP, once the file read again passed every check (see `run_forever`):
+    its `[logging]` applies at once; a refused file changes nothing, logging included."""
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
-    return settings
 
 
 def _os_reason(exc: OSError) -> str:

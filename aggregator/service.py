@@ -501,6 +501,7 @@ async def run_forever(
     stop: asyncio.Event | None = None,
     reload: Callable[[], Settings] | None = None,
     reload_requested: asyncio.Event | None = None,
+    adopted: Callable[[Settings], None] | None = None,
     hurry: asyncio.Event | None = None,
     observers: Sequence[CycleObserver] = (),
     clock: Callable[[], float] = time.monotonic,
@@ -515,15 +516,19 @@ async def run_forever(
     while a cycle overran are skipped and counted. When `stop` is set during a cycle, the cycle
     gets `daemon.shutdown_deadline` seconds to finish and write its snapshot, then it is
     cancelled (the previous snapshot stays LATEST; files are never torn); at once if `hurry`
-    is set meanwhile (a second SIGTERM or Ctrl-C). When
-    `reload_requested` is set, `reload()` is called between cycles: new settings apply from
-    the next cycle; a `ConfigError`, or settings the Aggregator cannot open with (an output
-    location that cannot be written, or a profile that does not work), is logged as one line
-    and the old settings are kept. A daemon cycle that raises (e.g. the disk is full) is
-    logged and counted, and the loop goes on; so does a failure to reopen with the old
-    settings (tried again an interval later). Only the first opening's failure propagates,
-    an output location that is wrong included (one that fails for now, such as S3
-    unreachable, is a warning: see `_output_checked`). Returns the last summary.
+    is set meanwhile (a second SIGTERM or Ctrl-C).
+
+    When `reload_requested` is set, `reload()` is called between cycles (at once when idle)
+    and the new settings are tried at once: an Aggregator is opened with them and their
+    output location checked, while the old one stays open. Settings that pass are adopted
+    (`adopted(settings)`, e.g. to apply their logging, then `config.reloaded`): the next cycle
+    is due one new interval after the last one started (at once if that has passed), and the
+    health windows follow. A `ConfigError`, or settings the Aggregator cannot open with (an
+    output location that is wrong, a profile that does not work), is logged as one line
+    (`config.reload_failed`) and nothing changes. A daemon cycle that raises (e.g. the disk is
+    full) is logged and counted, and the loop goes on. Only the first opening's failure
+    propagates, an output location that is wrong included (one that fails for now, such as
+    S3 unreachable, is a warning: see `_output_checked`). Returns the last summary.
     """
     stop = stop or asyncio.Event()
     reload_requested = reload_requested or asyncio.Event()
@@ -531,95 +536,107 @@ async def run_forever(
     rng = rng or random.Random()
     observers = list(observers)
     last: RunSummary | None = None
-    next_start = clock()
-    good: Settings | None = None  # the settings last opened with
-    while not stop.is_set():
+
+    async def opened(new: Settings) -> tuple[contextlib.AsyncExitStack, Aggregator] | None:
+        """An Aggregator open with `new` (its output checked unless `burst`); None if `stop`
+        was set while the output was checked."""
         stack = contextlib.AsyncExitStack()
         try:
             aggregator = await stack.enter_async_context(
-                Aggregator(settings, rng=rng, observers=observers, **options)
+                Aggregator(new, rng=rng, observers=observers, **options)
             )
             if not burst and not await _output_checked(aggregator, stop):
                 await _close(stack)
-                break  # stopped while the output was checked
-        except BaseException as exc:
+                return None
+        except BaseException:
             await _close(stack)
-            if not isinstance(exc, Exception) or good is None or burst:
-                raise
-            if settings is not good:
-                log.error("config.reload_failed", error=str(exc), error_type=type(exc).__name__)
-                settings = good
-                _follow(observers, settings)
-                continue
-            _cycle_failed(observers, exc)
-            await _first(stop, reload_requested, seconds=settings.daemon.interval)
-            next_start = clock()  # the next cycle starts once it opens: no slot was missed
-            if reload_requested.is_set():  # a fixed configuration may be on its way
-                reload_requested.clear()
-                settings = _reload(reload, settings)
-                _follow(observers, settings)
-            continue
-        good = settings
-        async with stack:
-            while not stop.is_set():
-                task = asyncio.create_task(aggregator.cycle())
-                if burst:
-                    return await task
-                log.info("cycle.started")
-                await _race(task, stop)
-                if not task.done():
-                    deadline = settings.daemon.shutdown_deadline
-                    log.info("daemon.stopping", deadline_seconds=deadline)
-                    hurrier = asyncio.ensure_future(hurry.wait())
-                    try:
-                        await asyncio.wait(
-                            {task, hurrier}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
-                        )
-                    finally:
-                        hurrier.cancel()
-                    if not task.done():
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
-                    if task.cancelled():  # (not once it published: see snapshot.to_the_end)
-                        reason = "stopped again" if hurry.is_set() else "shutdown deadline passed"
-                        log.warning("cycle.cancelled", reason=reason)
-                        break
+            raise
+        return stack, aggregator
+
+    if stop.is_set():
+        return None
+    first = await opened(settings)
+    if first is None:
+        return None
+    stack, aggregator = first
+    next_start = clock()
+    try:
+        while not stop.is_set():
+            task = asyncio.create_task(aggregator.cycle())
+            if burst:
+                return await task
+            log.info("cycle.started")
+            await _race(task, stop)
+            if not task.done():
+                deadline = settings.daemon.shutdown_deadline
+                log.info("daemon.stopping", deadline_seconds=deadline)
+                hurrier = asyncio.ensure_future(hurry.wait())
                 try:
-                    last = task.result()
-                except asyncio.CancelledError:
+                    await asyncio.wait(
+                        {task, hurrier}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    hurrier.cancel()
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if task.cancelled():  # (not once it published: see snapshot.to_the_end)
+                    reason = "stopped again" if hurry.is_set() else "shutdown deadline passed"
+                    log.warning("cycle.cancelled", reason=reason)
                     break
-                except Exception as exc:  # the daemon outlives a failed cycle
-                    _cycle_failed(observers, exc)
-                # Between cycles, a full collection: a cycle runs with the heap frozen (see
-                # gcpolicy.py), so garbage cycles made before it are only found out here.
-                gc.collect()
-                if stop.is_set():
-                    break
-                interval = settings.daemon.interval
-                next_start += interval
-                now = clock()
-                if now > next_start:
-                    missed = int((now - next_start) // interval) + 1
-                    next_start += missed * interval
-                    log.warning("cycle.skipped", missed=missed, interval_seconds=interval)
-                    for observer in observers:
-                        skipped = getattr(observer, "cycle_skipped", None)
-                        if skipped is not None:
-                            skipped(missed)
-                wake = next_start + rng.uniform(0, settings.daemon.jitter * interval)
-                reopen = False
-                while not stop.is_set():
-                    await _first(stop, reload_requested, seconds=max(0.0, wake - clock()))
-                    if not reload_requested.is_set():
-                        break  # time for the next cycle (or stop)
-                    reload_requested.clear()
-                    new = _reload(reload, settings)
-                    if new is not settings:
-                        settings, reopen = new, True
-                        _follow(observers, settings)
-                if reopen:
-                    break  # reopen the Aggregator with the new settings
+            try:
+                last = task.result()
+            except asyncio.CancelledError:
+                break
+            except Exception as exc:  # the daemon outlives a failed cycle
+                _cycle_failed(observers, exc)
+            # Between cycles, a full collection: a cycle runs with the heap frozen (see
+            # gcpolicy.py), so garbage cycles made before it are only found out here.
+            gc.collect()
+            if stop.is_set():
+                break
+            interval = settings.daemon.interval
+            next_start += interval
+            now = clock()
+            if now > next_start:
+                missed = int((now - next_start) // interval) + 1
+                next_start += missed * interval
+                log.warning("cycle.skipped", missed=missed, interval_seconds=interval)
+                for observer in observers:
+                    skipped = getattr(observer, "cycle_skipped", None)
+                    if skipped is not None:
+                        skipped(missed)
+            spread = rng.uniform(0.0, 1.0)  # this slot's share of the jitter
+            while not stop.is_set():
+                daemon = settings.daemon
+                wake = next_start + spread * daemon.jitter * daemon.interval
+                await _first(stop, reload_requested, seconds=max(0.0, wake - clock()))
+                if not reload_requested.is_set():
+                    break  # time for the next cycle (or stop)
+                reload_requested.clear()
+                new = _reload(reload, settings)
+                if new is settings:
+                    continue
+                try:
+                    reopened = await opened(new)
+                except Exception as exc:
+                    log.error("config.reload_failed", error=str(exc), error_type=type(exc).__name__)
+                    continue
+                if reopened is None:
+                    break  # stopped while the new output was checked
+                await _close(stack)
+                stack, aggregator = reopened
+                # The slot after the last cycle's start, by the new interval; now at the
+                # latest (a shorter interval whose slot has passed: no burst of skipped ones).
+                next_start = max(next_start - daemon.interval + new.daemon.interval, clock())
+                settings = new
+                _follow(observers, settings)
+                if adopted is not None:
+                    adopted(settings)
+                log.info("config.reloaded", source=settings.source)
+    finally:
+        await stack.aclose()
     return last
 
 
@@ -687,15 +704,15 @@ def _follow(observers: Sequence[CycleObserver], settings: Settings) -> None:
 
 
 def _reload(reload: Callable[[], Settings] | None, current: Settings) -> Settings:
+    """The settings `reload()` reads, or `current` if there is nothing to reload or they are
+    refused (`config.reload_failed`)."""
     if reload is None:
         return current
     try:
-        new = reload()
+        return reload()
     except ConfigError as exc:
         log.error("config.reload_failed", error=str(exc))
         return current
-    log.info("config.reloaded", source=new.source)
-    return new
 
 
 def _carries_forward(results: Iterable[PartitionResult], manifest: Mapping[str, Any]) -> bool:

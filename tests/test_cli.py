@@ -319,15 +319,16 @@ def test_daemon_listen_address_in_use_is_one_line(
 def test_a_reload_applies_the_new_logging_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """SIGHUP's reload applies `[logging]` at once: after reloading a config that says
-    `level = "warning"`, info events are dropped and warnings are written as JSON."""
+    """SIGHUP's reload, once adopted, applies `[logging]` at once: after reloading a config
+    that says `level = "warning"`, info events are dropped and warnings are written as JSON."""
     from aggregator import cli
 
     config = tmp_path / "c.toml"
     config.write_text(
         '[accounts]\nids = ["111111111111"]\n[logging]\nlevel = "warning"\nformat = "json"\n'
     )
-    settings = cli._reload_settings(str(config))
+    settings = cli.load_settings(str(config))
+    cli._adopt_logging(settings)
     assert settings.logging.level == "warning"
     log = structlog.get_logger()
     log.info("reload.test_info")

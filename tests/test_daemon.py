@@ -622,51 +622,28 @@ async def test_a_stop_while_the_output_is_checked_ends_the_daemon_at_once(
     assert len(opened) == 1 and opened[0]._store is None  # closed
 
 
-async def test_a_failure_to_reopen_with_the_old_settings_is_a_failed_cycle(
+class ReloadAfterEach(Recorder):
+    """A Recorder that asks for a reload after each of its cycles but the last."""
+
+    def __init__(self, stop_after: int, stop: asyncio.Event, reload: asyncio.Event) -> None:
+        super().__init__(stop_after, stop)
+        self._reload = reload
+
+    def cycle_finished(self, summary: Any, records: Sequence[Any]) -> None:
+        super().cycle_finished(summary, records)
+        if len(self.summaries) < self._stop_after:
+            self._reload.set()
+
+
+async def test_a_reload_is_tried_while_the_old_settings_keep_running(
     make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If the old settings fail to open again after a failed reload (the output unreachable
-    for now), that is a failed cycle, tried again an interval later, not the daemon's end."""
-    from aggregator import service
+    """Reloaded settings are opened (and their output checked) before they replace the old
+    ones: settings that fail to open are refused at once, the running Aggregator is neither
+    closed nor reopened, nothing of them is adopted (logging included) and no cycle fails; a
+    fixed file after that is adopted, then used by the next cycle."""
+    from structlog.testing import capture_logs
 
-    sb = await make_sandbox(accounts=2, seed=3)
-    settings = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
-    other = make_settings(sb.account_ids[:1], regions=REGIONS, daemon={"interval": 0.05})
-    opened = service.Aggregator.__aenter__
-    opens: list[int] = []
-
-    async def flaky(self: Any) -> Any:
-        opens.append(len(self.settings.accounts.ids))
-        if len(opens) in (2, 3):  # the reloaded settings, then the old ones once
-            raise OSError("output unreachable")
-        return await opened(self)
-
-    monkeypatch.setattr(service.Aggregator, "__aenter__", flaky)
-    stop, reload_requested = asyncio.Event(), asyncio.Event()
-
-    failures: list[str] = []
-    recorder = ReloadAfterFirst(2, stop, reload_requested, on_failure=failures.append)
-    await asyncio.wait_for(
-        run_forever(
-            settings,
-            stop=stop,
-            reload=lambda: other,
-            reload_requested=reload_requested,
-            observers=[recorder],
-            output=tmp_path,
-        ),
-        60,
-    )
-    assert opens == [2, 1, 2, 2]
-    assert failures == ["output unreachable"]
-    assert recorder.events == ["start", "finish"] * 2
-
-
-async def test_a_reload_while_reopening_fails_is_applied(
-    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """While the old settings fail to reopen (after a failed reload), a new reload is not
-    ignored: a fixed configuration is applied at once, without waiting for the old to work."""
     from aggregator import service
 
     sb = await make_sandbox(accounts=2, seed=3)
@@ -675,37 +652,90 @@ async def test_a_reload_while_reopening_fails_is_applied(
     broken = make_settings(sb.account_ids[:1], regions=REGIONS, daemon=daemon)
     fixed = make_settings(sb.account_ids[1:], regions=REGIONS, daemon=daemon)
     names = {id(good): "good", id(broken): "broken", id(fixed): "fixed"}
-    opened = service.Aggregator.__aenter__
-    opens: list[str] = []
+    real_open, real_close = service.Aggregator.__aenter__, service.Aggregator.__aexit__
+    events: list[str] = []
 
     async def flaky(self: Any) -> Any:
-        opens.append(names[id(self.settings)])
-        if len(opens) in (2, 3):  # the reloaded settings, then the old ones
+        events.append(f"open {names[id(self.settings)]}")
+        if self.settings is broken:
             raise OSError("output unreachable")
-        return await opened(self)
+        return await real_open(self)
+
+    async def closing(self: Any, *exc_info: Any) -> Any:
+        events.append(f"close {names[id(self.settings)]}")
+        return await real_close(self, *exc_info)
 
     monkeypatch.setattr(service.Aggregator, "__aenter__", flaky)
+    monkeypatch.setattr(service.Aggregator, "__aexit__", closing)
     stop, reload_requested = asyncio.Event(), asyncio.Event()
     reloads = iter([broken, fixed])
+    adopted: list[Any] = []
+    failures: list[str] = []
 
-    # The fixed file arrives while the old settings fail to reopen.
-    recorder = ReloadAfterFirst(
-        2, stop, reload_requested, on_failure=lambda error: reload_requested.set()
-    )
+    class Cycles(ReloadAfterEach):
+        def cycle_started(self, snapshot_id: str, partitions: int) -> None:
+            super().cycle_started(snapshot_id, partitions)
+            events.append("cycle")
+
+        def cycle_failed(self, error: str) -> None:
+            failures.append(error)
+
+    recorder = Cycles(3, stop, reload_requested)
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            run_forever(
+                good,
+                stop=stop,
+                reload=lambda: next(reloads),
+                reload_requested=reload_requested,
+                adopted=adopted.append,
+                observers=[recorder],
+                output=tmp_path,
+            ),
+            60,
+        )
+    assert events == [
+        "open good",
+        "cycle",
+        "open broken",  # (raised as it opened: nothing to close)
+        "cycle",
+        "open fixed",
+        "close good",
+        "cycle",
+        "close fixed",
+    ]
+    assert failures == [] and adopted == [fixed]
+    assert [s.accounts for s in recorder.summaries] == [2, 2, 1]
+    reload_events = [e["event"] for e in logs if e["event"].startswith("config.")]
+    assert reload_events == ["config.reload_failed", "config.reloaded"]
+
+
+async def test_a_reload_to_a_shorter_interval_brings_the_next_cycle_forward(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Idle with an hour to go, a reload to a 50 ms interval makes the next cycle due 50 ms
+    after the last one started, that is at once, rather than an hour later while the health
+    windows already use the short interval (/healthz and /livez would turn 503 on a healthy
+    daemon, and its liveness probe restart it)."""
+    sb = await make_sandbox(accounts=2, seed=3)
+    hourly = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": "1h"})
+    fast = make_settings(sb.account_ids, regions=REGIONS, daemon={"interval": 0.05})
+    stop, reload_requested = asyncio.Event(), asyncio.Event()
+    state = HealthState(interval=3600.0, partition_deadline=600.0)
+    recorder = ReloadAfterFirst(2, stop, reload_requested)
     await asyncio.wait_for(
         run_forever(
-            good,
+            hourly,
             stop=stop,
-            reload=lambda: next(reloads),
+            reload=lambda: fast,
             reload_requested=reload_requested,
-            observers=[recorder],
+            observers=[recorder, state],
             output=tmp_path,
         ),
         60,
     )
-    assert opens == ["good", "broken", "good", "fixed"]
     assert recorder.events == ["start", "finish"] * 2
-    assert recorder.summaries[-1].accounts == 1
+    assert state.interval == 0.05
 
 
 async def test_a_second_stop_cancels_the_running_cycle_at_once(
