@@ -55,6 +55,7 @@ class Pacer(Protocol):
     """Per-partition request pacing (see scheduler.AdaptiveThrottler)."""
 
     async def acquire(self) -> None: ...
+    def sent(self) -> None: ...
     def on_throttle(self) -> None: ...
     def on_success(self) -> None: ...
 
@@ -271,6 +272,7 @@ async def _page(
         async with clients.lease(partition, region) as client:
             await pacer.acquire()
             async with gate if token is None else gate.next_page():
+                pacer.sent()
                 counters.requests += 1
                 try:
                     page = await clients.list_jobs(client, kwargs, partition.account_id)
@@ -292,10 +294,13 @@ async def _page(
                         detail="response without JobListEntries",
                     )
             counters.errors[err.code] = counters.errors.get(err.code, 0) + 1
-            if isinstance(err, CredentialsExpiredError) and attempt < policy.max_attempts:
+            if isinstance(err, CredentialsExpiredError) and (
+                not refreshed or attempt < policy.max_attempts
+            ):
                 # Renew the account's credentials and ask for the same page again. The first
-                # renewal is free; more on the same page (a session renewed by another
-                # partition can expire again before our turn) spend the attempt budget.
+                # renewal is free, whatever the budget (with max_attempts = 1 the expired keys
+                # were kept, and every later cycle failed); more on the same page (a session
+                # renewed by another partition can expire again before our turn) spend it.
                 counters.refreshes += 1
                 await clients.renew(partition, client)
                 if not refreshed:

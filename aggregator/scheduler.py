@@ -66,8 +66,12 @@ class AdaptiveThrottler(Throttler):
 
     @staticmethod
     def _window(rate: float) -> tuple[int, float]:
+        """(requests, seconds): never more than `rate` requests in any second. A fractional
+        rate above 1 rounds down (2.5 r/s: 2 per second; 2 per 0.8 s would let 4 into one
+        second, and a throttle's halving from 5 would hardly slow the bursts); below 1, one
+        request per 1/rate seconds."""
         count = max(1, math.floor(rate))
-        return count, count / rate
+        return count, max(1.0, count / rate)
 
     def _set_rate(self, rate: float) -> None:
         self.rate = min(self.ceiling, max(self.floor, rate))
@@ -92,6 +96,14 @@ class AdaptiveThrottler(Throttler):
                 break
             await self._sleep(max(0.0, self.period - (self._clock() - self._task_logs[0])))
         self._task_logs.append(self._clock())
+
+    def sent(self) -> None:
+        """The request last acquired for is leaving now (it may have waited for a slot of the
+        run's gate since `acquire`): count it from now, so that requests that waited do not
+        reach the service in a burst with the next second's. A partition's requests are one
+        at a time, so the last entry is that request's."""
+        if self._task_logs:
+            self._task_logs[-1] = self._clock()
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,10 +83,13 @@ async def test_malformed_and_truncated_bodies_on_both_protocols(
     assert project(read_snapshot(summary.data_path)) == truth_for(sb, REGIONS["names"])
 
 
+@pytest.mark.parametrize("max_attempts", [10, 1])
 async def test_expired_credentials_are_renewed_once_and_the_page_continues(
-    make_sandbox: SandboxFactory, tmp_path: Path
+    make_sandbox: SandboxFactory, tmp_path: Path, max_attempts: int
 ) -> None:
-    """Credentials that die server-side mid-run are renewed and nothing is lost."""
+    """Credentials that die server-side mid-run are renewed and nothing is lost; the first
+    renewal is free, so even with one attempt per page (the expired keys were kept then, and
+    every later cycle failed on them)."""
     now = [0.0]
     sb = await make_sandbox(accounts=3, seed=33, jobs={BIG: 500})
     sb._clock = lambda: now[0]
@@ -94,7 +97,8 @@ async def test_expired_credentials_are_renewed_once_and_the_page_continues(
     settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
     from aggregator.service import Aggregator
 
-    async with Aggregator(settings, output=tmp_path, policy=FAST) as aggregator:
+    policy = replace(FAST, max_attempts=max_attempts)
+    async with Aggregator(settings, output=tmp_path, policy=policy) as aggregator:
         first = await aggregator.cycle()
         assume_first = sb.stats().requests.get("sts:AssumeRole", 0)
         now[0] += 60.0  # every issued credential is now expired on the server

@@ -51,6 +51,9 @@ class NoPacing:
     async def acquire(self) -> None:
         return None
 
+    def sent(self) -> None:
+        return None
+
     def on_throttle(self) -> None:  # pragma: no cover - nothing throttles here
         return None
 
