@@ -73,6 +73,7 @@ from yarl import URL
 
 from . import wire
 from .credentials import bound_frozen_credentials
+from .fetch import departing
 from .records import Page
 from .sigv4 import sign
 
@@ -182,6 +183,13 @@ def _assumed_credentials(body: bytes) -> dict[str, Any] | None:
     }
 
 
+async def _departed(*_: Any) -> None:
+    """aiohttp's `on_request_headers_sent` (see `DirectSender._session`); a no-op outside a
+    ListJobs (an AssumeRole that renews credentials inside one is stamped, then the ListJobs
+    itself when it leaves)."""
+    departing()
+
+
 class DirectSender:
     """The aiohttp session and the `before-call` handler of the direct path.
 
@@ -233,11 +241,17 @@ class DirectSender:
                         raise RuntimeError("DirectSender is not open")
                     cafile = self._ca_bundle or get_cert_path(True)
                     context = ssl.create_default_context(cafile=cafile)
+                    # A ListJobs is counted by its partition's pacer from when its headers
+                    # are on the wire: after the connection (and TLS) was made, which a
+                    # request on a new connection waits for and one on a pooled one does not.
+                    sent = aiohttp.TraceConfig()
+                    sent.on_request_headers_sent.append(_departed)
                     self._http = aiohttp.ClientSession(
                         connector=aiohttp.TCPConnector(limit=self._limit, ssl=context),
                         timeout=self._timeout,
                         cookie_jar=aiohttp.DummyCookieJar(),
                         skip_auto_headers={"Content-Type"},
+                        trace_configs=[sent],
                     )
         return self._http
 

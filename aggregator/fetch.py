@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -43,7 +44,15 @@ from .plan import Partition
 from .records import JobEntry, Page, iso_seconds
 from .retry import RetryPolicy
 
-__all__ = ["ClientSource", "FetchCounters", "Pacer", "PartitionResult", "fetch_partition"]
+__all__ = [
+    "ClientSource",
+    "FetchCounters",
+    "Pacer",
+    "PartitionResult",
+    "departing",
+    "fetch_partition",
+    "install_departing",
+]
 
 log = structlog.get_logger()
 
@@ -58,6 +67,27 @@ class Pacer(Protocol):
     def sent(self) -> None: ...
     def on_throttle(self) -> None: ...
     def on_success(self) -> None: ...
+
+
+# The pacer of the ListJobs request this task is making (set around `ClientSource.list_jobs`).
+_departing: contextvars.ContextVar[Pacer | None] = contextvars.ContextVar("departing", default=None)
+DEPARTING_HANDLER_ID = "snowball-aggregator-departing"
+
+
+def departing(**_: Any) -> None:
+    """A ListJobs request goes on the wire now (credentials resolved, signed): its partition's
+    pacer counts it from this moment, not from before an AssumeRole or a client's creation
+    that the request's first send waited for. Called by the direct sender, and registered as
+    botocore's `before-send.snowball.ListJobs` handler (`install_departing`; it returns None,
+    so botocore sends)."""
+    pacer = _departing.get()
+    if pacer is not None:
+        pacer.sent()
+
+
+def install_departing(session: Any) -> None:
+    """Register `departing` on an aiobotocore session (every mode: pacing is no optimisation)."""
+    session.register("before-send.snowball.ListJobs", departing, unique_id=DEPARTING_HANDLER_ID)
 
 
 class ClientSource(Protocol):
@@ -275,7 +305,11 @@ async def _page(
                 pacer.sent()
                 counters.requests += 1
                 try:
-                    page = await clients.list_jobs(client, kwargs, partition.account_id)
+                    departure = _departing.set(pacer)
+                    try:
+                        page = await clients.list_jobs(client, kwargs, partition.account_id)
+                    finally:
+                        _departing.reset(departure)
                 except Exception as exc:
                     err = translate(
                         exc, account_id=partition.account_id, region=region, operation="ListJobs"

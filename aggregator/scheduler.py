@@ -42,8 +42,11 @@ class AdaptiveThrottler(Throttler):
     """A Throttler whose rate adapts: x0.5 on throttle, +`step` r/s per success, capped.
 
     Keyword options: `rate` (requests per second, the ceiling), `floor=0.05` r/s,
-    `step=0.05` r/s per successful request, `clock=time.monotonic`, `sleep=asyncio.sleep`.
-    Unlike the base class it sleeps exactly until the window frees instead of polling.
+    `step=0.05` r/s per successful request, `slack=0.01` s (a window is held this much longer
+    than its period, so that requests a second apart do not arrive within one second of each
+    other when the first took a little longer from the wire to the service), `clock=
+    time.monotonic`, `sleep=asyncio.sleep`. Unlike the base class it sleeps exactly until the
+    window frees instead of polling.
     """
 
     def __init__(
@@ -52,12 +55,14 @@ class AdaptiveThrottler(Throttler):
         rate: float,
         floor: float = 0.05,
         step: float = 0.05,
+        slack: float = 0.01,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.ceiling = rate
         self.floor = min(floor, rate)
         self.step = step
+        self.slack = slack
         self._clock = clock
         self._sleep = sleep
         count, period = self._window(rate)
@@ -86,7 +91,8 @@ class AdaptiveThrottler(Throttler):
 
     def flush(self) -> None:
         now = self._clock()
-        while self._task_logs and now - self._task_logs[0] >= self.period:
+        held = self.period + self.slack
+        while self._task_logs and now - self._task_logs[0] >= held:
             self._task_logs.popleft()
 
     async def acquire(self) -> None:
@@ -94,7 +100,10 @@ class AdaptiveThrottler(Throttler):
             self.flush()
             if len(self._task_logs) < self.rate_limit:
                 break
-            await self._sleep(max(0.0, self.period - (self._clock() - self._task_logs[0])))
+            held = self.period + self.slack
+            # At least a microsecond: a wait that rounding left at 1e-17 s would not move a
+            # clock that only sleeps advance, and this loop would spin.
+            await self._sleep(max(1e-6, held - (self._clock() - self._task_logs[0])))
         self._task_logs.append(self._clock())
 
     def sent(self) -> None:

@@ -34,7 +34,7 @@ from .config import Settings, output_origin
 from .credentials import CredentialBroker
 from .direct import DirectSender
 from .errors import ConfigError, OutputError, wrong_location
-from .fetch import PartitionResult
+from .fetch import PartitionResult, install_departing
 from .gate import Gate
 from .gcpolicy import cycle_gc
 from .health import HealthState
@@ -100,7 +100,8 @@ class Aggregator:
 
     Keyword options: `output` (overrides `output.directory`), `hub_session` (an AioSession for
     the hub credentials; default: the standard AWS chain), `policy` (retry policy; default from
-    `limits.max_attempts`), `sleep`/`rng`/`now` (injectable for tests), `workers` (partitions
+    `limits.max_attempts`), `sleep`/`rng`/`now` (injectable for tests; `monotonic`, the clock
+    the per-partition pacing reads, goes with `sleep`), `workers` (partitions
     open at once; default 4 x max_concurrency), `pool_capacity` (Snowball clients kept open
     across partitions and cycles; default 2 x workers), `observers` (CycleObserver objects told
     about each cycle, partition and summary), `stock=False` (True: plain aiobotocore clients
@@ -121,6 +122,7 @@ class Aggregator:
         hub_session: AioSession | None = None,
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         workers: int | None = None,
@@ -142,6 +144,7 @@ class Aggregator:
         self._hub_session = hub_session
         self._policy = policy
         self._sleep = sleep
+        self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._now = now
         self._workers = workers
@@ -175,15 +178,19 @@ class Aggregator:
             shared = await stack.enter_async_context(SharedPool(limit=limits.max_concurrency + 8))
             session_cls = None if self._stock else shared_session_class(shared)
             self._session_cls = session_cls
-            hooks: Callable[[AioSession], None] | None = None if self._stock else wire.install
             self._sender = None
+            sender = None
             if self._direct:
                 sender = self._sender = await stack.enter_async_context(
                     DirectSender(timeout=limits.timeout, limit=limits.max_concurrency + 8)
                 )
+            stock = self._stock
 
-                def hooks(session: AioSession) -> None:
+            def hooks(session: AioSession) -> None:
+                install_departing(session)  # pacing, in every mode
+                if not stock:
                     wire.install(session)
+                if sender is not None:
                     sender.install(session)
 
             self._broker = await stack.enter_async_context(
@@ -360,6 +367,7 @@ class Aggregator:
                 on_result=on_result,
                 sleep=self._sleep,
                 rng=self._rng,
+                clock=self._monotonic,
                 sender=self._sender,
             )
             assume_calls = broker.assume_role_calls - assume_before

@@ -406,3 +406,41 @@ async def test_disk_full_is_a_clear_error_and_keeps_the_previous_snapshot(
         assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(disk)], check=False)  # noqa: ASYNC221 - teardown only
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "botocore-sends"])
+async def test_no_second_holds_more_requests_than_the_rate_at_the_service(
+    make_sandbox: SandboxFactory, tmp_path: Path, direct: bool
+) -> None:
+    """At 5 r/s, the sandbox never sees 6 ListJobs of one partition in a second, and a service
+    limited to exactly our rate never throttles us. A request is counted from when it leaves:
+    the first page's AssumeRole, client and connection (tens of ms) used to come between its
+    count and its arrival, so the sixth request, sent a second after the first was counted,
+    arrived within a second of it. The pacing sleeps are skipped: the clock the pacer and the
+    sandbox read is real time plus the seconds slept."""
+    import asyncio
+    import time
+
+    skipped = [0.0]
+
+    def clock() -> float:
+        return time.monotonic() + skipped[0]
+
+    async def sleep(seconds: float) -> None:
+        skipped[0] += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+    key = ("200000000000", "eu-west-1")
+    sb = await make_sandbox(accounts=1, regions=("eu-west-1",), jobs={key: 1000})
+    sb._clock = clock
+    sb.faults = replace(sb.faults, throttle_rps=5.0, throttle_burst=5)
+    settings = make_settings(
+        sb.account_ids, regions={"names": ["eu-west-1"]}, limits={"requests_per_second": 5.0}
+    )
+    summary = await run_once(
+        settings, output=tmp_path, policy=FAST, sleep=sleep, monotonic=clock, direct=direct
+    )
+    assert summary.status == "complete" and summary.throttles == 0
+    stats = sb.stats()
+    assert stats.list_jobs_requests[key] == 10 and stats.max_requests_per_second[key] == 5
+    assert skipped[0] > 0.9  # paced: the second five waited for the first five's second
