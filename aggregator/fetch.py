@@ -181,7 +181,8 @@ async def fetch_partition(
                     code="PartitionDeadlineExceeded",
                     detail=f"partition took longer than {policy.partition_deadline} s",
                 )
-                continue
+                break  # no time left for a fallback: the failure is this region's
+
             except Exception as exc:  # one partition never stops the others
                 # Anything no layer below translated (a bug, a failure nobody foresaw) fails
                 # this partition only; its jobs are carried forward as stale.
@@ -214,7 +215,7 @@ async def fetch_partition(
     return PartitionResult(
         partition=partition,
         status=status,
-        region=regions[-1],  # the partition's region (an AssumeRole error names STS's)
+        region=region,  # the last region asked (an AssumeRole error names STS's)
         entries=(),
         observed_at=iso_seconds(now()),
         duration=monotonic() - started,

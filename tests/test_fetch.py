@@ -8,6 +8,7 @@ by accident. Everything on the wire is tested through the sandbox elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -88,3 +89,25 @@ async def test_an_unforeseen_exception_moves_on_to_the_fallback_region() -> None
     assert (result.status, result.region) == ("ok", "us-west-2")
     assert [e.job_id for e in result.entries] == ["JID-us-west-2"]
     assert source.leased == ["us-east-1", "us-west-2"]
+
+
+class Hanging(Unforeseen):
+    """ListJobs never answers (a region that hangs past the partition deadline)."""
+
+    async def list_jobs(self, client: Any, params: dict[str, Any], account_id: str) -> Page:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def test_a_deadline_fails_the_region_where_the_time_ran_out() -> None:
+    """With `us_strategy = "one"`, a partition whose first US region hangs past the deadline
+    is failed in that region; no fallback is asked once the time is up, and the result names
+    the region that was asked, not the last fallback, which never was."""
+    source = Hanging(broken=set())
+    partition = Partition(ACCOUNT, "us-east-1", fallbacks=("us-east-2", "us-west-2"))
+    policy = RetryPolicy(partition_deadline=0.05)
+    result = await fetch_partition(
+        partition, clients=source, pacer=NoPacing(), gate=Gate(4), policy=policy
+    )
+    assert result.status == "failed" and result.error_code == "PartitionDeadlineExceeded"
+    assert result.region == "us-east-1" and source.leased == ["us-east-1"]
