@@ -277,9 +277,9 @@ class LimitsSettings(_Model):
     `partition_deadline_seconds` for one partition, retries included."""
 
     max_concurrency: int = Field(default=64, ge=1, le=10_000)
-    requests_per_second: float = Field(default=5.0, gt=0, le=10_000)
+    requests_per_second: float = Field(default=5.0, ge=0.01, le=10_000)  # (1 per 100 s)
     max_attempts: int = Field(default=8, ge=1, le=100)
-    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    timeout_seconds: float = Field(default=30.0, ge=0.01, le=3600)
     max_restarts: int = Field(default=5, ge=0, le=100)
     partition_deadline_seconds: float = Field(default=1800.0, gt=0, le=MAX_INTERVAL)  # (a week)
 

@@ -153,6 +153,14 @@ def test_settings_are_frozen() -> None:
             '[accounts]\nids = ["111111111111"]\n[limits]\nrequests_per_second = nan\n',
             "prod.toml: limits.requests_per_second: nan is not a finite number",
         ),
+        (  # one request in 1e300 s: every partition would wait out its deadline
+            '[accounts]\nids = ["111111111111"]\n[limits]\nrequests_per_second = 1e-300\n',
+            "prod.toml: limits.requests_per_second: input should be greater than or equal to 0.01",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[limits]\ntimeout_seconds = 1e-9\n',
+            "prod.toml: limits.timeout_seconds: input should be greater than or equal to 0.01",
+        ),
         (  # bounded like the interval and the partition deadline
             '[accounts]\nids = ["111111111111"]\n[daemon]\nshutdown_deadline = "9999999h"\n',
             "prod.toml: daemon.shutdown_deadline: '9999999h' is longer than the maximum of 7 days",
