@@ -570,6 +570,7 @@ async def run_forever(
     next_start = clock()
     try:
         while not stop.is_set():
+            last_start = clock()
             task = asyncio.create_task(aggregator.cycle())
             if burst:
                 return await task
@@ -633,11 +634,11 @@ async def run_forever(
                     continue
                 if reopened is None:
                     break  # stopped while the new output was checked
-                await _close(stack)
-                stack, aggregator = reopened
-                # The slot after the last cycle's start, by the new interval; now at the
-                # latest (a shorter interval whose slot has passed: no burst of skipped ones).
-                next_start = max(next_start - daemon.interval + new.daemon.interval, clock())
+                old, (stack, aggregator) = stack, reopened  # (closed by `finally` from now)
+                await _close(old)
+                # One new interval after the last cycle started; now at the latest (a shorter
+                # interval whose time has passed: no burst of skipped slots).
+                next_start = max(last_start + new.daemon.interval, clock())
                 settings = new
                 _follow(observers, settings)
                 if adopted is not None:
@@ -704,11 +705,13 @@ def _cycle_failed(observers: Sequence[CycleObserver], exc: Exception) -> None:
 
 
 def _follow(observers: Sequence[CycleObserver], settings: Settings) -> None:
-    """Point the health state at `settings`' interval and deadline (after a reload)."""
+    """Point the health state at `settings`' interval and deadline (after a reload), which is
+    a sign of life: measured by a shorter interval, the last one may be long past."""
     for observer in observers:
         if isinstance(observer, HealthState):
             observer.interval = settings.daemon.interval
             observer.partition_deadline = settings.limits.partition_deadline_seconds
+            observer.last_sign_of_life = observer.clock()
 
 
 def _reload(reload: Callable[[], Settings] | None, current: Settings) -> Settings:

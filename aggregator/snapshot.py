@@ -868,7 +868,7 @@ class Store(ABC):
         except BaseException:
             if changes_sink is not None:
                 await _abort(changes_sink)
-            await self._discard(published)
+            await self._discard(snapshot_id, published)
             raise
         latest = manifest_rel.encode() + b"\n"
         if with_changes:
@@ -896,13 +896,19 @@ class Store(ABC):
             events=None if changes is None else changes["events"],
         )
 
-    async def _discard(self, rels: list[str]) -> None:
+    async def _discard(self, snapshot_id: str, rels: list[str]) -> None:
         """Remove the files of a snapshot that failed or was cancelled before LATEST could
         name it, manifest first (a reader globbing the data files would count them as one
         more snapshot until prune): shielded from cancellation, best effort (a failure is
-        logged; prune removes what is left an hour later)."""
+        logged; prune removes what is left an hour later). Not if LATEST names this very
+        snapshot: another writer of the same id (two merges of one run) published it."""
+
+        async def discard() -> None:
+            if latest_snapshot_id(await self._latest_rel()) != snapshot_id:
+                await self._delete(rels[::-1])
+
         try:
-            await asyncio.shield(self._delete(rels[::-1]))
+            await asyncio.shield(discard())
         except (OutputError, OSError) as exc:  # pragma: no cover - double fault
             log.warning("snapshot.abort_failed", error=str(exc))
 

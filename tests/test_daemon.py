@@ -738,6 +738,59 @@ async def test_a_reload_to_a_shorter_interval_brings_the_next_cycle_forward(
     assert state.interval == 0.05
 
 
+async def test_reloads_long_after_the_last_cycle_run_the_next_one_at_once(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Weekly, idle for three days, then reloaded to an hourly interval and, while that one was
+    being opened, to a two-hourly one: the next cycle is due two hours after the last one
+    started, that is at once (it was counted from the first reload's slot, an hour ahead), and
+    /livez stays alive through both adoptions though the last cycle is days old."""
+    import time
+
+    sb = await make_sandbox(accounts=2, seed=3)
+    idle = [0.0]
+
+    def clock() -> float:
+        return time.monotonic() + idle[0]
+
+    def every(seconds: float) -> Any:
+        return make_settings(
+            sb.account_ids, regions=REGIONS, daemon={"interval": seconds, "jitter": 0.0}
+        )
+
+    weekly, hourly, two_hourly = every(7 * 86400.0), every(3600.0), every(7200.0)
+    reloads = iter([hourly, two_hourly])
+    stop, reload_requested = asyncio.Event(), asyncio.Event()
+    state = HealthState(interval=7 * 86400.0, partition_deadline=600.0, clock=clock)
+    alive: list[bool] = []
+
+    def reload() -> Any:
+        idle[0] = 3 * 86400.0  # the SIGHUP comes three days after the first cycle
+        return next(reloads)
+
+    def adopted(settings: Any) -> None:
+        alive.append(state.liveness()[0])
+        if settings is hourly:
+            reload_requested.set()  # the second SIGHUP, while the first one was opened
+
+    recorder = ReloadAfterFirst(2, stop, reload_requested)
+    await asyncio.wait_for(
+        run_forever(
+            weekly,
+            stop=stop,
+            reload=reload,
+            reload_requested=reload_requested,
+            adopted=adopted,
+            observers=[recorder, state],
+            clock=clock,
+            output=tmp_path,
+        ),
+        60,
+    )
+    assert recorder.events == ["start", "finish"] * 2
+    assert alive == [True, True] and state.interval == 7200.0
+
+
 async def test_a_second_stop_cancels_the_running_cycle_at_once(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:

@@ -227,6 +227,34 @@ async def test_a_write_stopped_before_latest_leaves_no_file_of_its_snapshot(
     assert snapshot_ids(tmp_path) == [sid(0), sid(2)]
 
 
+async def test_a_failed_write_leaves_the_same_snapshot_another_writer_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two merges of one run write the same snapshot id. If one fails before its manifest
+    while the other publishes, the failed one removes nothing: LATEST's files stay."""
+    async with LocalStore(tmp_path) as first, LocalStore(tmp_path) as second:
+        real_put = second._put
+        putting, go = asyncio.Event(), asyncio.Event()
+
+        async def failing_put(rel: str, *args: Any, **kwargs: Any) -> Any:
+            if rel.endswith(".manifest.json"):
+                putting.set()
+                await go.wait()
+                raise OutputError("disk full (simulated)")
+            return await real_put(rel, *args, **kwargs)
+
+        monkeypatch.setattr(second, "_put", failing_put)
+        failing = asyncio.create_task(write(second, sid(1), {"A": "New"}))
+        await putting.wait()
+        published = await write(first, sid(1), {"A": "New"})
+        go.set()
+        with pytest.raises(OutputError, match="simulated"):
+            await failing
+    assert (tmp_path / published.manifest_path).exists()
+    assert (tmp_path / published.data_path).exists()
+    assert snapshot_ids(tmp_path) == [sid(1)]
+
+
 async def test_a_cancelled_write_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cancelling a write while its writer thread is busy (the shutdown deadline) waits for
     that chunk, then removes the temporary files; LATEST stays."""
