@@ -104,17 +104,22 @@ _ECHOED_REQUEST = re.compile(
     r"\s*The (?:Canonical String|String-to-Sign)[^\n]* should have been.*",
     re.IGNORECASE | re.DOTALL,
 )
-# A header's value follows its name after a colon or "=", quoted or not (JSON, a dict's repr,
-# HTML-escaped JSON), or after the tags of an HTML table's cells (a proxy's block page quoting
-# the request); a header list such as SignedHeaders=...;x-amz-security-token has none of these.
-_QUOTE = r"(?:[\"']|&quot;|&#0?39;)?"
-_SIGNED_VALUES = re.compile(
-    r"(x-amz-security-token"
-    + _QUOTE
-    + r"\s*(?:[:=]|(?:\s*</?[a-z]+>)+)\s*"
-    + _QUOTE
-    + r"|Signature\s*=\s*|Credential\s*=\s*)[^\s,;&'\"<]+",
-    re.IGNORECASE,
+# A header's value follows its name after a colon or "=", quoted or not (JSON, escaped JSON,
+# a dict's repr, HTML-escaped JSON), or in the next cell of an HTML table (a proxy's block page
+# quoting the request); a header list such as SignedHeaders=...;x-amz-security-token has none
+# of these. A signature is hex; a Credential's access key id ends at the "/" of its scope.
+_QUOTE = r"(?:\\?[\"']|&quot;|&#0?39;)?"
+_SIGNED_VALUES = (
+    re.compile(
+        r"(x-amz-security-token"
+        + _QUOTE
+        + r"\s*(?:[:=]|(?:\s*</[a-z]+>)*\s*<[a-z]+[^>]*>)\s*"
+        + _QUOTE
+        + r")[^\s,;&'\"<\\]+",
+        re.IGNORECASE,
+    ),
+    re.compile(r"(Signature\s*=\s*)[0-9a-f]{16,}", re.IGNORECASE),
+    re.compile(r"(Credential\s*=\s*)[^\s,;&'\"<\\/]+", re.IGNORECASE),
 )
 # An access key id wherever it appears (AKIA: long-term, ASIA: temporary).
 _ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
@@ -170,7 +175,8 @@ def redact(message: str) -> str:
     the credentials of a URL (`https://user:secret@host`)."""
     message = _ECHOED_REQUEST.sub(" (the request the service quoted is withheld)", message)
     message = _URL_CREDENTIALS.sub(r"\1<redacted>@", message)
-    message = _SIGNED_VALUES.sub(r"\1<redacted>", message)
+    for signed in _SIGNED_VALUES:
+        message = signed.sub(r"\1<redacted>", message)
     return _ACCESS_KEY_ID.sub("<redacted>", message)
 
 

@@ -121,13 +121,20 @@ def test_ordinary_messages_are_kept_whole() -> None:
         # The access key id, in the Authorization header's Credential or on its own.
         (
             "Authorization: AWS4-HMAC-SHA256 Credential=ASIAIOSFODNN7EXAMPLE/20261129/us-east-1/"
-            "snowball/aws4_request, SignedHeaders=host;x-amz-security-token, Signature=0a1b2c",
-            "Authorization: AWS4-HMAC-SHA256 Credential=<redacted>, "
-            "SignedHeaders=host;x-amz-security-token, Signature=<redacted>",
+            "snowball/aws4_request, SignedHeaders=host;x-amz-security-token, "
+            "Signature=5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7",
+            "Authorization: AWS4-HMAC-SHA256 Credential=<redacted>/20261129/us-east-1/snowball/"
+            "aws4_request, SignedHeaders=host;x-amz-security-token, Signature=<redacted>",
         ),
         ("key AKIAIOSFODNN7EXAMPLE is not valid", "key <redacted> is not valid"),
+        (  # JSON inside a JSON string
+            '{"Message": "{\\"x-amz-security-token\\": \\"IQoJb3JpZ2luX2VjEXAMPLETOKEN\\"}"}',
+            '{"Message": "{\\"x-amz-security-token\\": \\"<redacted>\\"}"}',
+        ),
         # Naming the header, or a list of them, is no value.
         ("missing x-amz-security-token header", None),
+        ("<code>x-amz-security-token</code> is required", None),
+        ("Signature = mismatch", None),
         ("SignedHeaders=host;x-amz-date;x-amz-security-token", None),
     ],
 )
