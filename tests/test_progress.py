@@ -75,35 +75,20 @@ def test_the_progress_bar_says_listed_for_entries_counted_before_the_us_dedupe()
     """Every US region of an account lists its US jobs: the bar counts what was listed (6 for
     three jobs seen from two regions) and says so, so that it never reads as a job count
     larger than the snapshot's."""
-    from aggregator.accounts import Account
-    from aggregator.fetch import PartitionResult
-    from aggregator.plan import Partition
     from aggregator.progress import ProgressBar
     from aggregator.records import JobEntry
 
-    account = Account(account_id="111111111111", role_arn="arn:aws:iam::111111111111:role/r")
-    entries = tuple(
-        JobEntry(account.account_id, f"JID{i}", "New", "IMPORT", "EDGE", False, None, None)
+    from .test_merge import ACCOUNT, result
+
+    entries = [
+        JobEntry(ACCOUNT.account_id, f"JID{i}", "New", "IMPORT", "EDGE", False, None, None)
         for i in range(3)
-    )
+    ]
     console = Console(record=True, width=200)
     bar = ProgressBar(console)
     bar.cycle_started("20261128T150000Z-abcd", partitions=2)
     for region in ("us-east-1", "us-west-2"):
-        result = PartitionResult(
-            partition=Partition(account, region),
-            status="ok",
-            region=region,
-            entries=entries,
-            observed_at="2026-11-28T15:00:01Z",
-            duration=0.1,
-            requests=1,
-            pages=1,
-            retries=0,
-            throttles=0,
-            restarts=0,
-        )
-        bar.partition_done(result)
+        bar.partition_done(result(region, *entries))
     console.print(bar._progress.get_renderable())
     text = console.export_text()
     assert "2/2" in text and "listed 6" in text and "jobs" not in text
