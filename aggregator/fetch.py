@@ -77,9 +77,10 @@ DEPARTING_HANDLER_ID = "snowball-aggregator-departing"
 def departing(**_: Any) -> None:
     """A ListJobs request goes on the wire now (credentials resolved, signed): its partition's
     pacer counts it from this moment, not from before an AssumeRole or a client's creation
-    that the request's first send waited for. Called by the direct sender, and registered as
-    botocore's `before-send.snowball.ListJobs` handler (`install_departing`; it returns None,
-    so botocore sends)."""
+    that the request's first send waited for. Called as the direct sender's request headers
+    are written (an aiohttp trace, direct.py), and registered as botocore's
+    `before-send.snowball.ListJobs` handler (`install_departing`; it returns None, so botocore
+    sends)."""
     pacer = _departing.get()
     if pacer is not None:
         pacer.sent()
@@ -182,7 +183,6 @@ async def fetch_partition(
                     detail=f"partition took longer than {policy.partition_deadline} s",
                 )
                 break  # no time left for a fallback: the failure is this region's
-
             except Exception as exc:  # one partition never stops the others
                 # Anything no layer below translated (a bug, a failure nobody foresaw) fails
                 # this partition only; its jobs are carried forward as stale.
