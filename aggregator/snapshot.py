@@ -843,7 +843,6 @@ class Store(ABC):
             if changes_sink is not None:
                 await _abort(changes_sink)
             raise
-        published = [data_rel]  # in place, but no snapshot until LATEST names its manifest
         full: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             **manifest,
@@ -861,14 +860,12 @@ class Store(ABC):
         try:
             body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
             links = {"snapshot-id": snapshot_id, "previous-snapshot-id": previous_id or ""}
-            published.append(manifest_rel)  # (a PUT whose answer is lost may have landed)
             await self._put(manifest_rel, [body], metadata=links)
             if changes_sink is not None:
                 await changes_sink.publish()
         except BaseException:
             if changes_sink is not None:
                 await _abort(changes_sink)
-            await self._discard(snapshot_id, published)
             raise
         latest = manifest_rel.encode() + b"\n"
         if with_changes:
@@ -895,22 +892,6 @@ class Store(ABC):
             changes_path=None if changes is None else changes_rel,
             events=None if changes is None else changes["events"],
         )
-
-    async def _discard(self, snapshot_id: str, rels: list[str]) -> None:
-        """Remove the files of a snapshot that failed or was cancelled before LATEST could
-        name it, manifest first (a reader globbing the data files would count them as one
-        more snapshot until prune): shielded from cancellation, best effort (a failure is
-        logged; prune removes what is left an hour later). Not if LATEST names this very
-        snapshot: another writer of the same id (two merges of one run) published it."""
-
-        async def discard() -> None:
-            if latest_snapshot_id(await self._latest_rel()) != snapshot_id:
-                await self._delete(rels[::-1])
-
-        try:
-            await asyncio.shield(discard())
-        except (OutputError, OSError) as exc:  # pragma: no cover - double fault
-            log.warning("snapshot.abort_failed", error=str(exc))
 
     async def _publish(self, snapshot_id: str, previous_id: str | None, latest: bytes) -> None:
         """Point LATEST at `snapshot_id`, only from the snapshot it was compared with: if

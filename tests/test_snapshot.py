@@ -190,69 +190,32 @@ async def test_failure_while_writing_data_leaves_the_previous_snapshot(tmp_path:
     assert not files_of(tmp_path, f"*/*/{sid(1)}*") and not tmp_files(tmp_path)
 
 
-@pytest.mark.parametrize("how", ["failed", "cancelled"])
-async def test_a_write_stopped_before_latest_leaves_no_file_of_its_snapshot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
-    """If the manifest cannot be written, or the write is cancelled meanwhile (SIGTERM, the
-    shutdown deadline), LATEST still names the previous snapshot and every file of the new
-    one is removed at once: the data file already in place too, which a query globbing the
-    data files would otherwise count as one more snapshot until prune."""
-    async with LocalStore(tmp_path) as store:
-        await write(store, sid(0), {"A": "New"})
-        real_put = store._put
-        putting, never = asyncio.Event(), asyncio.Event()
-
-        async def stopped_put(rel: str, *args: Any, **kwargs: Any) -> Any:
-            if rel.endswith(".manifest.json"):
-                if how == "failed":
-                    raise OutputError("disk full (simulated)")
-                await real_put(rel, *args, **kwargs)  # landed, but its answer never comes
-                putting.set()
-                await never.wait()
-            return await real_put(rel, *args, **kwargs)
-
-        monkeypatch.setattr(store, "_put", stopped_put)
-        task = asyncio.create_task(write(store, sid(1), {"A": "Complete"}))
-        if how == "cancelled":
-            await putting.wait()
-            assert files_of(tmp_path, f"*/*/{sid(1)}.*")  # data and manifest in place
-            task.cancel()
-        with pytest.raises(OutputError if how == "failed" else asyncio.CancelledError):
-            await task
-        monkeypatch.setattr(store, "_put", real_put)
-        assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
-        assert not files_of(tmp_path, f"*/*/{sid(1)}*") and not tmp_files(tmp_path)
-        await write(store, sid(2), {"A": "Complete"})
-    assert snapshot_ids(tmp_path) == [sid(0), sid(2)]
-
-
-async def test_a_failed_write_leaves_the_same_snapshot_another_writer_published(
+async def test_failure_before_latest_keeps_latest_and_staged_changes_vanish(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two merges of one run write the same snapshot id. If one fails before its manifest
-    while the other publishes, the failed one removes nothing: LATEST's files stay."""
-    async with LocalStore(tmp_path) as first, LocalStore(tmp_path) as second:
-        real_put = second._put
-        putting, go = asyncio.Event(), asyncio.Event()
+    """If the manifest cannot be written, the staged change file is removed and LATEST still
+    names the previous snapshot; the data file left behind is pruned later as incomplete."""
+    async with LocalStore(tmp_path, debris_age=0) as store:
+        await write(store, sid(0), {"A": "New"})
+        real_put = store._put
 
         async def failing_put(rel: str, *args: Any, **kwargs: Any) -> Any:
             if rel.endswith(".manifest.json"):
-                putting.set()
-                await go.wait()
                 raise OutputError("disk full (simulated)")
             return await real_put(rel, *args, **kwargs)
 
-        monkeypatch.setattr(second, "_put", failing_put)
-        failing = asyncio.create_task(write(second, sid(1), {"A": "New"}))
-        await putting.wait()
-        published = await write(first, sid(1), {"A": "New"})
-        go.set()
+        monkeypatch.setattr(store, "_put", failing_put)
         with pytest.raises(OutputError, match="simulated"):
-            await failing
-    assert (tmp_path / published.manifest_path).exists()
-    assert (tmp_path / published.data_path).exists()
-    assert snapshot_ids(tmp_path) == [sid(1)]
+            await write(store, sid(1), {"A": "Complete"})
+        monkeypatch.setattr(store, "_put", real_put)
+        assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
+        assert not files_of(tmp_path, f"changes/*/{sid(1)}*") and not tmp_files(tmp_path)
+        assert files_of(tmp_path, f"snapshots/*/{sid(1)}.jsonl")  # debris
+        await write(store, sid(2), {"A": "Complete"})
+        pruned = await store.prune(5)
+    assert pruned.incomplete == (sid(1),)
+    assert not files_of(tmp_path, f"*/*/{sid(1)}*")
+    assert snapshot_ids(tmp_path) == [sid(0), sid(2)]
 
 
 async def test_a_cancelled_write_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
