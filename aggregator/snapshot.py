@@ -652,6 +652,8 @@ class Store(ABC):
     ) -> None:
         if compress not in (None, "none", "gzip"):
             raise ValueError(f"compress must be 'none' or 'gzip', not {compress!r}")
+        if type(gzip_level) is not int or not 1 <= gzip_level <= 9:
+            raise ValueError(f"gzip_level must be an integer from 1 to 9, not {gzip_level!r}")
         self._debris_age = debris_age
         self._clock = clock
         self.compress: Compression = compress or "none"
@@ -1074,7 +1076,10 @@ class Store(ABC):
             if digest is not None:
                 await digest.update(chunk)
             if unzip is not None:
-                unzip, chunk = _inflate(unzip, chunk)
+                try:
+                    unzip, chunk = _inflate(unzip, chunk)
+                except zlib.error as exc:  # named here: `diff` and the comparison see the file
+                    raise OutputError(f"{self.locate(rel)}: damaged gzip stream: {exc}") from exc
             lines = lines_of(chunk)
             if not lines:
                 continue

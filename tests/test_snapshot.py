@@ -356,6 +356,32 @@ async def test_a_gzip_file_of_several_members_is_read_whole(tmp_path: Path) -> N
             [r async for r in store.read_records(await store.read_manifest(sid(0)))]
 
 
+def test_a_gzip_level_zlib_refuses_is_refused_at_once(tmp_path: Path) -> None:
+    """`gzip_level` outside 1 to 9 is refused when the store is made, not at its first write
+    (`ValueError: Invalid initialization option`) or never (0, -1 with compress = none)."""
+    for level in (0, -1, 10, "6", True):
+        with pytest.raises(ValueError, match="gzip_level must be an integer from 1 to 9"):
+            open_store(tmp_path, compress="gzip", gzip_level=level)  # type: ignore[arg-type]
+
+
+async def test_a_damaged_gzip_stream_names_its_file_in_diff_too(tmp_path: Path) -> None:
+    """A flipped byte inside a gzip data file is an error naming that file, in `diff` as in
+    `read_records` (diff said only "cannot compare A and B: Error -3 while decompressing")."""
+    async with open_store(tmp_path, compress="gzip") as store:
+        await write(store, sid(0), {f"J{i:04d}": "New" for i in range(2000)})
+        damaged = await write(store, sid(1), {f"J{i:04d}": "Complete" for i in range(2000)})
+    path = tmp_path / damaged.data_path
+    body = bytearray(path.read_bytes())
+    body[len(body) // 2] ^= 0x55
+    path.write_bytes(bytes(body))
+    async with open_store(tmp_path) as store:
+        for old, new in ((sid(0), sid(1)), (sid(1), sid(0))):
+            with pytest.raises(OutputError) as info:
+                async for _ in store.diff(old, new):
+                    pass
+            assert str(info.value).startswith(f"{path}: damaged gzip stream: "), info.value
+
+
 def _describe(manifest_path: Path, data: Path) -> None:
     """Make the manifest's `data.sha256` and `data.bytes` describe the data file as it is."""
     manifest = orjson.loads(manifest_path.read_bytes())
