@@ -64,7 +64,12 @@ _ACCOUNT_RE = re.compile(r"^\d{12}$", re.ASCII)
 _ROLE_ARN_RE = re.compile(
     r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$", re.ASCII
 )
-_ROLE_NAME_RE = re.compile(r"^[\w+=,.@/-]{1,64}$", re.ASCII)
+# IAM: a role name is 1-64 of these; its path, if any, up to 512 characters between and
+# including its outer slashes (written here without them: `team/Reader`).
+_ROLE_NAME_RE = re.compile(r"^[\w+=,.@-]{1,64}$", re.ASCII)
+_ROLE_PATH_RE = re.compile(r"^(?:[\x21-\x2e\x30-\x7e]+/)+$", re.ASCII)
+# STS: an ExternalId is 2-1224 of these.
+_EXTERNAL_ID_RE = re.compile(r"^[\w+=,.@:/-]{2,1224}$", re.ASCII)
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 _DURATION_RE = re.compile(
@@ -142,8 +147,33 @@ def _region(value: str) -> str:
 
 
 def _role_name(value: str) -> str:
-    if not _ROLE_NAME_RE.fullmatch(value):
-        raise ValueError(f"{value!r} is not a valid IAM role name")
+    """A role name, or a path and name written `team/Reader` (the ARN is `role/team/Reader`)."""
+    path, slash, name = value.rpartition("/")
+    shown = repr(value) if len(value) <= 80 else repr(value[:77] + "...")
+    if path.startswith("/") or not name or "//" in value:
+        raise ValueError(
+            f"{shown} is not a valid IAM role name: write a path without a leading or "
+            "trailing '/' and without '//', such as 'team/Reader'"
+        )
+    if not _ROLE_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"{shown} is not a valid IAM role name (1 to 64 letters, digits and _+=,.@-"
+            + (" after its path)" if slash else ")")
+        )
+    if slash and (len(path) + 2 > 512 or not _ROLE_PATH_RE.fullmatch(path + "/")):
+        raise ValueError(
+            f"{shown} is not a valid IAM role path and name (a path is at most 510 "
+            "printable ASCII characters, without spaces)"
+        )
+    return value
+
+
+def _external_id(value: str | None) -> str | None:
+    # The value is a shared secret of sorts: never quoted back.
+    if value and not _EXTERNAL_ID_RE.fullmatch(value):
+        raise ValueError(
+            "an external id is 2 to 1224 letters, digits and _+=,.@:/- (STS refuses others)"
+        )
     return value
 
 
@@ -224,7 +254,7 @@ class AccountEntry(_Model):
 
     id: AccountId
     role_arn: str | None = None
-    external_id: str | None = None
+    external_id: Annotated[str | None, AfterValidator(_external_id)] = None
 
     @field_validator("role_arn")
     @classmethod
@@ -246,12 +276,25 @@ class AccountsSettings(_Model):
     """`[accounts]`: which accounts to inventory and how to get into them."""
 
     role_name: Annotated[str, AfterValidator(_role_name)] = "SnowballInventoryReader"
-    external_id: str = ""
+    external_id: Annotated[str, AfterValidator(_external_id)] = ""
     partition: Literal["aws", "aws-cn", "aws-us-gov"] = "aws"
     ids: tuple[AccountId, ...] = ()
     exclude: tuple[AccountId, ...] = ()
     organizations: OrganizationsSettings = OrganizationsSettings()
     list: tuple[AccountEntry, ...] = ()
+
+    @field_validator("list")
+    @classmethod
+    def _once_each(cls, value: tuple[AccountEntry, ...]) -> tuple[AccountEntry, ...]:
+        seen: set[str] = set()
+        for i, entry in enumerate(value):
+            if entry.id in seen:
+                raise ValueError(
+                    f"entry {i} names account {entry.id} again: list each account once "
+                    "(which entry's role and external id would apply is not for us to guess)"
+                )
+            seen.add(entry.id)
+        return value
 
 
 class RegionsSettings(_Model):

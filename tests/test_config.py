@@ -197,6 +197,28 @@ def test_settings_are_frozen() -> None:
             'directory = "S3://AKIAIOSFODNN7EXAMPLE:Se/cret@bucket/x"\n',
             "prod.toml: output.directory: 'S3://<redacted>@bucket/x' is neither a directory",
         ),
+        (  # STS refuses it: every AssumeRole failed before it was sent
+            '[accounts]\nids = ["111111111111"]\nexternal_id = "x"\n',
+            "prod.toml: accounts.external_id: an external id is 2 to 1224 letters, digits",
+        ),
+        (
+            '[[accounts.list]]\nid = "111111111111"\nexternal_id = "Secret Value"\n',
+            "prod.toml: accounts.list[0].external_id: an external id is 2 to 1224 letters",
+        ),
+        (  # IAM's own way of writing a path would make the ARN role//team/Reader
+            '[accounts]\nids = ["111111111111"]\nrole_name = "/team/Reader"\n',
+            "prod.toml: accounts.role_name: '/team/Reader' is not a valid IAM role name: write "
+            "a path without a leading or trailing '/'",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\nrole_name = "team/' + "R" * 65 + '"\n',
+            "is not a valid IAM role name (1 to 64 letters, digits and _+=,.@- after its path)",
+        ),
+        (  # which entry would win is not for us to guess
+            '[[accounts.list]]\nid = "333333333333"\n[[accounts.list]]\nid = "333333333333"\n'
+            'role_arn = "arn:aws:iam::333333333333:role/Other"\n',
+            "prod.toml: accounts.list: entry 1 names account 333333333333 again",
+        ),
         (  # nor the external id inside a table of the wrong type (repr quoted its values)
             '[accounts]\nids = ["111111111111"]\n[accounts.list]\n'
             'external_id = "SuperSecretValue123"\nid = "222222222222"\n',
@@ -456,6 +478,19 @@ def test_environment_overrides_and_names_the_variable(tmp_path: Path) -> None:
     assert str(info.value).startswith(
         "SNOWBALL_AGGREGATOR_LIMITS__MAX_ATTEMPTS (environment): limits.max_attempts:"
     )
+
+
+def test_a_role_name_may_have_a_path_as_long_as_iam_allows(tmp_path: Path) -> None:
+    """IAM limits the name to 64 characters and the path to 512: a path may make the whole
+    longer than 64 (it was refused), and the ARN has the path as IAM writes it."""
+    from aggregator.accounts import static_accounts
+
+    role = "org/platform/inventory/readers/SnowballInventoryReaderRoleForProd"
+    s = load_settings(
+        write(tmp_path, f'[accounts]\nids = ["111111111111"]\nrole_name = "{role}"\n'), env={}
+    )
+    (account,) = static_accounts(s.accounts)
+    assert account.role_arn == f"arn:aws:iam::111111111111:role/{role}"
 
 
 def test_environment_values_of_text_settings_are_taken_as_given(tmp_path: Path) -> None:
