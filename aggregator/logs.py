@@ -3,6 +3,13 @@
 JSON lines rendered by orjson when not on a TTY (or `format = "json"`), readable console output
 on a TTY. Events are dotted names (`run.started`, `partition.failed`) with keyword fields;
 `snapshot_id`, `account_id` and `region` come from contextvars.
+
+The libraries' own warnings and errors (botocore, aiobotocore, aiohttp, asyncio log through the
+standard library) become `library.log` events of the same stream, one line each, at the same
+level filter: without this, Python printed them to stderr as bare text with a traceback per
+record (aiobotocore logs a failed credential refresh so, once per request). Their exception is
+one redacted line, never a traceback; their records below WARNING (botocore's debug records
+quote signed headers) are never shown.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from typing import Literal, TextIO
 
 import orjson
 import structlog
+
+from .errors import redact
 
 __all__ = ["configure_logging"]
 
@@ -56,3 +65,26 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:
+        root.removeHandler(handler)
+    root.addHandler(_LibraryRecords())
+
+
+class _LibraryRecords(logging.Handler):
+    """Standard-library records (WARNING and above) as `library.log` events."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, object] = {"logger": record.name}
+            fields["message"] = redact(record.getMessage())
+            exc = record.exc_info[1] if record.exc_info else None
+            if exc is not None:
+                fields["error"] = redact(f"{type(exc).__name__}: {exc}")
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            getattr(structlog.get_logger(), level)("library.log", **fields)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
