@@ -185,9 +185,10 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
         check_endpoints(settings, output=args.output)
     shard = resolve_shard(args.shard, args.run_id, os.environ)
     interactive = sys.stderr.isatty() and not (args.quiet or args.json)
-    # On a TTY the progress bar replaces info logs; warnings and errors still show.
+    # On a TTY info logs are not shown (the progress bar, or --quiet's one line, tells what
+    # they would); warnings and errors still show.
     level = settings.logging.level
-    if interactive and level == "info":
+    if sys.stderr.isatty() and level == "info":
         level = "warning"
     configure_logging(level=level, fmt=settings.logging.format)
 
@@ -213,17 +214,43 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     except asyncio.CancelledError:
         print("terminated", file=sys.stderr)
         return 143
+    what = f"the summary of the run ({summary.status})"
     if args.json:
-        print(_summary_json(summary))
-    elif interactive:
+        _result(_summary_json(summary), what)
+    elif interactive and sys.stdout is not None and sys.stdout.isatty():
         from rich.console import Console
 
         from .progress import summary_table
 
         Console().print(summary_table(summary))
-    else:
-        print(_summary_line(summary))
+    else:  # also when stdout is a file or a pipe: the table would wrap the data path
+        _result(_summary_line(summary), what)
     return summary.exit_code
+
+
+def _result(text: str, what: str = "the result") -> None:
+    """Print `text`, a command's result, on stdout. A reader that went away (`| head`) ends
+    the output quietly; any other failure (a full disk, a closed stdout) is one OutputError
+    line (exit 2), not a traceback. Either way stdout then goes to /dev/null, so that the
+    interpreter's last flush finds nothing to fail on (it would exit 120)."""
+    out = sys.stdout
+    if out is None:
+        raise OutputError(f"cannot write {what} to standard output: it is closed")
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+    except OSError as exc:
+        _stdout_to_devnull()
+        raise OutputError(f"cannot write {what} to standard output: {_os_reason(exc)}") from None
+
+
+def _stdout_to_devnull() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _seconds_or_text(text: str) -> float | str:
@@ -268,8 +295,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         )
     )
     written = result.written
+    what = f"the summary of the merge ({result.status})"
     if args.json:
-        print(
+        _result(
             orjson.dumps(
                 {
                     "run_id": args.run_id,
@@ -282,13 +310,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                     "already_merged": result.already_merged,
                 },
                 option=orjson.OPT_SORT_KEYS,
-            ).decode()
+            ).decode(),
+            what,
         )
     else:
         again = " (already merged: nothing written)" if result.already_merged else ""
-        print(
+        _result(
             f"{result.status}: run {args.run_id}: {args.shards} shards merged into snapshot "
-            f"{written.snapshot_id}, {written.records} jobs; {result.data_location}{again}"
+            f"{written.snapshot_id}, {written.records} jobs; {result.data_location}{again}",
+            what,
         )
     return result.exit_code
 
@@ -303,6 +333,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     check_endpoints(settings, output=location)
     session = _output_session(settings) if settings else None
     configure_logging(level="warning", fmt="auto")
+    if sys.stdout is None:
+        raise OutputError("cannot write the events to standard output: it is closed")
     return asyncio.run(
         diff_command(location, args.old, args.new, out=sys.stdout.buffer, session=session)
     )
@@ -328,7 +360,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     accounts = static_accounts(settings.accounts)
     plan = build_plan(accounts, settings.regions)
     discovery = " (+ Organizations discovery)" if settings.accounts.organizations.enabled else ""
-    print(f"{args.config}: ok: {len(accounts)} accounts{discovery}, {len(plan)} partitions")
+    _result(f"{args.config}: ok: {len(accounts)} accounts{discovery}, {len(plan)} partitions")
     return 0
 
 
@@ -437,16 +469,22 @@ async def _demo(args: argparse.Namespace) -> int:
         cpu = time.process_time() - cpu
         truth = len(sb.truth())
     p = summary.partitions
-    print("snowball-aggregator demo (sandbox on loopback, no AWS account needed)")
-    print(f"  accounts           {summary.accounts}")
-    print(f"  partitions         {p['ok']} ok, {p['failed']} failed, {p['skipped']} skipped")
-    print(f"  jobs               {summary.jobs} (sandbox truth: {truth})")
-    print(f"  duplicates removed {summary.duplicates}")
-    print(f"  requests           {summary.requests}")
-    print(f"  wall time          {summary.wall_seconds:.2f} s")
-    print(f"  CPU time           {cpu:.2f} s (aggregator and in-process sandbox together)")
-    print(f"  snapshot           {summary.data_path}")
-    print(f"  manifest           {summary.manifest_path}")
+    _result(
+        "\n".join(
+            [
+                "snowball-aggregator demo (sandbox on loopback, no AWS account needed)",
+                f"  accounts           {summary.accounts}",
+                f"  partitions         {p['ok']} ok, {p['failed']} failed, {p['skipped']} skipped",
+                f"  jobs               {summary.jobs} (sandbox truth: {truth})",
+                f"  duplicates removed {summary.duplicates}",
+                f"  requests           {summary.requests}",
+                f"  wall time          {summary.wall_seconds:.2f} s",
+                f"  CPU time           {cpu:.2f} s (aggregator and in-process sandbox together)",
+                f"  snapshot           {summary.data_path}",
+                f"  manifest           {summary.manifest_path}",
+            ]
+        )
+    )
     return summary.exit_code
 
 

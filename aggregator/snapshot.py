@@ -1549,7 +1549,10 @@ class LocalStore(Store):
 
     async def _check_writable(self) -> None:
         with self.guard("write to the output directory"):
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # a file (or a link to one) where the directory goes
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
             probe = self.root / f".write-probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()

@@ -335,3 +335,123 @@ def test_a_reload_applies_the_new_logging_settings(
     log.warning("reload.test_warning")
     lines = capsys.readouterr().err.splitlines()
     assert [orjson.loads(line)["event"] for line in lines] == ["reload.test_warning"]
+
+
+def _on_a_pty(argv: list[str], stdout: Any = None) -> tuple[int, str]:
+    """Run the command with stdin and stderr on a pseudo-terminal (stdout too unless given):
+    its exit code and what the terminal showed."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", *argv],
+        stdin=secondary,
+        stdout=secondary if stdout is None else stdout,
+        stderr=secondary,
+        env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    return proc.wait(60), b"".join(chunks).decode("utf-8", "replace")
+
+
+async def test_on_a_terminal_quiet_and_redirected_runs_print_the_summary_line(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """`--quiet` on a terminal prints the summary line and no info logs (it printed one per
+    partition); with stdout redirected to a file, the file gets that line, not the table
+    (whose frame wrapped the data path in two)."""
+    import asyncio
+
+    sb = await make_sandbox(accounts=3, seed=13)
+    cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1", "us-east-1"], tmp_path / "out")
+    text = cfg.read_text().replace('format = "json"', 'format = "auto"')
+    cfg.write_text(text.replace('level = "warning"', 'level = "info"'))
+
+    code, screen = await asyncio.to_thread(_on_a_pty, ["run", "--config", str(cfg), "--quiet"])
+    assert code == 0, screen
+    lines = [line for line in screen.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("complete: "), screen
+
+    summary = tmp_path / "summary.txt"
+    with summary.open("w") as out:
+        code, screen = await asyncio.to_thread(_on_a_pty, ["run", "--config", str(cfg)], out)
+    assert code == 0, screen
+    assert "throttles " in screen  # the progress bar, on the terminal
+    (line,) = summary.read_text().splitlines()
+    assert line.startswith("complete: ")
+    data = Path(line.split("snapshot ")[-1])
+    assert data.name.endswith(".jsonl") and data.parent.parent.parent == tmp_path / "out"
+
+
+async def test_a_stdout_that_fails_ends_quietly_or_in_one_line(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A reader that went away (`| head`) ends the output quietly with the run's own exit
+    code; a full disk or a closed stdout is one error line, exit 2. They were tracebacks, and
+    exit 1 ("partial") for a complete run."""
+    import asyncio
+
+    sb = await make_sandbox(accounts=2, seed=13)
+    cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1"], tmp_path / "out")
+
+    def run(argv: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "aggregator", *argv]
+        if options.get("stdout") == "full":
+            with open("/dev/full", "w") as full:  # every write fails: ENOSPC
+                options["stdout"] = full
+                return run(argv, **options)
+        return subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=120, **options)
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        gone = await asyncio.to_thread(run, ["run", "--config", str(cfg), "--quiet"], stdout=write)
+    finally:
+        os.close(write)
+    assert gone.returncode == 0 and gone.stderr == "", gone.stderr
+
+    json_run = await asyncio.to_thread(run, ["run", "--config", str(cfg), "--json"], stdout="full")
+    valid = await asyncio.to_thread(run, ["validate", "--config", str(cfg)], stdout="full")
+    assert (json_run.returncode, json_run.stderr) == (
+        2,
+        "error: cannot write the summary of the run (complete) to standard output: "
+        "No space left on device\n",
+    )
+    assert (valid.returncode, valid.stderr) == (
+        2,
+        "error: cannot write the result to standard output: No space left on device\n",
+    )
+    diff = [sys.executable, "-m", "aggregator", "diff", "latest", "latest", "--config", str(cfg)]
+    closed = await asyncio.to_thread(  # `>&-`: the command starts with no stdout
+        subprocess.run,
+        ["sh", "-c", 'exec "$@" >&-', "sh", *diff],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert (closed.returncode, closed.stderr) == (
+        2,
+        "error: cannot write the events to standard output: it is closed\n",
+    )
+
+
+def test_an_output_that_is_a_file_says_it_is_not_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cfg = config_file(tmp_path, ["111111111111"], ["eu-west-1"], tmp_path / "out")
+    assert main(["run", "--config", str(cfg), "--output", str(afile)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output: {afile}: cannot write to the output directory: Not a directory\n"
+    )
