@@ -493,6 +493,8 @@ def _env_paths(env: Mapping[str, str]) -> list[tuple[str, list[str]]]:
     for name in sorted(env):
         if name.startswith(ENV_PREFIX):
             path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+            if len(path) > 1 and path[0] == "partitions":  # a variable name has no "-"
+                path[1] = path[1].replace("_", "-")  # PARTITIONS__AWS_CN__...: aws-cn
             if path:
                 out.append((name, path))
     return out

@@ -290,11 +290,32 @@ def _other_splits(output: str | os.PathLike[str], run_id: str, count: int) -> li
     return [f"{i}/{n}" for n, i in sorted(found)]
 
 
+def _shard_names(indexes: Sequence[int], count: int, most: int = 20) -> str:
+    """`0/8, 3/8`; beyond 8, runs of more than 2 as `0/1000 to 999/1000`, and no more than
+    `most` items (`..., and 480 more`): one line stays readable with a thousand missing."""
+    if len(indexes) <= 8:
+        return ", ".join(f"{k}/{count}" for k in indexes)
+    items: list[str] = []
+    i = 0
+    while i < len(indexes):
+        j = i
+        while j + 1 < len(indexes) and indexes[j + 1] == indexes[j] + 1:
+            j += 1
+        if j - i >= 2:
+            items.append(f"{indexes[i]}/{count} to {indexes[j]}/{count}")
+        else:
+            items.extend(f"{k}/{count}" for k in indexes[i : j + 1])
+        i = j + 1
+    if len(items) > most:
+        items[most:] = [f"and {len(items) - most} more"]
+    return ", ".join(items)
+
+
 def _missing_error(
     output: str | os.PathLike[str], run_id: str, count: int, missing: Sequence[int], why: str
 ) -> ShardError:
-    names = ", ".join(f"{i}/{count}" for i in missing)
-    text = f"run {run_id}: {len(missing)} of {count} shard snapshots missing{why}: {names}"
+    text = f"run {run_id}: {len(missing)} of {count} shard snapshots missing{why}: "
+    text += _shard_names(missing, count)
     others = _other_splits(output, run_id, count)
     if others:
         text += (

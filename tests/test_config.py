@@ -493,6 +493,19 @@ def test_a_role_name_may_have_a_path_as_long_as_iam_allows(tmp_path: Path) -> No
     assert account.role_arn == f"arn:aws:iam::111111111111:role/{role}"
 
 
+def test_a_partition_with_a_hyphen_is_set_by_environment(tmp_path: Path) -> None:
+    """A variable name cannot hold `aws-cn`: `PARTITIONS__AWS_CN__PROFILE` sets it (it was
+    refused as an unknown partition 'aws_cn')."""
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    env = {
+        "SNOWBALL_AGGREGATOR_PARTITIONS__AWS_CN__PROFILE": "cn-hub",
+        "SNOWBALL_AGGREGATOR_PARTITIONS__AWS_US_GOV__PROFILE": "gov-hub",
+    }
+    s = load_settings(path, env=env)
+    assert s.partitions["aws-cn"].profile == "cn-hub"
+    assert s.partitions["aws-us-gov"].profile == "gov-hub"
+
+
 def test_environment_values_of_text_settings_are_taken_as_given(tmp_path: Path) -> None:
     """A string setting takes the variable's value as given, though it reads as a TOML number
     or boolean (an external id of digits, a folder named 2024): it used to be refused as "not

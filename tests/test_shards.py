@@ -460,6 +460,23 @@ async def test_merge_wait_takes_no_wait_however_written(
     assert ("shard snapshots missing" in err) == (code == 1) and err.count("\n") == 1, err
 
 
+async def test_a_thousand_missing_shards_are_named_in_a_short_line(tmp_path: Path) -> None:
+    """Runs of missing shards are ranges and the list stops at 20 items: the line listed
+    every one of a thousand (10 KB)."""
+    with pytest.raises(ShardError) as info:
+        await merge_run(tmp_path, "run-1k", 1000)
+    message = str(info.value)
+    assert "1000 of 1000 shard snapshots missing: 0/1000 to 999/1000; looked in " in message
+    assert len(message) < 300
+
+    from aggregator.shards import _shard_names
+
+    assert _shard_names([*range(0, 60, 2), 61, 62, 63, 64], 70) == (
+        ", ".join(f"{k}/70" for k in range(0, 40, 2)) + ", and 11 more"
+    )
+    assert _shard_names([1, 2, 3, 4, 5, 6, 7, 9, 10], 12) == "1/12 to 7/12, 9/12, 10/12"
+
+
 async def test_merge_refuses_a_missing_shard(make_sandbox: SandboxFactory, tmp_path: Path) -> None:
     """With shard 2 of 4 absent the merge names it and writes nothing."""
     sb = await make_sandbox(accounts=12, seed=3, regions=("eu-west-1",))
