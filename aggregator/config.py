@@ -248,6 +248,16 @@ class OrganizationsSettings(_Model):
     ou_ids: tuple[Annotated[str, AfterValidator(_ou_id)], ...] = ()
     include: tuple[AccountId, ...] = ()
 
+    @model_validator(mode="after")
+    def _used(self) -> OrganizationsSettings:
+        # A filter that does nothing is a surprise waiting: said, not ignored.
+        for key in ("ou_ids", "include"):
+            if getattr(self, key) and not self.enabled:
+                raise ValueError(
+                    f"{key} is set but discovery is off: set enabled = true, or remove {key}"
+                )
+        return self
+
 
 class AccountEntry(_Model):
     """One `[[accounts.list]]` entry: an account with its own role and external id."""

@@ -214,6 +214,12 @@ def test_settings_are_frozen() -> None:
             '[accounts]\nids = ["111111111111"]\nrole_name = "team/' + "R" * 65 + '"\n',
             "is not a valid IAM role name (1 to 64 letters, digits and _+=,.@- after its path)",
         ),
+        (  # a filter that would do nothing
+            '[accounts]\nids = ["111111111111"]\n[accounts.organizations]\n'
+            'ou_ids = ["ou-abcd-12345678"]\n',
+            "prod.toml: accounts.organizations: ou_ids is set but discovery is off: set "
+            "enabled = true, or remove ou_ids",
+        ),
         (  # which entry would win is not for us to guess
             '[[accounts.list]]\nid = "333333333333"\n[[accounts.list]]\nid = "333333333333"\n'
             'role_arn = "arn:aws:iam::333333333333:role/Other"\n',
