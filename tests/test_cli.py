@@ -164,40 +164,45 @@ def test_standalone_sandbox_and_service_specific_endpoint_variables(tmp_path: Pa
                 stream.close()
 
 
+def _on_a_pty(argv: list[str], stdout: Any = None, columns: int = 80) -> tuple[int, str]:
+    """Run the command with stdin and stderr on a pseudo-terminal (stdout too unless given):
+    its exit code and what the terminal showed."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", *argv],
+        stdin=secondary,
+        stdout=secondary if stdout is None else stdout,
+        stderr=secondary,
+        env={**os.environ, "COLUMNS": str(columns), "TERM": "xterm"},
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    return proc.wait(60), b"".join(chunks).decode("utf-8", "replace")
+
+
 async def test_tty_run_draws_progress_and_summary_table(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
     """On a terminal `run` shows the rich progress bar and ends with the summary table."""
     import asyncio
-    import pty
 
     sb = await make_sandbox(accounts=3, seed=13)
     cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1", "us-east-1"], tmp_path / "out")
     cfg.write_text(cfg.read_text().replace('format = "json"', 'format = "auto"'))
 
-    def run_on_a_pty() -> tuple[int, str]:
-        primary, secondary = pty.openpty()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "run", "--config", str(cfg)],
-            stdin=secondary,
-            stdout=secondary,
-            stderr=secondary,
-            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
-        )
-        os.close(secondary)
-        chunks = []
-        while True:
-            try:
-                data = os.read(primary, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        os.close(primary)
-        return proc.wait(60), b"".join(chunks).decode("utf-8", "replace")
-
-    code, screen = await asyncio.to_thread(run_on_a_pty)
+    argv = ["run", "--config", str(cfg)]
+    code, screen = await asyncio.to_thread(_on_a_pty, argv, columns=120)
     assert code == 0, screen
     assert "partitions" in screen and "snapshot" in screen and "complete" in screen
     assert "duplicates removed" in screen  # the summary table
@@ -335,33 +340,6 @@ def test_a_reload_applies_the_new_logging_settings(
     log.warning("reload.test_warning")
     lines = capsys.readouterr().err.splitlines()
     assert [orjson.loads(line)["event"] for line in lines] == ["reload.test_warning"]
-
-
-def _on_a_pty(argv: list[str], stdout: Any = None) -> tuple[int, str]:
-    """Run the command with stdin and stderr on a pseudo-terminal (stdout too unless given):
-    its exit code and what the terminal showed."""
-    import pty
-
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", *argv],
-        stdin=secondary,
-        stdout=secondary if stdout is None else stdout,
-        stderr=secondary,
-        env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
-    )
-    os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(primary)
-    return proc.wait(60), b"".join(chunks).decode("utf-8", "replace")
 
 
 async def test_on_a_terminal_quiet_and_redirected_runs_print_the_summary_line(
