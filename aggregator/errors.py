@@ -118,6 +118,16 @@ _SIGNED_VALUES = (
         + r")[^\s,;&'\"<\\]+",
         re.IGNORECASE,
     ),
+    # A credentials document quoted whole (a refresh whose answer did not parse: STS's XML,
+    # the JSON of a credential process, a container or IMDS; a profile's ini lines).
+    re.compile(
+        r"((?<![\w-])(?:aws_)?(?:secret_?access_?key|session_?token|token)"
+        + _QUOTE
+        + r"\s*(?:[:=]|>)\s*"
+        + _QUOTE
+        + r")[^\s,;&'\"<\\]+",
+        re.IGNORECASE,
+    ),
     re.compile(r"(Signature\s*=\s*)[0-9a-f]{16,}", re.IGNORECASE),
     re.compile(r"(Credential\s*=\s*)[^\s,;&'\"<\\/]+", re.IGNORECASE),
 )

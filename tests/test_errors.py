@@ -131,7 +131,27 @@ def test_ordinary_messages_are_kept_whole() -> None:
             '{"Message": "{\\"x-amz-security-token\\": \\"IQoJb3JpZ2luX2VjEXAMPLETOKEN\\"}"}',
             '{"Message": "{\\"x-amz-security-token\\": \\"<redacted>\\"}"}',
         ),
+        (  # STS's answer quoted whole (cut short, as a parse error quotes it)
+            "Unable to parse response: <Credentials><AccessKeyId>ASIAIOSFODNN7EXAMPLE"
+            "</AccessKeyId><SecretAccessKey>wJalr/XUtnFEMI+K7MDENG</SecretAccessKey>"
+            "<SessionToken>IQoJb3JpZ2luX2Vj//+EXAMPLE",
+            "Unable to parse response: <Credentials><AccessKeyId><redacted></AccessKeyId>"
+            "<SecretAccessKey><redacted></SecretAccessKey><SessionToken><redacted>",
+        ),
+        (  # a container's or IMDS's JSON, a credential process's, a profile's lines
+            '{"AccessKeyId": "ASIAIOSFODNN7EXAMPLE", "SecretAccessKey": "wJalr/XUtn+FEMI", '
+            '"Token": "IQoJb3JpZ2lu/EXAMPLE=", "Expiration": "2026-11-29T15:00:00Z"}',
+            '{"AccessKeyId": "<redacted>", "SecretAccessKey": "<redacted>", '
+            '"Token": "<redacted>", "Expiration": "2026-11-29T15:00:00Z"}',
+        ),
+        (
+            "aws_secret_access_key = wJalr/XUtn+FEMI\naws_session_token=IQoJb3JpZ2lu",
+            "aws_secret_access_key = <redacted>\naws_session_token=<redacted>",
+        ),
         # Naming the header, or a list of them, is no value.
+        ("missing SessionToken", None),
+        ("<code>SecretAccessKey</code> is required", None),
+        ("NextToken: abc123 was not issued for this request", None),
         ("missing x-amz-security-token header", None),
         ("<code>x-amz-security-token</code> is required", None),
         ("Signature = mismatch", None),
