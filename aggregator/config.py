@@ -62,12 +62,13 @@ MIN_INTERVAL = 0.001  # daemon.interval: shorter is no interval (and overflows t
 # digits are no account id: they pass int() and then fail to encode where an id is hashed).
 _ACCOUNT_RE = re.compile(r"^\d{12}$", re.ASCII)
 _ROLE_ARN_RE = re.compile(
-    r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/[\w+=,.@/-]{1,512}$", re.ASCII
+    r"^arn:(aws|aws-cn|aws-us-gov):iam::(\d{12}):role/(?:[\x21-\x7e]{1,510}/)?[\w+=,.@-]{1,64}$",
+    re.ASCII,
 )
 # IAM: a role name is 1-64 of these; its path, if any, up to 512 characters between and
 # including its outer slashes (written here without them: `team/Reader`).
 _ROLE_NAME_RE = re.compile(r"^[\w+=,.@-]{1,64}$", re.ASCII)
-_ROLE_PATH_RE = re.compile(r"^(?:[\x21-\x2e\x30-\x7e]+/)+$", re.ASCII)
+_ROLE_PATH_RE = re.compile(r"^[\x21-\x7e]+$", re.ASCII)
 # STS: an ExternalId is 2-1224 of these.
 _EXTERNAL_ID_RE = re.compile(r"^[\w+=,.@:/-]{2,1224}$", re.ASCII)
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -150,17 +151,17 @@ def _role_name(value: str) -> str:
     """A role name, or a path and name written `team/Reader` (the ARN is `role/team/Reader`)."""
     path, slash, name = value.rpartition("/")
     shown = repr(value) if len(value) <= 80 else repr(value[:77] + "...")
-    if path.startswith("/") or not name or "//" in value:
+    if value.startswith("/") or not name:  # the ARN would read role//team/Reader
         raise ValueError(
-            f"{shown} is not a valid IAM role name: write a path without a leading or "
-            "trailing '/' and without '//', such as 'team/Reader'"
+            f"{shown} is not a valid IAM role name: write a path without its leading and "
+            "trailing '/', such as 'team/Reader'"
         )
     if not _ROLE_NAME_RE.fullmatch(name):
         raise ValueError(
             f"{shown} is not a valid IAM role name (1 to 64 letters, digits and _+=,.@-"
             + (" after its path)" if slash else ")")
         )
-    if slash and (len(path) + 2 > 512 or not _ROLE_PATH_RE.fullmatch(path + "/")):
+    if slash and (len(path) + 2 > 512 or not _ROLE_PATH_RE.fullmatch(path)):
         raise ValueError(
             f"{shown} is not a valid IAM role path and name (a path is at most 510 "
             "printable ASCII characters, without spaces)"

@@ -208,7 +208,7 @@ def test_settings_are_frozen() -> None:
         (  # IAM's own way of writing a path would make the ARN role//team/Reader
             '[accounts]\nids = ["111111111111"]\nrole_name = "/team/Reader"\n',
             "prod.toml: accounts.role_name: '/team/Reader' is not a valid IAM role name: write "
-            "a path without a leading or trailing '/'",
+            "a path without its leading and trailing '/', such as 'team/Reader'",
         ),
         (
             '[accounts]\nids = ["111111111111"]\nrole_name = "team/' + "R" * 65 + '"\n',
@@ -491,12 +491,20 @@ def test_a_role_name_may_have_a_path_as_long_as_iam_allows(tmp_path: Path) -> No
     longer than 64 (it was refused), and the ARN has the path as IAM writes it."""
     from aggregator.accounts import static_accounts
 
-    role = "org/platform/inventory/readers/SnowballInventoryReaderRoleForProd"
+    role = "org/platform/inventory!/readers/SnowballInventoryReaderRoleForProd"
     s = load_settings(
         write(tmp_path, f'[accounts]\nids = ["111111111111"]\nrole_name = "{role}"\n'), env={}
     )
     (account,) = static_accounts(s.accounts)
     assert account.role_arn == f"arn:aws:iam::111111111111:role/{role}"
+    # The same role named by its ARN in accounts.list (whose check refused the "!")
+    entry = f'[[accounts.list]]\nid = "111111111111"\nrole_arn = "{account.role_arn}"\n'
+    (listed,) = static_accounts(load_settings(write(tmp_path, entry), env={}).accounts)
+    assert listed.role_arn == account.role_arn
+    for leading in ("/Reader", "/team/Reader"):
+        text = f'[accounts]\nids = ["111111111111"]\nrole_name = "{leading}"\n'
+        with pytest.raises(ConfigError, match="without its leading and trailing '/'"):
+            load_settings(write(tmp_path, text), env={})
 
 
 def test_a_partition_with_a_hyphen_is_set_by_environment(tmp_path: Path) -> None:
