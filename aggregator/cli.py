@@ -184,11 +184,12 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
         check_output_location(args.output)
         check_endpoints(settings, output=args.output)
     shard = resolve_shard(args.shard, args.run_id, os.environ)
-    interactive = sys.stderr.isatty() and not (args.quiet or args.json)
+    on_a_terminal = _isatty(sys.stderr)
+    interactive = on_a_terminal and not (args.quiet or args.json)
     # On a TTY info logs are not shown (the progress bar, or --quiet's one line, tells what
     # they would); warnings and errors still show.
     level = settings.logging.level
-    if sys.stderr.isatty() and level == "info":
+    if on_a_terminal and level == "info":
         level = "warning"
     configure_logging(level=level, fmt=settings.logging.format)
 
@@ -212,12 +213,12 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     try:
         summary = asyncio.run(run())
     except asyncio.CancelledError:
-        print("terminated", file=sys.stderr)
+        _say("terminated")
         return 143
     what = f"the summary of the run ({summary.status})"
     if args.json:
         _result(_summary_json(summary), what)
-    elif interactive and sys.stdout is not None and sys.stdout.isatty():
+    elif interactive and _isatty(sys.stdout):
         from rich.console import Console
 
         from .progress import summary_table
@@ -244,6 +245,21 @@ def _result(text: str, what: str = "the result") -> None:
     except OSError as exc:
         _stdout_to_devnull()
         raise OutputError(f"cannot write {what} to standard output: {_os_reason(exc)}") from None
+
+
+def _say(text: str) -> None:
+    """`text` on stderr, if there is one to take it (closed, or a pipe nobody reads: dropped,
+    and the exit code says the rest)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(text, file=sys.stderr, flush=True)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream is not None and bool(stream.isatty())
+    except (OSError, ValueError):  # closed
+        return False
 
 
 def _stdout_to_devnull() -> None:
@@ -516,18 +532,18 @@ def main(argv: Sequence[str] | None = None, *, held: list[int] | None = None) ->
             return sandbox_command.run(args)
         return handlers[args.command](args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return 2
     except OutputError as exc:
         # A location that is wrong (2), or one that failed for now (1: a retry may succeed).
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return 1 if exc.transient else 2
     except (DiscoveryError, ShardError) as exc:
         # No snapshot could be made; the previous one stays LATEST. A retry may succeed.
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
 
 

@@ -14,9 +14,10 @@ quote signed headers) are never shown.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import orjson
 import structlog
@@ -40,8 +41,9 @@ def configure_logging(
     stream: TextIO | None = None,
 ) -> None:
     """Configure structlog for the process (logs go to `stream`, default stderr)."""
-    stream = stream or sys.stderr
-    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    stream = stream or sys.stderr  # None when the process started with stderr closed
+    tty = _isatty(stream)
+    as_json = fmt == "json" or (fmt == "auto" and not tty)
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -54,11 +56,13 @@ def configure_logging(
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
         factory: structlog.typing.WrappedLogger = structlog.BytesLoggerFactory(
-            file=stream.buffer if hasattr(stream, "buffer") else None
+            file=_Sink(stream, binary=True)  # type: ignore[arg-type]  # write and flush
         )
     else:
-        processors = [*shared, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
-        factory = structlog.PrintLoggerFactory(file=stream)
+        processors = [*shared, structlog.dev.ConsoleRenderer(colors=tty)]
+        factory = structlog.PrintLoggerFactory(
+            file=_Sink(stream, binary=False)  # type: ignore[arg-type]  # write and flush
+        )
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -69,6 +73,38 @@ def configure_logging(
     for handler in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:
         root.removeHandler(handler)
     root.addHandler(_LibraryRecords())
+
+
+def _isatty(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):  # closed
+        return False
+
+
+class _Sink:
+    """Where the log's lines go: `stream`, or its binary buffer for bytes. A line that cannot
+    be written (the reader of a pipe went away, a full disk, stderr closed) is dropped: a log
+    that fails must not fail the run or the daemon (every log call raised, and `run` exited 1
+    before it fetched anything)."""
+
+    def __init__(self, stream: TextIO | None, *, binary: bool) -> None:
+        self._target: Any = stream
+        self._decode = False
+        if binary and stream is not None:
+            buffer = getattr(stream, "buffer", None)
+            self._target = buffer if buffer is not None else stream
+            self._decode = buffer is None  # a text-only stream (a test's StringIO)
+
+    def write(self, data: Any) -> None:
+        if self._target is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._target.write(data.decode() if self._decode else data)
+
+    def flush(self) -> None:
+        if self._target is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._target.flush()
 
 
 class _LibraryRecords(logging.Handler):

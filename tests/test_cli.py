@@ -433,3 +433,31 @@ def test_an_output_that_is_a_file_says_it_is_not_a_directory(
     assert capsys.readouterr().err == (
         f"error: --output: {afile}: cannot write to the output directory: Not a directory\n"
     )
+
+
+async def test_a_log_that_cannot_be_written_does_not_stop_the_run(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Logs to a pipe nobody reads any more, or to a closed stderr, are dropped and the run
+    completes (every log call raised: `run` exited 1 before it fetched anything, and a daemon
+    whose log collector died would have failed every cycle)."""
+    import asyncio
+
+    sb = await make_sandbox(accounts=2, seed=13)
+    cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1"], tmp_path / "out")
+    cfg.write_text(cfg.read_text().replace('level = "warning"', 'level = "info"'))
+    command = [sys.executable, "-m", "aggregator", "run", "--config", str(cfg), "--quiet"]
+
+    def run(stderr: Any, argv: list[str] = command) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=120)
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        broken = await asyncio.to_thread(run, write)
+    finally:
+        os.close(write)
+    closed = await asyncio.to_thread(run, None, ["sh", "-c", 'exec "$@" 2>&-', "sh", *command])
+    for proc in (broken, closed):
+        assert proc.returncode == 0
+        assert proc.stdout.startswith("complete: "), proc.stdout
