@@ -199,8 +199,13 @@ def parse_duration(value: object, *, zero: bool = False) -> float:
 
 def _listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"{value!r} is not HOST:PORT (for example '127.0.0.1:9464')")
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if ("[" in host or "]" in host or ":" in host) and not (
+        bracketed and "[" not in host[1:-1] and "]" not in host[1:-1]
+    ):
+        raise ValueError(f"{value!r}: an IPv6 address goes in brackets, as in '[::1]:9464'")
     return value
 
 

@@ -96,6 +96,15 @@ def test_settings_are_frozen() -> None:
             '[accounts]\nids = ["111111111111"]\n[daemon]\nlisten = "localhost"\n',
             "prod.toml: daemon.listen: 'localhost' is not HOST:PORT",
         ),
+        (  # an unclosed bracket bound ::1 all the same; a bare IPv6 address is ambiguous
+            '[accounts]\nids = ["111111111111"]\n[daemon]\nlisten = "[::1:9464"\n',
+            "prod.toml: daemon.listen: '[::1:9464': an IPv6 address goes in brackets, as in "
+            "'[::1]:9464'",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\n[daemon]\nlisten = "::1:9464"\n',
+            "prod.toml: daemon.listen: '::1:9464': an IPv6 address goes in brackets",
+        ),
         ('bogus = 1\n[accounts]\nids = ["111111111111"]\n', "prod.toml: bogus: unknown key"),
         (
             '[accounts]\nids = ["111111111111"]\n[daemon]\ninterval = inf\n',
