@@ -511,8 +511,14 @@ def _env_paths(env: Mapping[str, str]) -> list[tuple[str, list[str]]]:
             path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
             if len(path) > 1 and path[0] == "partitions":  # a variable name has no "-"
                 path[1] = path[1].replace("_", "-")  # PARTITIONS__AWS_CN__...: aws-cn
-            if path:
-                out.append((name, path))
+            if not path:  # a typo that would set nothing, silently
+                raise ConfigError(
+                    _env_source(name),
+                    "",
+                    f"names no setting (write {ENV_PREFIX}<SECTION>__<KEY>, e.g. "
+                    f"{ENV_PREFIX}LIMITS__MAX_CONCURRENCY)",
+                )
+            out.append((name, path))
     return out
 
 

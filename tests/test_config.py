@@ -516,6 +516,17 @@ def test_a_role_name_may_have_a_path_as_long_as_iam_allows(tmp_path: Path) -> No
             load_settings(write(tmp_path, text), env={})
 
 
+def test_a_variable_that_names_no_setting_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, '[accounts]\nids = ["111111111111"]\n')
+    for name in ("SNOWBALL_AGGREGATOR_",):
+        with pytest.raises(ConfigError) as info:
+            load_settings(path, env={name: "16"})
+        assert str(info.value) == (
+            f"{name} (environment): names no setting (write SNOWBALL_AGGREGATOR_<SECTION>__<KEY>"
+            ", e.g. SNOWBALL_AGGREGATOR_LIMITS__MAX_CONCURRENCY)"
+        )
+
+
 def test_a_partition_with_a_hyphen_is_set_by_environment(tmp_path: Path) -> None:
     """A variable name cannot hold `aws-cn`: `PARTITIONS__AWS_CN__PROFILE` sets it (it was
     refused as an unknown partition 'aws_cn')."""
