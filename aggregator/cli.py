@@ -33,7 +33,7 @@ from .config import (
     settings_from_mapping,
 )
 from .errors import ConfigError, OutputError
-from .logs import configure_logging
+from .logs import configure_logging, is_terminal
 from .service import RunSummary, run_once
 from .shards import MAX_SHARDS, ShardError, check_run_id, resolve_shard
 
@@ -184,7 +184,7 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
         check_output_location(args.output)
         check_endpoints(settings, output=args.output)
     shard = resolve_shard(args.shard, args.run_id, os.environ)
-    on_a_terminal = _isatty(sys.stderr)
+    on_a_terminal = is_terminal(sys.stderr)
     interactive = on_a_terminal and not (args.quiet or args.json)
     # On a TTY info logs are not shown (the progress bar, or --quiet's one line, tells what
     # they would); warnings and errors still show.
@@ -218,7 +218,7 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     what = f"the summary of the run ({summary.status})"
     if args.json:
         _result(_summary_json(summary), what)
-    elif interactive and _isatty(sys.stdout):
+    elif interactive and is_terminal(sys.stdout):
         from rich.console import Console
 
         from .progress import summary_table
@@ -253,13 +253,6 @@ def _say(text: str) -> None:
     if sys.stderr is not None:
         with contextlib.suppress(OSError, ValueError):
             print(text, file=sys.stderr, flush=True)
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return stream is not None and bool(stream.isatty())
-    except (OSError, ValueError):  # closed
-        return False
 
 
 def _stdout_to_devnull() -> None:

@@ -24,7 +24,7 @@ import structlog
 
 from .errors import redact
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "is_terminal"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -42,7 +42,7 @@ def configure_logging(
 ) -> None:
     """Configure structlog for the process (logs go to `stream`, default stderr)."""
     stream = stream or sys.stderr  # None when the process started with stderr closed
-    tty = _isatty(stream)
+    tty = is_terminal(stream)
     as_json = fmt == "json" or (fmt == "auto" and not tty)
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -75,9 +75,10 @@ def configure_logging(
     root.addHandler(_LibraryRecords())
 
 
-def _isatty(stream: TextIO | None) -> bool:
+def is_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal; False for None (a closed stderr) or a closed file."""
     try:
-        return stream is not None and stream.isatty()
+        return stream is not None and bool(stream.isatty())
     except (OSError, ValueError):  # closed
         return False
 
