@@ -5,7 +5,8 @@ Two questions, two endpoints:
 - `/healthz` (readiness, alerting): is the inventory current? 200 while the last cycle finished
   within 2 x interval and was complete or partial; 503 otherwise (never finished in time,
   failed, or stuck). Before the first cycle ends the daemon counts as healthy ("starting") for
-  2 x interval after start.
+  2 x interval after start. After a reload to a shorter interval, the last cycle is judged by
+  the interval it ran under until the next one ends: a reload alone never turns it 503.
 - `/livez` (liveness): is the loop alive? A failed cycle is not a reason to restart: the next
   cycle retries anyway, and a restart loses the counters. 503 only when the loop has shown no
   sign of life (start, cycle started, partition done, cycle finished or failed) for
@@ -46,7 +47,9 @@ class HealthState:
 
     `interval` is `daemon.interval` and `partition_deadline` is
     `limits.partition_deadline_seconds` (default: that setting's default), both in seconds;
-    `clock` is monotonic seconds (injectable for tests).
+    `clock` is monotonic seconds (injectable for tests). `judged_by` is the longest interval
+    in force since the last cycle ended (or since start): `/healthz` judges that cycle by it,
+    so a reload to a shorter interval (`reconfigure`) does not make it late.
     """
 
     interval: float
@@ -58,9 +61,19 @@ class HealthState:
     running: bool = False
     cycle_began: float | None = None
     last_sign_of_life: float = 0.0
+    judged_by: float = 0.0
 
     def __post_init__(self) -> None:
         self.started = self.last_sign_of_life = self.clock()
+        self.judged_by = self.interval
+
+    def reconfigure(self, interval: float, partition_deadline: float) -> None:
+        """Follow reloaded settings. A reload is a sign of life: measured by a shorter
+        interval, the last one may be long past."""
+        self.interval = interval
+        self.judged_by = max(self.judged_by, interval)
+        self.partition_deadline = partition_deadline
+        self.last_sign_of_life = self.clock()
 
     def cycle_started(self, snapshot_id: str, partitions: int) -> None:
         self.running = True
@@ -73,6 +86,7 @@ class HealthState:
     def cycle_finished(self, summary: Any, records: Sequence[JobRecord]) -> None:
         self.running = False
         self.last_finished = self.last_sign_of_life = self.clock()
+        self.judged_by = self.interval
         self.last = {
             "snapshot_id": summary.snapshot_id,
             "status": summary.status,
@@ -85,12 +99,13 @@ class HealthState:
     def cycle_failed(self, reason: str) -> None:
         self.running = False
         self.last_finished = self.last_sign_of_life = self.clock()
+        self.judged_by = self.interval
         self.last = {"status": "failed", "error": reason}
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, body)."""
         now = self.clock()
-        window = 2 * self.interval
+        window = 2 * max(self.interval, self.judged_by)
         if self.last_finished is None:
             healthy = now - self.started <= window
             return healthy, {"healthy": healthy, "status": "starting", "running": self.running}

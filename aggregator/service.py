@@ -705,13 +705,12 @@ def _cycle_failed(observers: Sequence[CycleObserver], exc: Exception) -> None:
 
 
 def _follow(observers: Sequence[CycleObserver], settings: Settings) -> None:
-    """Point the health state at `settings`' interval and deadline (after a reload), which is
-    a sign of life: measured by a shorter interval, the last one may be long past."""
+    """Point the health state at `settings`' interval and deadline (after a reload)."""
     for observer in observers:
         if isinstance(observer, HealthState):
-            observer.interval = settings.daemon.interval
-            observer.partition_deadline = settings.limits.partition_deadline_seconds
-            observer.last_sign_of_life = observer.clock()
+            observer.reconfigure(
+                settings.daemon.interval, settings.limits.partition_deadline_seconds
+            )
 
 
 def _reload(reload: Callable[[], Settings] | None, current: Settings) -> Settings:

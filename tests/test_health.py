@@ -152,6 +152,33 @@ async def test_livez_while_starting_and_after_an_interval_change(
     assert status == 200 and body["window_seconds"] == 4 * INTERVAL + DEADLINE
 
 
+async def test_reload_to_a_shorter_interval_does_not_make_the_last_cycle_late(
+    clock: Clock, state: HealthState, get: Get
+) -> None:
+    """A cycle that ended 1.5 intervals ago is on time; a reload to a tenth of the interval
+    (service.py calls `reconfigure`) leaves it on time until the next cycle ends, which is
+    then judged by the new interval. Before the first cycle ends, the start likewise; and a
+    reload back and forth between two cycles judges the last by the longer interval."""
+    clock.now += 1.5 * INTERVAL
+    state.reconfigure(INTERVAL / 10, DEADLINE)
+    assert (await get("/healthz"))[0] == 200  # starting, under the interval it started with
+    state.cycle_started("s1", 2)
+    state.cycle_finished(_Summary(), [])
+    state.reconfigure(INTERVAL, DEADLINE)
+    clock.now += 1.5 * INTERVAL
+    state.reconfigure(INTERVAL / 10, DEADLINE)
+    status, body = await get("/healthz")
+    assert status == 200 and body["seconds_since_last_cycle"] == 1.5 * INTERVAL
+    clock.now += 0.5 * INTERVAL + 1  # now late by the old interval too
+    assert (await get("/healthz"))[0] == 503
+    state.cycle_started("s2", 2)
+    state.cycle_finished(_Summary(), [])
+    clock.now += 0.2 * INTERVAL
+    assert (await get("/healthz"))[0] == 200
+    clock.now += 1
+    assert (await get("/healthz"))[0] == 503  # the new cycle ran under the new interval
+
+
 def test_default_window_outlasts_a_partition_deadline_and_then_some() -> None:
     """With the default settings, the liveness window exceeds partition deadline + interval
     x (1 + max jitter), so neither a slow partition nor a jittered wait looks stuck."""
