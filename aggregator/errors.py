@@ -32,13 +32,26 @@ from typing import Any
 
 import aiohttp
 from botocore.exceptions import (
+    BotoCoreError,
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     HTTPClientError,
+    InfiniteLoopConfigError,
+    InvalidConfigError,
+    MetadataRetrievalError,
     NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
     ProfileNotFound,
     ReadTimeoutError,
+    RefreshWithMFAUnsupportedError,
+    SSOError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
+    UnknownCredentialError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
@@ -311,6 +324,33 @@ OPT_IN_REGIONS = frozenset(
 )
 
 
+# botocore's errors in finding or refreshing the caller's own credentials (a credential process
+# or SSO session that fails, a profile that is incomplete): no request was sent, and only the
+# operator can fix them. Their messages name the provider and what is wrong.
+_CREDENTIAL_ERRORS = (
+    CredentialRetrievalError,
+    InfiniteLoopConfigError,
+    InvalidConfigError,
+    MetadataRetrievalError,
+    PartialCredentialsError,
+    RefreshWithMFAUnsupportedError,
+    SSOError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
+    UnknownCredentialError,
+)
+# The parameter's value in a ParamValidationError report, up to the limit that follows it: the
+# value may be a secret (an external id), the parameter's name and the limit say enough.
+_QUOTED_VALUE = re.compile(r", value: .*?(?=, valid )", re.S)
+
+
+def _refused(exc: ParamValidationError) -> str:
+    report = str(exc.kwargs.get("report") or "")
+    lines = _QUOTED_VALUE.sub("", report).splitlines()
+    return "refused before it was sent: " + "; ".join(line.strip() for line in lines)
+
+
 def translate(exc: BaseException, *, account_id: str, region: str, operation: str) -> AwsError:
     """Map a botocore/aiohttp exception to our tree; use as `raise translate(e, ...) from e`."""
     ctx: dict[str, Any] = {"account_id": account_id, "region": region, "operation": operation}
@@ -351,4 +391,10 @@ def translate(exc: BaseException, *, account_id: str, region: str, operation: st
         return AccessDeniedError(code="NoCredentials", detail="no hub credentials found", **ctx)
     if isinstance(exc, ProfileNotFound):  # a hub profile named in the config is not there
         return AccessDeniedError(code="ProfileNotFound", detail=str(exc), **ctx)
+    if isinstance(exc, _CREDENTIAL_ERRORS):
+        return AccessDeniedError(code=type(exc).__name__, detail=str(exc), **ctx)
+    if isinstance(exc, ParamValidationError):
+        return ClientFailureError(code="ParamValidationError", detail=_refused(exc), **ctx)
+    if isinstance(exc, BotoCoreError):
+        return ClientFailureError(code=type(exc).__name__, detail=str(exc), **ctx)
     return ClientFailureError(code=type(exc).__name__, detail="unexpected error", **ctx)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import botocore.session
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    NoRegionError,
+    ParamValidationError,
+    UnauthorizedSSOTokenError,
+)
+from botocore.validate import ParamValidator
 
 from aggregator.errors import AccessDeniedError, ClientFailureError, redact, translate
 
@@ -82,6 +89,41 @@ def test_ordinary_messages_are_kept_whole() -> None:
     )
     assert isinstance(err, AccessDeniedError)
     assert err.detail == message
+
+
+def test_a_request_botocore_refuses_names_the_parameters_and_never_their_values() -> None:
+    """botocore checks parameters before it sends a request, and its report quotes their
+    values (an external id among them): the error names each parameter and its limit only."""
+    model = botocore.session.get_session().get_service_model("sts")
+    params = {"RoleArn": "arn:aws:iam::1:role/R", "RoleSessionName": "s", "ExternalId": "q"}
+    wrong_type = {**params, "ExternalId": 271828, "DurationSeconds": "900"}
+    for given in (params, wrong_type):
+        report = ParamValidator().validate(given, model.operation_model("AssumeRole").input_shape)
+        assert report.has_errors()
+        err = translate(
+            ParamValidationError(report=report.generate_report()),
+            account_id="1",
+            region="eu-west-1",
+            operation="AssumeRole",
+        )
+        assert isinstance(err, ClientFailureError) and err.code == "ParamValidationError"
+        assert err.detail.startswith("refused before it was sent: Invalid ")
+        assert "parameter ExternalId, valid " in err.detail
+        assert "RoleSessionName, valid min length: 2" in err.detail
+        assert "value" not in err.detail and "271828" not in err.detail and "\n" not in str(err)
+
+
+def test_other_botocore_errors_keep_their_message() -> None:
+    """A botocore error outside the AWS answers (no region, an SSO session that expired) says
+    what botocore says, where it said "unexpected error"; the credential ones are access
+    denied, as a missing profile is."""
+    ctx = {"account_id": "1", "region": "eu-west-1", "operation": "AssumeRole"}
+    err = translate(NoRegionError(), **ctx)
+    assert isinstance(err, ClientFailureError) and err.detail == "You must specify a region."
+    err = translate(UnauthorizedSSOTokenError(), **ctx)
+    assert isinstance(err, AccessDeniedError) and err.code == "UnauthorizedSSOTokenError"
+    assert "run aws sso login" in err.detail
+    assert translate(KeyError("x"), **ctx).detail == "unexpected error"
 
 
 @pytest.mark.parametrize(

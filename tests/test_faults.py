@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,33 @@ async def test_an_unexpected_error_fails_its_partitions_alone(
         (china, "ProfileNotFound")
     }
     assert "no-such-profile" in summary.failed[0]["message"]
+    assert project(read_snapshot(summary.data_path)) == truth_for(sb, ["eu-west-1"])
+
+
+async def test_hub_credentials_that_fail_to_load_say_why(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aws-cn hub profile's credential process fails (an SSO login has expired, say):
+    that account's partitions fail as access denied with the provider's own words, where
+    they said "unexpected error"; every other partition completes."""
+    sb = await make_sandbox(accounts=2, seed=38, regions=("eu-west-1",))
+    china = "333333333333"
+    process = [sys.executable, "-c", "import sys; sys.exit('the session expired: log in again')"]
+    config = tmp_path / "config"
+    config.write_text(f"[profile cn]\ncredential_process = {shlex.join(process)}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    settings = make_settings(
+        sb.account_ids,
+        accounts={"list": [{"id": china, "role_arn": f"arn:aws-cn:iam::{china}:role/Reader"}]},
+        partitions={"aws-cn": {"profile": "cn"}},
+        regions={"names": ["eu-west-1", "cn-north-1"]},
+    )
+    summary = await run_once(settings, output=tmp_path / "out", policy=FAST)
+    assert summary.status == "partial" and summary.exit_code == 1
+    assert {(f["account_id"], f["error_code"]) for f in summary.failed} == {
+        (china, "CredentialRetrievalError")
+    }
+    assert "the session expired: log in again" in summary.failed[0]["message"]
     assert project(read_snapshot(summary.data_path)) == truth_for(sb, ["eu-west-1"])
 
 
