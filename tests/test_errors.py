@@ -142,6 +142,9 @@ def test_other_botocore_errors_keep_their_message() -> None:
             '{"Endpoint":"http://minio:9000","Contact":"ops@example.com"}',
         ),
         ("s3://bucket/key and http://host/path, ops@example.com", None),
+        ("S3://bucket/snap@v1 and https://host/x/y@z", None),  # paths holding `@`
+        ("https://ghp_EXAMPLETOKEN@host/x", "https://<redacted>@host/x"),
+        ("proxy https://user:p@ss/w0rd@proxy.example/", "proxy https://<redacted>@proxy.example/"),
         # A proxy's or a stand-in endpoint's page quoting the request's headers (botocore makes
         # a body that is not JSON the whole message): as JSON, a dict, a table, escaped JSON.
         (
