@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 from asyncio_throttle.throttler import Throttler
@@ -140,12 +141,14 @@ async def run_plan(
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.monotonic,
     sender: DirectSender | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> None:
     """Fetch every partition of `plan`, calling `on_result` as each one finishes.
 
     `gate` is the global concurrency semaphore (shared with the broker's AssumeRole calls);
     `pool` lends the Snowball clients; `sender` (the direct path, if the clients' sessions
-    have it installed) sends their ListJobs calls.
+    have it installed) sends their ListJobs calls; `now` is the wall clock that dates what
+    each partition observed (the run's own, so that both agree).
     Returns when every partition has a result; partition failures are results, not errors.
     """
     rng = rng or random.Random()
@@ -167,6 +170,7 @@ async def run_plan(
                 sleep=sleep,
                 rng=random.Random(rng.random()),
                 monotonic=clock,
+                now=now,
             )
             on_result(result)
 

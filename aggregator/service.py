@@ -369,6 +369,7 @@ class Aggregator:
                 rng=self._rng,
                 clock=self._monotonic,
                 sender=self._sender,
+                now=self._now,
             )
             assume_calls = broker.assume_role_calls - assume_before
             organizations_calls = sum(organizations.values())

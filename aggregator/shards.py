@@ -534,11 +534,13 @@ def _merged_manifest(
             run_id=run_id,
             reason="the shards listed different accounts (the organization changed during the run)",
         )
-    tool_versions = sorted({str(m.get("tool_version")) for m in manifests})
+    # One version, as the schema has it: the shards' own, or (an upgrade rolled out between
+    # them) that of the shard that finished last; each shard's is in `sharded.shards`.
+    newest = max(manifests, key=lambda m: str(m["finished_at"]))
     return {
         **fields,
         "schema_version": manifests[0].get("schema_version"),
-        "tool_version": tool_versions[0] if len(tool_versions) == 1 else tool_versions,
+        "tool_version": newest.get("tool_version"),
         "started_at": min(str(m["started_at"]) for m in manifests),
         "finished_at": max(str(m["finished_at"]) for m in manifests),
         "status": _status([str(m.get("status")) for m in manifests], fields.get("partitions")),
@@ -552,6 +554,7 @@ def _merged_manifest(
                     "index": i,
                     "snapshot_id": m["snapshot_id"],
                     "status": m.get("status"),
+                    "tool_version": m.get("tool_version"),
                     "records": m["data"]["records"],
                     "sha256": m["data"]["sha256"],
                 }
@@ -714,11 +717,24 @@ async def _merged_before(
     return None
 
 
-def _restamped(merged: MergedRun, snapshot_id: str) -> MergedRun:
-    if snapshot_id == merged.snapshot_id:
-        return merged
-    records = [r._replace(snapshot_id=snapshot_id) for r in merged.records]
-    return dataclasses.replace(merged, snapshot_id=snapshot_id, records=records)
+def _remerged(merged: MergedRun, merged_before: Sequence[Any], latest: str | None) -> MergedRun:
+    """`merged` as the snapshot after this run's earlier merge (LATEST, `latest`), which
+    joined the shard snapshots `merged_before`: it starts when the earliest shard run again
+    since did, not with the shards both share (what it saw anew, a removal among them, was
+    seen after everything in LATEST), and its id sorts after LATEST's."""
+    again = [i for i in merged.shard_snapshot_ids if i not in merged_before]
+    started_at = str(merged.manifest["started_at"])
+    if again:
+        earliest = datetime.strptime(min(again)[:16], _ID_TIME)
+        started_at = max(started_at, f"{earliest:%Y-%m-%dT%H:%M:%SZ}")
+    snapshot_id = merged_snapshot_id(
+        merged.run_id, started_at, merged.shard_snapshot_ids, after=latest
+    )
+    manifest = {**merged.manifest, "started_at": started_at}
+    records = merged.records
+    if snapshot_id != merged.snapshot_id:
+        records = [r._replace(snapshot_id=snapshot_id) for r in records]
+    return dataclasses.replace(merged, snapshot_id=snapshot_id, records=records, manifest=manifest)
 
 
 async def merge_run(
@@ -768,15 +784,7 @@ async def merge_run(
         latest = None if previous is None else str(previous.get("snapshot_id"))
         if previous is not None and _merged_shards(previous)[0] == run_id:
             # A shard was run again since this run's last merge: a new snapshot replaces it.
-            merged = _restamped(
-                merged,
-                merged_snapshot_id(
-                    run_id,
-                    str(merged.manifest["started_at"]),
-                    merged.shard_snapshot_ids,
-                    after=latest,
-                ),
-            )
+            merged = _remerged(merged, _merged_shards(previous)[1], latest)
         _check_carried_from(merged, previous, latest)
         if latest is not None and merged.snapshot_id <= latest:
             raise ShardError(

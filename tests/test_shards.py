@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from jsonschema import Draft202012Validator
 
 from aggregator.accounts import Account
 from aggregator.config import Settings
@@ -30,7 +31,7 @@ from aggregator.shards import (
     shard_manifest,
     shard_of,
 )
-from aggregator.snapshot import open_store
+from aggregator.snapshot import load_schema, open_store
 
 from .conftest import SandboxFactory, make_settings
 
@@ -325,6 +326,58 @@ async def test_merging_after_a_shard_ran_again_writes_a_new_snapshot(
 
     third = await merge_run(tmp_path, "r1", 2)
     assert third.already_merged and third.written == second.written
+
+
+async def test_a_merge_after_a_shard_ran_again_starts_when_that_shard_did(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Shard 1 ran at 15:00, shard 0 at 15:05, merged; a job of shard 0 is deleted and shard 0
+    runs again at 15:20. The new merge starts at 15:20 (what it saw anew, it saw then), so its
+    removal is observed after the job was last seen (15:05), not at 15:00 before it."""
+    sb = await make_sandbox(accounts=6, seed=5, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    await run_shard(settings, tmp_path, Shard(1, 2, "r1"), now=at(0))
+    await run_shard(settings, tmp_path, Shard(0, 2, "r1"), now=at(5))
+    first = await merge_run(tmp_path, "r1", 2)
+    assert manifest_of(tmp_path, first.written.manifest_path)["started_at"].endswith("15:00:00Z")
+    job = next(j for j in sb.truth() if shard_of(j["account_id"], 2) == 0)
+    sb.remove_job(job["account_id"], job["job_id"])
+
+    await run_shard(settings, tmp_path, Shard(0, 2, "r1"), now=at(20))
+    second = await merge_run(tmp_path, "r1", 2)
+    assert second.written.snapshot_id.startswith("20261128T152000Z-")
+    manifest = manifest_of(tmp_path, second.written.manifest_path)
+    assert manifest["started_at"] == "2026-11-28T15:20:00Z"
+    assert manifest["changes"]["counts"]["job_removed"] == manifest["changes"]["events"] == 1
+    (removed,) = map(orjson.loads, (tmp_path / second.written.changes_path).read_bytes().split())
+    assert removed["event"] == "job_removed" and removed["job_id"] == job["job_id"]
+    assert removed["previous_observed_at"] == "2026-11-28T15:05:00Z"
+    assert removed["observed_at"] == "2026-11-28T15:20:00Z"
+
+
+async def test_shards_of_two_versions_merge_into_one_version(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """An upgrade rolled out between two shards of a run: the merged manifest's
+    `tool_version` is one string, as the schema has it (that of the shard that finished
+    last), and each shard's version is kept under `sharded.shards`."""
+    sb = await make_sandbox(accounts=6, seed=6, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    await run_shard(settings, tmp_path, Shard(0, 2, "r1"), now=at(0))
+    await run_shard(settings, tmp_path, Shard(1, 2, "r1"), now=at(5))
+    # Shard 1 ran the newer version (its manifest is not covered by the data's digest).
+    (shard_manifest_path,) = (tmp_path / "shards").rglob("shard=1-of-2/**/*.manifest.json")
+    shard1 = orjson.loads(shard_manifest_path.read_bytes())
+    older = shard1["tool_version"]
+    shard_manifest_path.write_bytes(orjson.dumps({**shard1, "tool_version": "99.0.0"}))
+    result = await merge_run(tmp_path, "r1", 2)
+    merged = manifest_of(tmp_path, result.written.manifest_path)
+    assert merged["tool_version"] == "99.0.0"
+    assert [s["tool_version"] for s in merged["sharded"]["shards"]] == [older, "99.0.0"]
+    schema = load_schema("manifest")
+    Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(
+        merged
+    )
 
 
 async def test_a_shard_that_carried_jobs_from_an_older_snapshot_is_not_merged(
