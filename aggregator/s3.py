@@ -40,6 +40,7 @@ from .snapshot import (
     ARTIFACT_RE,
     LATEST,
     READ_CHUNK,
+    NotPublishedError,
     Pruned,
     Sink,
     Store,
@@ -438,12 +439,11 @@ class S3Store(Store):
                     if named == snapshot_id:
                         return
                     if named == previous_id:  # 409: another conditional write was in flight
-                        raise OutputError(
+                        raise NotPublishedError(
                             f"{self.location}: snapshot {snapshot_id} was written but not "
                             f"published: replacing LATEST conflicted with another write in "
                             f"flight ({code}); LATEST still names {previous_id or 'nothing'}, "
-                            "which the next run starts from",
-                            transient=True,
+                            "which the next run starts from"
                         ) from None
                     raise self._not_published(snapshot_id, previous_id, named) from None
                 if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):

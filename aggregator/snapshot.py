@@ -93,6 +93,7 @@ T = TypeVar("T")
 __all__ = [
     "Compression",
     "LocalStore",
+    "NotPublishedError",
     "Pruned",
     "Store",
     "WrittenSnapshot",
@@ -619,6 +620,14 @@ async def _abort(sink: Sink) -> None:
         log.warning("snapshot.abort_failed", error=str(exc))
 
 
+class NotPublishedError(OutputError):
+    """A snapshot was written whole, but LATEST was not moved to it: another writer published
+    since it read LATEST (transient: the next run starts from theirs)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
 class _UnreadablePrevious(Exception):
     """The previous snapshot's data cannot be read back: no change file this time."""
 
@@ -871,7 +880,12 @@ class Store(ABC):
             raise
         latest = manifest_rel.encode() + b"\n"
         if with_changes:
-            await self._publish(snapshot_id, previous_id, latest)
+            try:
+                await self._publish(snapshot_id, previous_id, latest)
+            except NotPublishedError:
+                if changes_sink is not None:
+                    await self._withdraw(changes_rel)
+                raise
         else:  # a snapshot without change file (a shard's) has no chain to keep
             await to_the_end(self._put(LATEST, [latest]))
         self._previous_of[snapshot_id] = previous_id
@@ -909,13 +923,22 @@ class Store(ABC):
 
     def _not_published(
         self, snapshot_id: str, previous_id: str | None, current: str | None
-    ) -> OutputError:
-        return OutputError(
+    ) -> NotPublishedError:
+        return NotPublishedError(
             f"{self.location}: snapshot {snapshot_id} was written but not published: LATEST "
             f"names {current}, not {previous_id}, which this run was compared with (another "
-            "writer published meanwhile); the next run starts from it",
-            transient=True,
+            "writer published meanwhile); the next run starts from it"
         )
+
+    async def _withdraw(self, changes_rel: str) -> None:
+        """Delete the change file of a snapshot that lost the race for LATEST, at once: it
+        holds the events since the snapshot the winner's change file starts from too, and
+        readers of every change file (`changes/*/*.jsonl`) would count them twice until prune.
+        Its manifest and data stay for prune (the manifest names it still). Best effort."""
+        try:
+            await self._delete([changes_rel])
+        except (OutputError, OSError) as exc:
+            log.warning("changes.withdraw_failed", path=changes_rel, error=str(exc))
 
     def _latest_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Held while LATEST is read, checked and replaced (`_publish`): a directory locks it

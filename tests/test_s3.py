@@ -317,8 +317,8 @@ async def test_latest_put_by_another_writer_in_between_is_never_overwritten(buck
     """LATEST is replaced by a conditional PUT (If-Match the ETag read): a writer that
     publishes between this write's read of LATEST and its PUT (here: injected through
     botocore's public `provide-client-params` event, right before the PUT) makes the PUT fail
-    with 412, so this snapshot is not published (a transient error) and the other writer's
-    LATEST stays."""
+    with 412, so this snapshot is not published (a transient error), the other writer's
+    LATEST stays, and this snapshot's change file is withdrawn (its events overlap theirs)."""
     url = f"s3://{bucket}/race"
     theirs = b"snapshots/date=2026-11-28/" + sid(9).encode() + b".manifest.json\n"
     raced: list[str] = []
@@ -337,7 +337,12 @@ async def test_latest_put_by_another_writer_in_between_is_never_overwritten(buck
         with pytest.raises(OutputError, match="not published") as lost:
             await write(store, sid(2), {"A": "Done"})
     assert lost.value.transient and raced
-    assert (await objects(bucket, "race/"))["LATEST"] == theirs
+    stored = await objects(bucket, "race/")
+    assert stored["LATEST"] == theirs
+    assert [k for k in stored if k.startswith("changes/")] == [
+        f"changes/date=2026-11-28/{sid(1)}.jsonl"
+    ]
+    assert f"snapshots/date=2026-11-28/{sid(2)}.manifest.json" in stored  # left for prune
 
 
 async def test_a_latest_put_retried_after_it_landed_is_still_published(bucket: str) -> None:

@@ -697,7 +697,8 @@ async def test_of_two_writers_from_one_snapshot_only_the_first_to_finish_publish
     """Two writers compare with the same previous snapshot (a manual run while the daemon
     writes). Whichever finishes second, in either start order, finds LATEST moved: its
     snapshot is complete but not published (a transient OutputError says so), LATEST stays
-    at the first, the change files stay one chain, and prune later removes the loser."""
+    at the first, and the change files stay one chain: the loser's is withdrawn at once (its
+    events overlap the winner's), and prune later removes the rest of it."""
     manifest = {"status": "complete", "partition_status": PARTITIONS}
     for first, second in ((3, 2), (2, 3)):
         root = tmp_path / f"{first}-{second}"
@@ -713,6 +714,11 @@ async def test_of_two_writers_from_one_snapshot_only_the_first_to_finish_publish
             latest = await a.latest_manifest()
             assert latest is not None and latest["snapshot_id"] == sid(first)
             assert latest["previous_snapshot_id"] == sid(1)
+            assert sorted(p.name for p in files_of(root, "changes/*/*.jsonl")) == [
+                f"{sid(1)}.jsonl",
+                f"{sid(first)}.jsonl",
+            ]
+            assert files_of(root, f"snapshots/*/{sid(second)}.manifest.json")  # for prune
             pruned = await b.prune(5)
         if second < first:  # off the chain, between published ones: removed
             assert pruned.orphaned == (sid(second),)
