@@ -466,7 +466,7 @@ async def _botocore_parse(
     response = {
         "status_code": status,
         "headers": headers,
-        "body": body,
+        "body": body if status == 200 else wire.error_body(protocol, body),
         "context": {"operation_name": model.name},
     }
     parsed: dict[str, Any] = await parser.parse(response, model.output_shape)

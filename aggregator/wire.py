@@ -54,7 +54,14 @@ from botocore.utils import parse_timestamp
 
 from .records import JobEntry, Page, epoch_millis
 
-__all__ = ["install", "list_jobs_page", "parse_success", "parse_timestamp_fast", "parser_for"]
+__all__ = [
+    "error_body",
+    "install",
+    "list_jobs_page",
+    "parse_success",
+    "parse_timestamp_fast",
+    "parser_for",
+]
 
 HANDLER_ID = "snowball-aggregator.wire.list-jobs"
 
@@ -396,6 +403,25 @@ def parser_for(protocol: str) -> Any:
     return parser
 
 
+def error_body(protocol: str, body: bytes) -> bytes:
+    """An error response's `body` as botocore's parser for `protocol` can read it.
+
+    botocore's JSON parser takes a body that is not JSON as the error's message, but raises
+    AttributeError on one that is JSON and not an object (a gateway's `null`, `[]` or
+    `"Service Unavailable"` with a 502 or 503): the error would lose its HTTP status, which
+    is what makes a 5xx transient. Such a body becomes an object with its text as `message`;
+    any other body is returned as it is."""
+    if protocol != "json" or not body or body[:1] == b"{":
+        return body
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body  # not JSON: botocore makes it the message itself
+    if isinstance(decoded, dict):
+        return body
+    return orjson.dumps({"message": body.decode("utf-8", "replace")})
+
+
 def _before_parse(
     operation_model: Any,
     response_dict: dict[str, Any],
@@ -404,7 +430,10 @@ def _before_parse(
 ) -> None:
     """Decode a successful ListJobs body with a C decoder; leave anything else to botocore."""
     if response_dict.get("status_code") != 200:
-        return  # errors go through botocore's error parsing and modeled exceptions
+        # Errors go through botocore's error parsing and modeled exceptions.
+        protocol = operation_model.service_model.resolved_protocol
+        response_dict["body"] = error_body(protocol, response_dict.get("body") or b"")
+        return
     parsed = parse_success(operation_model, response_dict.get("body"))
     if parsed is None:
         return

@@ -45,10 +45,11 @@ def truth_for(sb: Any, regions: list[str], strategy: str = "all") -> list[dict[s
         (Faults(p_hang=0.3, hang_seconds=5.0), "retries"),
         (Faults(p_truncated=0.3), "retries"),
         (Faults(p_malformed=0.3), "retries"),
+        (Faults(p_gateway=0.3), "retries"),
         (Faults(throttle_rps=3.0, throttle_burst=2), "throttles"),
         (Faults(churn=0.5, churn_max=2), "restarts"),
     ],
-    ids=["500", "503", "reset", "hang", "truncated", "malformed", "throttle", "churn"],
+    ids=["500", "503", "reset", "hang", "truncated", "malformed", "gateway", "throttle", "churn"],
 )
 async def test_each_fault_is_survived_exactly(
     make_sandbox: SandboxFactory, tmp_path: Path, faults: Faults, counter: str
@@ -63,6 +64,21 @@ async def test_each_fault_is_survived_exactly(
     assert project(read_snapshot(summary.data_path)) == truth_for(sb, REGIONS["names"])
     assert getattr(summary, counter) > 0
     assert summary.requests == sb.stats().total_requests
+
+
+async def test_a_gateway_answer_that_is_json_but_no_object_is_retried_without_direct(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A 502 whose body is JSON but no object (a gateway's `null`) made botocore's JSON error
+    parser raise AttributeError, and the partition failed at once as "unexpected error"; it is
+    an HTTP 5xx like any other, retried, on botocore's own sending path too (`direct=False`;
+    the direct path is the parametrized test above)."""
+    sb = await make_sandbox(accounts=4, seed=39, jobs={BIG: 640}, faults=Faults(p_gateway=0.3))
+    settings = make_settings(sb.account_ids, regions=REGIONS, limits={"max_concurrency": 8})
+    summary = await run_once(settings, output=tmp_path, policy=FAST, direct=False)
+    assert summary.status == "complete", summary.failed
+    assert summary.retries > 0
+    assert project(read_snapshot(summary.data_path)) == truth_for(sb, REGIONS["names"])
 
 
 @pytest.mark.parametrize("protocol", ["json", "cbor"])

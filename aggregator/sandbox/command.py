@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     world.add_argument("--role-name", default=None, help="the only role name AssumeRole accepts")
     faults = parser.add_argument_group("faults")
     faults.add_argument("--latency", type=float, default=0.0, help="seconds per ListJobs")
-    for name in ("500", "503", "reset", "hang", "truncated", "malformed"):
+    for name in ("500", "503", "reset", "hang", "truncated", "malformed", "gateway"):
         faults.add_argument(
             f"--p-{name}",
             type=_probability,
@@ -152,6 +152,7 @@ def build(args: argparse.Namespace) -> Sandbox:
         hang_seconds=args.hang_seconds,
         p_truncated=args.p_truncated,
         p_malformed=args.p_malformed,
+        p_gateway=args.p_gateway,
         throttle_rps=args.throttle_rps,
         throttle_burst=args.throttle_burst,
         latency=args.latency,

@@ -25,6 +25,7 @@ class FaultKind(enum.StrEnum):
     HANG = "hang"
     TRUNCATED = "truncated"
     MALFORMED = "malformed"
+    GATEWAY = "gateway"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +41,8 @@ class Faults:
         without a response; the wait ends early when the sandbox closes.
       p_truncated: a 200 whose Content-Length exceeds the body, then close.
       p_malformed: a 200 whose body is not valid JSON / CBOR.
+      p_gateway: a 502 whose body is JSON but no object (``null``), as a gateway in front of
+        the service may answer.
       throttle_rps: token-bucket refill rate per (account, region); None (default) = off.
         Requests over it answer ``ThrottlingException``.
       throttle_burst: bucket size (default None = max(1, ceil(throttle_rps))).
@@ -76,6 +79,7 @@ class Faults:
     hang_seconds: float = 30.0
     p_truncated: float = 0.0
     p_malformed: float = 0.0
+    p_gateway: float = 0.0
     throttle_rps: float | None = None
     throttle_burst: int | None = None
     latency: float = 0.0
@@ -101,6 +105,7 @@ class Faults:
             "p_hang",
             "p_truncated",
             "p_malformed",
+            "p_gateway",
             "churn",
             "p_sts_500",
             "p_sts_reset",
@@ -109,7 +114,9 @@ class Faults:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
         if self._random_total() > 1.0 + 1e-9:
-            raise ValueError("p_500 + p_503 + p_reset + p_hang + p_truncated + p_malformed > 1")
+            raise ValueError(
+                "p_500 + p_503 + p_reset + p_hang + p_truncated + p_malformed + p_gateway > 1"
+            )
         if self.p_sts_500 + self.p_sts_reset > 1.0 + 1e-9:
             raise ValueError("p_sts_500 + p_sts_reset > 1")
         if self.throttle_rps is not None and self.throttle_rps <= 0:
@@ -134,6 +141,7 @@ class Faults:
             + self.p_hang
             + self.p_truncated
             + self.p_malformed
+            + self.p_gateway
         )
 
     @property
@@ -155,6 +163,7 @@ class Faults:
             (FaultKind.HANG, self.p_hang),
             (FaultKind.TRUNCATED, self.p_truncated),
             (FaultKind.MALFORMED, self.p_malformed),
+            (FaultKind.GATEWAY, self.p_gateway),
         ):
             if u < p:
                 return kind

@@ -724,6 +724,8 @@ class Sandbox:
                 )
             if fault is FaultKind.HTTP_503:
                 raise ApiError("ServiceUnavailable", "Service is unavailable.", 503, sender=False)
+            if fault is FaultKind.GATEWAY:
+                return web.Response(status=502, body=b"null", content_type="application/json")
             if fault is FaultKind.RESET:
                 return self._reset(request)
             if fault is FaultKind.HANG:
