@@ -21,7 +21,11 @@ lines that differ. For each job, in this order:
   have returned it (its account or region is no longer queried: it left the organisation or
   the configuration), so that the events of two consecutive snapshots always turn the older
   into the newer. This needs the newer manifest's `partition_status`, the list of every
-  partition planned.
+  partition planned. And between snapshots that are not consecutive (the newer one's
+  `previous_snapshot_id` is another), every job in the older snapshot only is `job_removed`:
+  the newer one carried forward whatever its own previous snapshot held, so the job was
+  removed in between, and a consumer catching up with one `diff` ends up with the newer
+  snapshot.
 
 Every event has `account_id`, `job_id`, `snapshot_id` (the newer snapshot),
 `previous_snapshot_id`, `from_state`, `to_state`, `observed_at` (when the newer snapshot
@@ -256,6 +260,13 @@ def _rules(
     previous_id: str | None = old_manifest["snapshot_id"] if old_manifest else None
     started: str = new_manifest.get("started_at") or _time_of(snapshot_id)
     old_auth, new_auth = _Authority(old_manifest), _Authority(new_manifest)
+    # Between snapshots that are not consecutive (`diff` to catch up), a job that the newer
+    # one lacks is gone whatever its partition did there: the newer one carried forward all
+    # that its own previous snapshot held, so the job was removed in between.
+    skipping = old_manifest is not None and new_manifest.get("previous_snapshot_id") not in (
+        None,
+        previous_id,
+    )
 
     def event(
         kind: str,
@@ -275,8 +286,10 @@ def _rules(
     def gone(o: Core, oe: Extra) -> None:
         account = o[0][0]
         if (
-            new_auth.covers(account, oe[0]) and (o[2] or old_auth.covers(account, oe[0]))
-        ) or new_auth.dropped(account, oe[0]):
+            skipping
+            or (new_auth.covers(account, oe[0]) and (o[2] or old_auth.covers(account, oe[0])))
+            or new_auth.dropped(account, oe[0])
+        ):
             event(JOB_REMOVED, o[0], o[1], None, started, oe[1])
 
     def changed(o: Core, oe: Extra, n: Core, ne: Extra) -> None:

@@ -866,6 +866,42 @@ def read_jsonl_bytes(body: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in body.splitlines() if line]
 
 
+async def test_a_diff_that_skips_snapshots_turns_the_older_into_the_newer(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """S1 has job J; J is deleted and S2 (partition ok) removes it; in S3 J's partition fails.
+    `diff S1 latest` (a consumer catching up) says J was removed, although S3's partition
+    failed: S3 carried forward all S2 held, so J went in between. Without it, the consumer
+    kept J for ever (no later diff mentions it). The consecutive S2 -> S3 has no removal."""
+    sb = await make_sandbox(accounts=2, seed=12, max_jobs=6, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    first = await run_once(settings, output=tmp_path)
+    account, job = next((j["account_id"], j["job_id"]) for j in sb.truth())
+    sb.remove_job(account, job)
+    second = await run_once(settings, output=tmp_path)
+    assert second.status == "complete"
+    assert [(e["event"], e["job_id"]) for e in change_file(second)] == [("job_removed", job)]
+    sb.faults = dataclasses.replace(sb.faults, deny_list_jobs=frozenset({account}))
+    third = await run_once(settings, output=tmp_path)
+    assert third.status == "partial"
+    assert {e["event"] for e in change_file(third)} == {"job_went_stale"}
+
+    out = io.BytesIO()
+    assert await diff_command(tmp_path, first.snapshot_id, "latest", out=out) == 0
+    events = read_jsonl_bytes(out.getvalue())
+    assert ("job_removed", job) in [(e["event"], e["job_id"]) for e in events]
+    # S1 with these events applied is S3: the same jobs, in the same states.
+    jobs = {(r["account_id"], r["job_id"]): r["job_state"] for r in read_jsonl(first.data_path)}
+    for e in events:
+        key = (e["account_id"], e["job_id"])
+        if e["event"] == "job_removed":
+            del jobs[key]
+        else:
+            jobs[key] = e["to_state"]
+    latest = {(r["account_id"], r["job_id"]): r["job_state"] for r in read_jsonl(third.data_path)}
+    assert jobs == latest
+
+
 async def test_jobs_of_a_region_no_longer_queried_are_removed_and_added_back(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
