@@ -31,27 +31,17 @@ import re
 from typing import Any
 
 import aiohttp
+import botocore.exceptions
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
-    CredentialRetrievalError,
     HTTPClientError,
-    InfiniteLoopConfigError,
-    InvalidConfigError,
-    MetadataRetrievalError,
     NoCredentialsError,
     ParamValidationError,
-    PartialCredentialsError,
     ProfileNotFound,
     ReadTimeoutError,
-    RefreshWithMFAUnsupportedError,
-    SSOError,
-    SSOTokenLoadError,
-    TokenRetrievalError,
-    UnauthorizedSSOTokenError,
-    UnknownCredentialError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
@@ -332,17 +322,17 @@ OPT_IN_REGIONS = frozenset(
 # or SSO session that fails, a profile that is incomplete): no request was sent, and only the
 # operator can fix them. Their messages name the provider and what is wrong.
 _CREDENTIAL_ERRORS = (
-    CredentialRetrievalError,
-    InfiniteLoopConfigError,
-    InvalidConfigError,
-    MetadataRetrievalError,
-    PartialCredentialsError,
-    RefreshWithMFAUnsupportedError,
-    SSOError,
-    SSOTokenLoadError,
-    TokenRetrievalError,
-    UnauthorizedSSOTokenError,
-    UnknownCredentialError,
+    botocore.exceptions.CredentialRetrievalError,
+    botocore.exceptions.InfiniteLoopConfigError,
+    botocore.exceptions.InvalidConfigError,
+    botocore.exceptions.MetadataRetrievalError,
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.RefreshWithMFAUnsupportedError,
+    botocore.exceptions.SSOError,
+    botocore.exceptions.SSOTokenLoadError,
+    botocore.exceptions.TokenRetrievalError,
+    botocore.exceptions.UnauthorizedSSOTokenError,
+    botocore.exceptions.UnknownCredentialError,
 )
 # The parameter's value in a ParamValidationError report, up to the limit that follows it: the
 # value may be a secret (an external id), the parameter's name and the limit say enough.
