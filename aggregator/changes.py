@@ -263,10 +263,7 @@ def _rules(
     # Between snapshots that are not consecutive (`diff` to catch up), a job that the newer
     # one lacks is gone whatever its partition did there: the newer one carried forward all
     # that its own previous snapshot held, so the job was removed in between.
-    skipping = old_manifest is not None and new_manifest.get("previous_snapshot_id") not in (
-        None,
-        previous_id,
-    )
+    skipping = old_manifest is not None and new_manifest.get("previous_snapshot_id") != previous_id
 
     def event(
         kind: str,

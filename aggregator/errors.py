@@ -136,12 +136,13 @@ _SIGNED_VALUES = (
 )
 # An access key id wherever it appears (AKIA: long-term, ASIA: temporary).
 _ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
-# A URL's user info: a name (a token) without "/", or `user:password` up to the last "@" (a
-# secret access key may hold an unencoded "/", a password "@"); never past a space, a quote or
-# a comma (a URL without credentials, then an address elsewhere in the message). A path that
-# holds "@" (`s3://bucket/snap@v1`) is not user info.
+# A URL's user info: a name (a token) without "/", or `user:password` up to the last "@" (the
+# user may be an e-mail address, the password hold "@" or, as a secret access key may, an
+# unencoded "/"); never past a space, a quote or a comma (a URL without credentials, then an
+# address elsewhere in the message). A path that holds "@" (`s3://bucket/snap@v1`) is not user
+# info.
 _URL_CREDENTIALS = re.compile(
-    r"(\b[a-z][a-z0-9+.-]*://)(?:[^\s\"',<>/:@]*:[^\s\"',<>]*|[^\s\"',<>/]*)@", re.IGNORECASE
+    r"(\b[a-z][a-z0-9+.-]*://)(?:[^\s\"',<>/:]*:[^\s\"',<>]*|[^\s\"',<>/]*)@", re.IGNORECASE
 )
 
 

@@ -443,7 +443,8 @@ class S3Store(Store):
                             f"{self.location}: snapshot {snapshot_id} was written but not "
                             f"published: replacing LATEST conflicted with another write in "
                             f"flight ({code}); LATEST still names {previous_id or 'nothing'}, "
-                            "which the next run starts from"
+                            "which the next run starts from",
+                            lost=False,  # the write in flight may be our own, and land
                         ) from None
                     raise self._not_published(snapshot_id, previous_id, named) from None
                 if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):

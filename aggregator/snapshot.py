@@ -622,10 +622,15 @@ async def _abort(sink: Sink) -> None:
 
 class NotPublishedError(OutputError):
     """A snapshot was written whole, but LATEST was not moved to it: another writer published
-    since it read LATEST (transient: the next run starts from theirs)."""
+    since it read LATEST (transient: the next run starts from theirs).
 
-    def __init__(self, message: str) -> None:
+    `lost` is True when LATEST was seen naming another snapshot than this one and than the one
+    it was compared with, so that this one can no longer become LATEST; False when that is not
+    certain (a conditional PUT of ours may still be in flight)."""
+
+    def __init__(self, message: str, *, lost: bool) -> None:
         super().__init__(message, transient=True)
+        self.lost = lost
 
 
 class _UnreadablePrevious(Exception):
@@ -882,8 +887,8 @@ class Store(ABC):
         if with_changes:
             try:
                 await self._publish(snapshot_id, previous_id, latest)
-            except NotPublishedError:
-                if changes_sink is not None:
+            except NotPublishedError as exc:
+                if exc.lost and changes_sink is not None:
                     await self._withdraw(changes_rel)
                 raise
         else:  # a snapshot without change file (a shard's) has no chain to keep
@@ -924,17 +929,26 @@ class Store(ABC):
     def _not_published(
         self, snapshot_id: str, previous_id: str | None, current: str | None
     ) -> NotPublishedError:
+        if current == snapshot_id:  # a twin (two merges of one run) published the same id
+            return NotPublishedError(
+                f"{self.location}: snapshot {snapshot_id} was published meanwhile by another "
+                "writer of the same snapshot (two merges of one run at once?); nothing more to do",
+                lost=False,
+            )
         return NotPublishedError(
             f"{self.location}: snapshot {snapshot_id} was written but not published: LATEST "
             f"names {current}, not {previous_id}, which this run was compared with (another "
-            "writer published meanwhile); the next run starts from it"
+            "writer published meanwhile); the next run starts from it",
+            lost=True,
         )
 
     async def _withdraw(self, changes_rel: str) -> None:
-        """Delete the change file of a snapshot that lost the race for LATEST, at once: it
-        holds the events since the snapshot the winner's change file starts from too, and
-        readers of every change file (`changes/*/*.jsonl`) would count them twice until prune.
-        Its manifest and data stay for prune (the manifest names it still). Best effort."""
+        """Delete the change file of a snapshot that lost the race for LATEST for good (LATEST
+        names another snapshot, which a conditional write of ours can no longer replace), at
+        once: it holds the events since the snapshot the winner's change file starts from too,
+        and readers of every change file (`changes/*/*.jsonl`) would count them twice until
+        prune. Its manifest and data stay for prune (the manifest names it still). Best
+        effort."""
         try:
             await self._delete([changes_rel])
         except (OutputError, OSError) as exc:

@@ -145,6 +145,10 @@ def test_other_botocore_errors_keep_their_message() -> None:
         ("S3://bucket/snap@v1 and https://host/x/y@z", None),  # paths holding `@`
         ("https://ghp_EXAMPLETOKEN@host/x", "https://<redacted>@host/x"),
         ("proxy https://user:p@ss/w0rd@proxy.example/", "proxy https://<redacted>@proxy.example/"),
+        (  # an e-mail address for a user name, a "/" in the password
+            "proxy http://ops@corp.example:pa/ss@proxy.example:3128/ refused",
+            "proxy http://<redacted>@proxy.example:3128/ refused",
+        ),
         # A proxy's or a stand-in endpoint's page quoting the request's headers (botocore makes
         # a body that is not JSON the whole message): as JSON, a dict, a table, escaped JSON.
         (

@@ -430,7 +430,8 @@ async def test_a_cancellation_while_latest_is_replaced_on_s3_lets_it_finish(buck
 async def test_a_conflicting_latest_write_says_what_happened(bucket: str) -> None:
     """S3's 409 ConditionalRequestConflict (another conditional write in flight) with LATEST
     still on the previous snapshot: a transient error that says so, where it used to say that
-    LATEST names X, not X."""
+    LATEST names X, not X. The write in flight may be our own (a PUT botocore retried) and
+    land, so the change file stays: it is withdrawn only once another snapshot is LATEST."""
 
     class Conflict:
         status_code = 409
@@ -452,6 +453,7 @@ async def test_a_conflicting_latest_write_says_what_happened(bucket: str) -> Non
         assert "conflicted with another write in flight (ConditionalRequestConflict)" in message
         assert f"LATEST still names {sid(1)}" in message
         assert (await store.latest_manifest() or {})["snapshot_id"] == sid(1)
+    assert f"conflict/changes/date=2026-11-28/{sid(2)}.jsonl" in await objects(bucket)
 
 
 async def test_an_s3_error_that_echoes_secrets_is_redacted(bucket: str) -> None:

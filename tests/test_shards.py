@@ -355,6 +355,29 @@ async def test_a_merge_after_a_shard_ran_again_starts_when_that_shard_did(
     assert removed["observed_at"] == "2026-11-28T15:20:00Z"
 
 
+async def test_two_merges_of_one_run_at_once_leave_the_published_snapshot_whole(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """Two merges of one run at once write the same snapshot id; the one that finds LATEST
+    already naming it fails (exit 1) saying so, and leaves the change file the published
+    manifest names in place (a loser's change file is withdrawn only when another snapshot
+    won)."""
+    sb = await make_sandbox(accounts=6, seed=7, regions=("eu-west-1",))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    for i in range(2):
+        await run_shard(settings, tmp_path, Shard(i, 2, "r1"), now=at(i))
+    results = await asyncio.gather(
+        merge_run(tmp_path, "r1", 2), merge_run(tmp_path, "r1", 2), return_exceptions=True
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) <= 1
+    if failed:
+        assert "was published meanwhile by another writer of the same snapshot" in str(failed[0])
+    manifest = manifest_of(tmp_path, (tmp_path / "LATEST").read_text().strip())
+    assert (tmp_path / manifest["changes"]["path"]).is_file()
+    assert manifest["changes"]["events"] == len(sb.truth())
+
+
 async def test_shards_of_two_versions_merge_into_one_version(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
