@@ -1257,14 +1257,15 @@ class Store(ABC):
         """Delete all but the newest `retain` published snapshots, and crash debris.
 
         The newest snapshots are found by following `previous_snapshot_id` back from LATEST
-        (up to 16 of them; beyond that by snapshot id, which sorts by start time), so two runs
-        that started in the same second are still told apart. A manifest off that chain but
-        among its snapshots was never published (a crash before LATEST) and goes; so do the
-        files of a snapshot without manifest that is older than LATEST's. Never deletes the
-        snapshot LATEST points to nor anything newer than it (a write in progress elsewhere),
-        and does nothing when there is no LATEST. A manifest goes before its data and change
-        files, so an interrupted prune leaves only files the next prune recognises as
-        incomplete. Then the folders of sharded runs that can no longer be merged go
+        (up to 16 of them, and further while a manifest among them by id is not found on the
+        chain; beyond that by snapshot id, which sorts by start time), so runs that started
+        in the same second, or after the clock stepped back, are still told apart. A manifest
+        off that chain but among its snapshots was never published (a crash before LATEST) and
+        goes; so do the files of a snapshot without manifest that is older than LATEST's.
+        Never deletes the snapshot LATEST points to nor anything newer than it (a write in
+        progress elsewhere), and does nothing when there is no LATEST. A manifest goes before
+        its data and change files, so an interrupted prune leaves only files the next prune
+        recognises as incomplete. Then the folders of sharded runs that can no longer be merged go
         (`_prune_shard_runs`). Raises `OutputError` if the location cannot be listed or a file
         cannot be deleted.
         """
@@ -1295,16 +1296,15 @@ class Store(ABC):
         older = sorted((i for i in manifests if i < latest), reverse=True)
         await self._previous_ids([latest, *older[: _CHAIN_DEPTH - 1]])
         chain = [latest]
-        while len(chain) < _CHAIN_DEPTH:
+        while True:
             prev = self._previous_of.get(chain[-1])
             if prev is None or prev not in manifests or prev in chain:
                 break
+            chain.append(prev)
+            if len(chain) > _CHAIN_DEPTH and not self._unexplained(chain, manifests, young):
+                break  # (its previous is published too, but not needed: ids order the rest)
             if prev not in self._previous_of:
                 await self._previous_ids([prev])
-            chain.append(prev)
-        beyond = self._previous_of.get(chain[-1])  # published too, if the walk hit its depth
-        if beyond in manifests and beyond not in chain:
-            chain.append(beyond)
         lo, hi = min(chain), max(chain)
         on_chain = set(chain)
         # Unpublished or manifest-less snapshots are debris only once they are old: a writer
@@ -1341,6 +1341,16 @@ class Store(ABC):
             kept=kept,
             shard_runs=shard_runs,
         )
+
+    @staticmethod
+    def _unexplained(chain: Sequence[str], manifests: set[str], young: set[str]) -> bool:
+        """Whether a manifest whose id sorts among the chain's, off the chain walked so far, is
+        old enough to be pruned as never published. Ids sort by start time, so normally none
+        is; when they do not (runs in the same second, a clock stepped back), the walk goes on
+        until it finds them on the chain, or the chain ends (they are debris then)."""
+        lo, hi = min(chain), max(chain)
+        on_chain = set(chain)
+        return any(lo < i < hi and i not in on_chain and i not in young for i in manifests)
 
     async def _prune_shard_runs(self, oldest_kept: float) -> tuple[str, ...]:
         """Delete the folders of sharded runs (`shards/run=<id>/`) whose every file is older,

@@ -8,6 +8,7 @@ import errno
 import gzip
 import hashlib
 import os
+import random
 import re
 import sys
 import threading
@@ -663,6 +664,23 @@ async def test_snapshots_started_in_the_same_second_are_kept_in_publication_orde
         pruned = await store.prune(2)
     assert pruned.expired == (ids[0],) and not pruned.orphaned
     assert snapshot_ids(tmp_path) == sorted(ids[1:])
+
+
+async def test_a_long_chain_out_of_id_order_is_kept_whole(tmp_path: Path) -> None:
+    """Ids stop sorting in publication order (21 runs in one second; or the clock stepped
+    back an hour after 5 runs): the walk back from LATEST goes on past its usual depth until
+    every old manifest among the chain's ids is found on it, so retention keeps all of them,
+    where it pruned those it had not walked to as never published."""
+    same_second = [f"20261128T150000Z-{random.Random(n).getrandbits(16):04x}" for n in range(21)]
+    stepped_back = [sid(n) for n in range(60, 65)] + [sid(n) for n in range(0, 90, 5)]
+    for name, ids in (("same-second", same_second), ("stepped-back", stepped_back)):
+        root = tmp_path / name
+        async with LocalStore(root, debris_age=0) as store:
+            for snapshot_id in ids:
+                await write(store, snapshot_id, {"A": "New"})
+            pruned = await store.prune(96)
+        assert pruned.orphaned == () and pruned.expired == (), name
+        assert snapshot_ids(root) == sorted(ids), name
 
 
 async def test_prune_without_latest_does_nothing(tmp_path: Path) -> None:
