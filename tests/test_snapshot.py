@@ -672,7 +672,7 @@ async def test_a_long_chain_out_of_id_order_is_kept_whole(tmp_path: Path) -> Non
     every old manifest among the chain's ids is found on it, so retention keeps all of them,
     where it pruned those it had not walked to as never published."""
     same_second = [f"20261128T150000Z-{random.Random(n).getrandbits(16):04x}" for n in range(21)]
-    stepped_back = [sid(n) for n in range(60, 65)] + [sid(n) for n in range(0, 90, 5)]
+    stepped_back = [sid(n) for n in range(60, 65)] + [sid(n) for n in range(1, 90, 5) if n != 61]
     for name, ids in (("same-second", same_second), ("stepped-back", stepped_back)):
         root = tmp_path / name
         async with LocalStore(root, debris_age=0) as store:
