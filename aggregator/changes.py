@@ -30,8 +30,10 @@ lines that differ. For each job, in this order:
 Every event has `account_id`, `job_id`, `snapshot_id` (the newer snapshot),
 `previous_snapshot_id`, `from_state`, `to_state`, `observed_at` (when the newer snapshot
 observed the change: the job's `last_seen` there, or, for `job_removed` and `job_went_stale`,
-the newer snapshot's `started_at`) and `previous_observed_at` (the job's `last_seen` in the
-older snapshot; null for `job_added`). Events depend only on the two snapshots (records and
+the newer snapshot's `started_at`; never before `previous_observed_at`, which it takes if that
+is later: a clock stepped back, or an older snapshot published while the newer one started)
+and `previous_observed_at` (the job's `last_seen` in the older snapshot; null for
+`job_added`). Events depend only on the two snapshots (records and
 manifests), so the same pair always yields the same events, in the same order.
 """
 
@@ -263,7 +265,11 @@ def _rules(
     # Between snapshots that are not consecutive (`diff` to catch up), a job that the newer
     # one lacks is gone whatever its partition did there: the newer one carried forward all
     # that its own previous snapshot held, so the job was removed in between.
-    skipping = old_manifest is not None and new_manifest.get("previous_snapshot_id") != previous_id
+    # (A manifest without the key, not written by a store, is taken for consecutive.)
+    skipping = (
+        old_manifest is not None
+        and new_manifest.get("previous_snapshot_id", previous_id) != previous_id
+    )
 
     def event(
         kind: str,
@@ -273,6 +279,8 @@ def _rules(
         at: str,
         before: str | None,
     ) -> None:
+        if before is not None and before > at:  # never observed before the last sighting (a
+            at = before  # clock stepped back; a snapshot published while this one started)
         out.append(ChangeEvent(key[0], kind, frm, key[1], at, before, previous_id, snapshot_id, to))
 
     def added(n: Core, ne: Extra) -> None:

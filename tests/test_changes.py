@@ -132,6 +132,28 @@ def ev(
     }
 
 
+async def test_an_event_is_never_observed_before_the_last_sighting() -> None:
+    """The older snapshot saw the jobs after the newer one started (it was published while the
+    newer one discovered accounts, or the clock stepped back): a removal or a job going stale
+    is observed at that last sighting, not before it, so ordering a job's events by time
+    keeps them in order; a later sighting keeps its own time."""
+    late = "2026-11-28T15:16:00Z"  # after NEW_STARTED
+    old = [rec("J1", seen=late), rec("J2", seen=late), rec("J3", seen=OLD_SEEN)]
+    new_manifest = manifest(NEW_ID, ok=(), failed=[(A, "eu-west-1")])
+    stale = [rec("J2", stale=True, seen=late), rec("J3", stale=True, seen=OLD_SEEN)]
+    got = await events(old, stale, manifest(OLD_ID), new_manifest)
+    assert got == [
+        ev("job_went_stale", "J2", "New", "New", late, late),
+        ev("job_went_stale", "J3", "New", "New", NEW_STARTED, OLD_SEEN),
+    ]
+    got = await events(old, [], manifest(OLD_ID), manifest(NEW_ID))
+    assert [(e["job_id"], e["observed_at"]) for e in got] == [
+        ("J1", late),
+        ("J2", late),
+        ("J3", NEW_STARTED),
+    ]
+
+
 async def test_first_snapshot_adds_every_job() -> None:
     """With no older snapshot every job is `job_added`, with no previous snapshot id."""
     new = [rec("J1", seen=NEW_SEEN), rec("J2", "Complete", seen=NEW_SEEN)]
@@ -363,7 +385,7 @@ def reference(
                 "event": kind,
                 "from_state": frm,
                 "job_id": key[1],
-                "observed_at": at,
+                "observed_at": max(at, before or at),  # never before the last sighting
                 "previous_observed_at": before,
                 "previous_snapshot_id": prev,
                 "snapshot_id": new_m["snapshot_id"],
