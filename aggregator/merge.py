@@ -3,10 +3,12 @@
 Results are added in the order their partitions finished. When several regions return the same
 job (the US regions all return the account's US jobs), the record keeps the union of those
 regions and the fields of the latest observation, so a job whose state changed during the run
-ends with its newest state. Failed partitions contribute the previous snapshot's records of that
-account and region, marked `stale` with their original `last_seen`, so a transient failure never
-looks like a deleted job. So do skipped ones (the region answered that the account has not
-enabled it): a region that returned jobs before and now says so has not shown them deleted.
+ends with its newest state; answers that differ within the same second are chosen between by
+their content, never by which partition finished last. Failed partitions contribute the
+previous snapshot's records of that account and region, marked `stale` with their original
+`last_seen`, so a transient failure never looks like a deleted job. So do skipped ones (the
+region answered that the account has not enabled it): a region that returned jobs before and
+now says so has not shown them deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from .records import JobEntry, JobRecord
 __all__ = ["MergeStats", "Merger"]
 
 US_GROUP = frozenset(US_REGIONS)
+
+
+def _newer(entry: JobEntry, observed: str, kept: JobEntry, kept_observed: str) -> bool:
+    """Whether `entry` (seen at `observed`) replaces `kept`, another region's different answer
+    about the same job: the later observation wins; at the same second, the same one whatever
+    order the partitions finished in (by the fields' text), so that regions that disagree for
+    a while (a replica behind) give the same record every run instead of the last to finish."""
+    if observed != kept_observed:
+        return observed > kept_observed
+    return tuple(map(str, entry)) > tuple(map(str, kept))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +115,8 @@ class Merger:
                 regions = seen[1]
                 if region not in regions:
                     regions = (*regions, region)
+                if entry != seen[0] and not _newer(entry, observed, seen[0], seen[2]):
+                    entry, observed = seen[0], seen[2]
                 jobs[job_id] = (entry, regions, observed)
         self.duplicates += duplicates
 

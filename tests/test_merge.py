@@ -66,6 +66,26 @@ def test_latest_observation_wins() -> None:
     assert records[0].observed_at == "T2"
 
 
+def test_regions_that_disagree_in_the_same_second_give_one_answer_in_any_order() -> None:
+    """Three US regions answer differently about one job in the same second (a replica
+    behind): the record is the same whichever partition finished last, where it was the last
+    one's, so the job's state flapped between runs."""
+    answers = [
+        result("us-east-1", entry("A", "InTransitToAWS")),
+        result("us-east-2", entry("A", "Complete")),
+        result("us-west-2", entry("A", "WithAWS")),
+    ]
+    seen = set()
+    for order in ((0, 1, 2), (2, 1, 0), (1, 2, 0), (2, 0, 1)):
+        m = Merger()
+        for i in order:
+            m.add(answers[i])
+        (record,), _ = m.records(snapshot_id="S")
+        assert record.regions == ("us-east-1", "us-east-2", "us-west-2")
+        seen.add(record.job_state)
+    assert seen == {"WithAWS"}
+
+
 def test_failed_partition_carries_previous_records_forward_as_stale() -> None:
     """Jobs of a failed partition stay in the snapshot, marked stale with last_seen kept."""
     previous = [
