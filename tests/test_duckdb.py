@@ -12,7 +12,9 @@ from typing import Any
 import duckdb
 import orjson
 
+from aggregator.records import JobRecord
 from aggregator.service import run_once
+from aggregator.snapshot import open_store
 
 from .conftest import SandboxFactory, make_settings
 
@@ -20,34 +22,47 @@ ROOT = Path(__file__).resolve().parent.parent
 REGIONS = ("eu-west-1", "us-east-1", "us-west-2")
 
 # The README's DuckDB queries, for an output directory `var/demo/` (the tests substitute theirs).
+MACROS = """
+CREATE OR REPLACE MACRO records(path) AS TABLE
+SELECT * FROM read_json(path, hive_partitioning = true, columns = {
+  account_id: 'VARCHAR', job_id: 'VARCHAR', job_state: 'VARCHAR', job_type: 'VARCHAR',
+  snowball_type: 'VARCHAR', is_master: 'BOOLEAN', creation_date: 'VARCHAR',
+  description: 'VARCHAR', regions: 'VARCHAR[]', snapshot_id: 'VARCHAR',
+  observed_at: 'VARCHAR', last_seen: 'VARCHAR', stale: 'BOOLEAN'});
+CREATE OR REPLACE MACRO events(path) AS TABLE
+SELECT * FROM read_json(path, hive_partitioning = true, columns = {
+  account_id: 'VARCHAR', event: 'VARCHAR', from_state: 'VARCHAR', job_id: 'VARCHAR',
+  observed_at: 'VARCHAR', previous_observed_at: 'VARCHAR', previous_snapshot_id: 'VARCHAR',
+  snapshot_id: 'VARCHAR', to_state: 'VARCHAR'});
+"""
 LATEST = """
 SET VARIABLE manifest = 'var/demo/' || trim((SELECT content FROM read_text('var/demo/LATEST')), chr(10));
 SET VARIABLE latest = (SELECT 'var/demo/' || data.path FROM read_json(getvariable('manifest')));
 """  # noqa: E501
 BY_STATE_PER_ACCOUNT = """
 SELECT account_id, job_state, count(*) AS jobs
-FROM read_json(getvariable('latest'))
+FROM records(getvariable('latest'))
 GROUP BY ALL ORDER BY account_id, jobs DESC;
 """
 PER_DEVICE_TYPE = """
 SELECT snowball_type, count(*) AS jobs
-FROM read_json(getvariable('latest'))
+FROM records(getvariable('latest'))
 GROUP BY ALL ORDER BY jobs DESC;
 """
 CREATED_PER_MONTH = """
 SELECT date_trunc('month', creation_date::TIMESTAMP) AS month, count(*) AS jobs
-FROM read_json(getvariable('latest'))
+FROM records(getvariable('latest'))
 GROUP BY ALL ORDER BY month;
 """
 HISTORY = """
 SELECT date, snapshot_id, job_state, count(*) AS jobs
-FROM read_json('var/demo/snapshots/*/[0-9]*.jsonl*', hive_partitioning = true)
+FROM records('var/demo/snapshots/*/[0-9]*.jsonl*')
 GROUP BY ALL ORDER BY snapshot_id, jobs DESC;
 """
 TIME_IN_STATE = """
 WITH transitions AS (
   SELECT account_id, job_id, to_state AS state, observed_at::TIMESTAMP AS since
-  FROM read_json('var/demo/changes/*/[0-9]*.jsonl*', hive_partitioning = true)
+  FROM events('var/demo/changes/*/[0-9]*.jsonl*')
   WHERE event IN ('job_added', 'state_changed', 'job_removed')  -- a recovery in a new state
 ), spans AS (                                                     -- is a state_changed too
   SELECT state, since,
@@ -106,6 +121,7 @@ async def three_runs(make_sandbox: SandboxFactory, section: dict[str, Any], **kw
 
 def check_against_truth(root: Path, truth: list[dict[str, Any]], summary: Any) -> None:
     con = duckdb.connect()
+    run(con, MACROS, root)
     run(con, LATEST, root)
     by_state = Counter({(a, s): n for a, s, n in run(con, BY_STATE_PER_ACCOUNT, root)})
     assert by_state == Counter((j["account_id"], j["job_state"]) for j in truth)
@@ -185,3 +201,46 @@ async def test_the_readme_duckdb_queries_run(make_sandbox: SandboxFactory, tmp_p
     con = duckdb.connect()
     for block in blocks:
         run(con, block, tmp_path)
+
+
+def test_the_readme_defines_the_typed_readers_these_tests_use() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert MACROS.strip() in readme
+
+
+async def test_the_typed_readers_keep_values_that_first_appear_late(tmp_path: Path) -> None:
+    """25,000 jobs whose first 24,990 have no description nor creation date: `read_json` on
+    its own (DuckDB 1.x and 2.0) types both columns from the first 20,480 lines as null and
+    loses the last ten values without an error; the README's `records` macro reads them, and
+    `events` reads a first change file (all `job_added`, `from_state` null) with its columns
+    typed."""
+    snapshot_id = "20261128T150000Z-abcd"
+    records = [
+        JobRecord(
+            "111111111111",
+            f"JID{i:06d}",
+            "New",
+            "IMPORT",
+            "EDGE",
+            False,
+            None if i < 24_990 else "2024-01-01T00:00:00.000Z",
+            None if i < 24_990 else f"late {i}",
+            ("eu-west-1",),
+            snapshot_id,
+            "2026-11-28T15:00:03Z",
+            "2026-11-28T15:00:03Z",
+            False,
+        )
+        for i in range(25_000)
+    ]
+    async with open_store(tmp_path) as store:
+        written = await store.write(snapshot_id, records, {"status": "complete"})
+    data = (tmp_path / written.data_path).as_posix()
+    con = duckdb.connect()
+    query = "SELECT count(*), count(description), count(creation_date) FROM {}"
+    run(con, MACROS, tmp_path)
+    assert con.execute(query.format(f"records('{data}')")).fetchall() == [(25_000, 10, 10)]
+    changes = (tmp_path / str(written.changes_path)).as_posix()
+    described = con.execute(f"DESCRIBE SELECT * FROM events('{changes}')").fetchall()
+    types = {name: kind for name, kind, *_ in described}
+    assert types["from_state"] == types["to_state"] == "VARCHAR"
