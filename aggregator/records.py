@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import orjson
+
 __all__ = [
     "SCHEMA_VERSION",
     "JobEntry",
@@ -111,6 +113,21 @@ def iso_seconds(value: datetime) -> str:
 _ISO_SECONDS = "%04d-%02d-%02dT%02d:%02d:%02dZ"
 
 
+def _text(value: Any) -> str | None:
+    """Text for a value a string member should have held: bytes decoded (UTF-8, anything
+    else replaced), other values as JSON would write them (`5`, `true`), or their `str`."""
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return str(value)
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return str(value)
+
+
 def _timestamp(value: Any) -> str | None:
     if value is None:
         return None
@@ -143,19 +160,27 @@ class JobEntry(NamedTuple):
 
     @classmethod
     def from_api(cls, account_id: str, entry: Mapping[str, Any]) -> JobEntry:
-        """Map a parsed JobListEntry (botocore shapes) to an entry; unknown keys are ignored."""
+        """Map a parsed JobListEntry (botocore shapes) to an entry; unknown keys are ignored.
+        A string member that holds something else (a number, or bytes on CBOR: a service out
+        of its model) is made text, so that the snapshot holds what its readers accept."""
         get = entry.get
         is_master = get("IsMaster")
         job_id = entry["JobId"]
-        return cls(
-            account_id,
-            job_id if type(job_id) is str else str(job_id),
+        state, kind, device, description = (
             get("JobState"),
             get("JobType"),
             get("SnowballType"),
+            get("Description"),
+        )
+        return cls(
+            account_id,
+            job_id if type(job_id) is str else _text(job_id) or "",
+            state if type(state) is str or state is None else _text(state),
+            kind if type(kind) is str or kind is None else _text(kind),
+            device if type(device) is str or device is None else _text(device),
             None if is_master is None else bool(is_master),
             _timestamp(get("CreationDate")),
-            get("Description"),
+            description if type(description) is str or description is None else _text(description),
         )
 
 

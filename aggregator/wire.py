@@ -344,11 +344,17 @@ def list_jobs_page(operation_model: Any, body: Any, account_id: str) -> Page | N
             except (OverflowError, OSError, ValueError):
                 return None  # an instant no datetime holds: botocore raises its own error
         is_master = get("IsMaster")
+        state = get("JobState")
+        if type(state) is not str and state is not None:
+            # The state the next run compares and carries forward: no other type may reach
+            # the snapshot (the other members are text to the record only; `from_api` makes
+            # every one of them text on the general path).
+            return None
         append(
             JobEntry(
                 account_id,
                 job_id,
-                get("JobState"),
+                state,
                 get("JobType"),
                 get("SnowballType"),
                 None if is_master is None else bool(is_master),

@@ -81,6 +81,29 @@ async def test_a_gateway_answer_that_is_json_but_no_object_is_retried_without_di
     assert project(read_snapshot(summary.data_path)) == truth_for(sb, REGIONS["names"])
 
 
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_job_state_that_is_no_string_never_poisons_the_snapshot(
+    make_sandbox: SandboxFactory, tmp_path: Path, direct: bool
+) -> None:
+    """A service out of its model answers `"JobState": 5`: the record says "5" (text, as
+    every reader expects), where the number went into the snapshot and the next run with a
+    failed partition, which reads the snapshot back to carry jobs forward, refused it as
+    damaged, that run and every later one."""
+    account, other = "200000000000", "200000000001"
+    jobs = {(account, "eu-west-1"): 3, (other, "eu-west-1"): 3}
+    sb = await make_sandbox(accounts=2, seed=40, regions=("eu-west-1",), jobs=jobs)
+    assert sorted(sb.account_ids) == [account, other]
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    job = next(j["job_id"] for j in sb.truth() if j["account_id"] == account)
+    sb.set_job_state(account, job, 5)  # type: ignore[arg-type]
+    first = await run_once(settings, output=tmp_path, policy=FAST, direct=direct)
+    assert first.status == "complete"
+    assert [r["job_state"] for r in read_snapshot(first.data_path) if r["job_id"] == job] == ["5"]
+    sb.faults = Faults(deny_list_jobs=frozenset({other}))
+    second = await run_once(settings, output=tmp_path, policy=FAST, direct=direct)
+    assert second.status == "partial" and second.stale > 0
+
+
 @pytest.mark.parametrize("protocol", ["json", "cbor"])
 async def test_malformed_and_truncated_bodies_on_both_protocols(
     make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str

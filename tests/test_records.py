@@ -33,6 +33,23 @@ def test_entry_maps_fields_and_keeps_unknown_enums() -> None:
     assert entry.is_master is False
 
 
+def test_string_members_that_hold_something_else_become_text() -> None:
+    """A service out of its model (a number for a state, bytes for a description over CBOR):
+    the entry holds text, which the snapshot can encode and its readers accept."""
+    entry = JobEntry.from_api(
+        "111111111111",
+        {
+            "JobId": 7,
+            "JobState": 5,
+            "JobType": True,
+            "SnowballType": ["EDGE"],
+            "Description": b"caf\xc3\xa9 \xff",
+        },
+    )
+    assert entry.job_id == "7" and entry.job_state == "5" and entry.job_type == "true"
+    assert entry.snowball_type == '["EDGE"]' and entry.description == "caf\u00e9 \ufffd"
+
+
 def test_absent_fields_are_null() -> None:
     """Fields the API left out are None, not dropped or defaulted."""
     entry = JobEntry.from_api("111111111111", {"JobId": "JID2"})
