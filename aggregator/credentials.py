@@ -40,7 +40,7 @@ from botocore.exceptions import NoCredentialsError
 
 from .accounts import Account
 from .config import data_loader
-from .errors import RetryableError, TransientError, translate
+from .errors import AwsError, RetryableError, TransientError, translate, unsent
 from .gate import Gate
 from .retry import RetryPolicy
 
@@ -286,6 +286,7 @@ class CredentialBroker:
         self._credentials: dict[str, asyncio.Task[AioRefreshableCredentials]] = {}
         self._member: AioSession | None = None
         self.assume_role_calls = 0
+        self._refused: dict[str, AwsError] = {}  # renewals refused this cycle, by account
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     async def __aenter__(self) -> CredentialBroker:
@@ -371,7 +372,8 @@ class CredentialBroker:
             err = translate(
                 exc, account_id=account.account_id, region=region, operation="AssumeRole"
             )
-            self.outcomes[err.code] += 1
+            if not unsent(exc):
+                self.outcomes[err.code] += 1
             raise err from exc
         kwargs: dict[str, Any] = {
             "RoleArn": account.role_arn,
@@ -407,7 +409,10 @@ class CredentialBroker:
                 err = translate(
                     exc, account_id=account.account_id, region=region, operation="AssumeRole"
                 )
-                self.outcomes[err.code] += 1
+                if unsent(exc):  # refused before it was signed: no request to count
+                    self.assume_role_calls -= 1
+                else:
+                    self.outcomes[err.code] += 1
                 if not isinstance(err, RetryableError) or attempt == self._policy.max_attempts:
                     raise err from exc
                 await self._sleep(self._policy.backoff(attempt, self._rng))
@@ -426,7 +431,18 @@ class CredentialBroker:
         made: list[_AssumedCredentials] = []
 
         async def refresh() -> dict[str, Any]:
-            metadata, expires_in = await self._assume(account)
+            # botocore renews while it signs a request, once per request in the last minutes
+            # of the keys: a renewal refused for good (AccessDenied: the trust policy changed)
+            # is not asked again this cycle, by any partition of the account.
+            refused = self._refused.get(account.account_id)
+            if refused is not None:
+                raise refused
+            try:
+                metadata, expires_in = await self._assume(account)
+            except AwsError as err:
+                if not isinstance(err, RetryableError):
+                    self._refused[account.account_id] = err
+                raise
             for credentials in made:
                 credentials.expires_in(expires_in)
             return metadata
@@ -525,6 +541,7 @@ class CredentialBroker:
         """Forget failed AssumeRoles, so a new cycle tries those accounts again."""
         _drop_failed(self._sessions)
         _drop_failed(self._credentials)
+        self._refused.clear()
 
     def keep_only(self, account_ids: Collection[str]) -> None:
         """Forget the sessions and credentials of every account not in `account_ids` (at the

@@ -61,6 +61,7 @@ __all__ = [
     "TransientError",
     "redact",
     "translate",
+    "unsent",
     "wrong_location",
 ]
 
@@ -344,6 +345,15 @@ def _refused(exc: ParamValidationError) -> str:
     report = str(exc.kwargs.get("report") or "")
     lines = _QUOTED_VALUE.sub("", report).splitlines()
     return "refused before it was sent: " + "; ".join(line.strip() for line in lines)
+
+
+_UNSENT = (NoCredentialsError, ProfileNotFound, ParamValidationError, *_CREDENTIAL_ERRORS)
+
+
+def unsent(exc: BaseException) -> bool:
+    """Whether botocore raised `exc` before the request went out: the caller's credentials
+    could not be loaded, or a parameter was refused."""
+    return isinstance(exc, _UNSENT)
 
 
 def translate(exc: BaseException, *, account_id: str, region: str, operation: str) -> AwsError:

@@ -115,6 +115,7 @@ class FetchCounters:
     restarts: int = 0
     refreshes: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    cut_short: bool = False  # a request in flight was cancelled (no answer to count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,8 @@ async def fetch_partition(
                     code="PartitionDeadlineExceeded",
                     detail=f"partition took longer than {policy.partition_deadline} s",
                 )
+                if counters.cut_short:  # the request it cut off had no answer: not an "ok"
+                    counters.errors[error.code] = counters.errors.get(error.code, 0) + 1
                 break  # no time left for a fallback: the failure is this region's
             except Exception as exc:  # one partition never stops the others
                 # Anything no layer below translated (a bug, a failure nobody foresaw) fails
@@ -309,12 +312,21 @@ async def _page(
                     departure = _departing.set(pacer)
                     try:
                         page = await clients.list_jobs(client, kwargs, partition.account_id)
+                    except asyncio.CancelledError:
+                        counters.cut_short = True  # (the partition deadline, or a shutdown)
+                        raise
                     finally:
                         _departing.reset(departure)
                 except Exception as exc:
                     err = translate(
                         exc, account_id=partition.account_id, region=region, operation="ListJobs"
                     )
+                    if err.operation == "AssumeRole":
+                        # botocore renewed the account's credentials while signing, and the
+                        # AssumeRole failed (counted, and retried, as AssumeRole): no ListJobs
+                        # went out, and asking again would only assume the role again.
+                        counters.requests -= 1
+                        raise err from exc
                 else:
                     if page is not None:
                         pacer.on_success()
@@ -342,11 +354,11 @@ async def _page(
                     refreshed = True
                     attempt -= 1
                 continue
-        if not isinstance(err, RetryableError) or attempt >= policy.max_attempts:
-            raise err
-        if isinstance(err, ThrottledError):
+        if isinstance(err, ThrottledError):  # (the last attempt's throttle counts too)
             counters.throttles += 1
             pacer.on_throttle()
+        if not isinstance(err, RetryableError) or attempt >= policy.max_attempts:
+            raise err
         counters.retries += 1
         log.debug("request.retry", code=err.code, attempt=attempt)
         await sleep(policy.backoff(attempt, rng))

@@ -27,14 +27,41 @@ __all__ = ["MergeStats", "Merger"]
 US_GROUP = frozenset(US_REGIONS)
 
 
+# Snowball's job states in the order a job goes through them (the API model's enum order).
+_PROGRESS: dict[str | None, int] = {
+    state: rank
+    for rank, state in enumerate(
+        (
+            "New",
+            "PreparingAppliance",
+            "PreparingShipment",
+            "InTransitToCustomer",
+            "WithCustomer",
+            "InTransitToAWS",
+            "WithAWSSortingFacility",
+            "WithAWS",
+            "InProgress",
+            "Complete",
+            "Cancelled",
+            "Listing",
+            "Pending",
+        )
+    )
+}
+
+
 def _newer(entry: JobEntry, observed: str, kept: JobEntry, kept_observed: str) -> bool:
     """Whether `entry` (seen at `observed`) replaces `kept`, another region's different answer
-    about the same job: the later observation wins; at the same second, the same one whatever
-    order the partitions finished in (by the fields' text), so that regions that disagree for
-    a while (a replica behind) give the same record every run instead of the last to finish."""
+    about the same job: the later observation wins; at the same second, the state further on
+    in a job's life (a replica behind has not seen the change yet), then the fields' text, so
+    that regions that disagree for a while give the same record every run, never the answer
+    of whichever partition finished last."""
     if observed != kept_observed:
         return observed > kept_observed
-    return tuple(map(str, entry)) > tuple(map(str, kept))
+    rank, kept_rank = _PROGRESS.get(entry[2], -1), _PROGRESS.get(kept[2], -1)  # (job_state)
+    if rank != kept_rank:
+        return rank > kept_rank
+    return tuple(map(repr, entry)) > tuple(map(repr, kept))
 
 
 @dataclass(frozen=True, slots=True)

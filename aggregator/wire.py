@@ -344,22 +344,29 @@ def list_jobs_page(operation_model: Any, body: Any, account_id: str) -> Page | N
             except (OverflowError, OSError, ValueError):
                 return None  # an instant no datetime holds: botocore raises its own error
         is_master = get("IsMaster")
-        state = get("JobState")
-        if type(state) is not str and state is not None:
-            # The state the next run compares and carries forward: no other type may reach
-            # the snapshot (the other members are text to the record only; `from_api` makes
-            # every one of them text on the general path).
-            return None
+        state, kind, device, description = (
+            get("JobState"),
+            get("JobType"),
+            get("SnowballType"),
+            get("Description"),
+        )
+        if (
+            (type(state) is not str and state is not None)
+            or (type(kind) is not str and kind is not None)
+            or (type(device) is not str and device is not None)
+            or (type(description) is not str and description is not None)
+        ):
+            return None  # a string member that holds something else: `from_api` makes it text
         append(
             JobEntry(
                 account_id,
                 job_id,
                 state,
-                get("JobType"),
-                get("SnowballType"),
+                kind,
+                device,
                 None if is_master is None else bool(is_master),
                 created,
-                get("Description"),
+                description,
             )
         )
     return Page(entries, token or None)

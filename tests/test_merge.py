@@ -68,8 +68,8 @@ def test_latest_observation_wins() -> None:
 
 def test_regions_that_disagree_in_the_same_second_give_one_answer_in_any_order() -> None:
     """Three US regions answer differently about one job in the same second (a replica
-    behind): the record is the same whichever partition finished last, where it was the last
-    one's, so the job's state flapped between runs."""
+    behind): the record is the same whichever partition finished last (the state furthest on
+    in a job's life), where it was the last one's, so the job's state flapped between runs."""
     answers = [
         result("us-east-1", entry("A", "InTransitToAWS")),
         result("us-east-2", entry("A", "Complete")),
@@ -83,7 +83,7 @@ def test_regions_that_disagree_in_the_same_second_give_one_answer_in_any_order()
         (record,), _ = m.records(snapshot_id="S")
         assert record.regions == ("us-east-1", "us-east-2", "us-west-2")
         seen.add(record.job_state)
-    assert seen == {"WithAWS"}
+    assert seen == {"Complete"}  # the furthest on in a job's life
 
 
 def test_failed_partition_carries_previous_records_forward_as_stale() -> None:
