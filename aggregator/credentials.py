@@ -435,8 +435,8 @@ class CredentialBroker:
             # of the keys: a renewal refused for good (AccessDenied: the trust policy changed)
             # is not asked again this cycle, by any partition of the account.
             refused = self._refused.get(account.account_id)
-            if refused is not None:
-                raise refused
+            if refused is not None:  # (its traceback dropped: it would grow with each raise)
+                raise refused.with_traceback(None)
             try:
                 metadata, expires_in = await self._assume(account)
             except AwsError as err:
