@@ -36,6 +36,7 @@ from .errors import (
     AwsError,
     InvalidNextTokenError,
     RetryableError,
+    ThrottledError,
     TransientError,
     translate,
 )
@@ -179,6 +180,7 @@ class _Lister:
         sleep: Callable[[float], Awaitable[None]],
         rng: random.Random,
         requests: collections.Counter[tuple[str, str]] | None,
+        retried: collections.Counter[str] | None = None,
     ) -> None:
         self._client = client
         self._partition = partition
@@ -186,6 +188,7 @@ class _Lister:
         self._sleep = sleep
         self._rng = rng
         self._requests = requests
+        self._retried = retried
 
     def _fail(self, err: AwsError, parent: str | None, hint: str = "") -> DiscoveryError:
         return DiscoveryError(
@@ -229,10 +232,14 @@ class _Lister:
                     detail=f"response without {key}",
                 )
             self._count(operation, err.code)
+            if isinstance(err, ThrottledError) and self._retried is not None:
+                self._retried["throttles"] += 1
             if not isinstance(err, RetryableError):
                 raise self._fail(err, parent) from cause
             if attempt == self._policy.max_attempts:
                 raise self._fail(err, parent, f"gave up after {attempt} attempts") from cause
+            if self._retried is not None:
+                self._retried["retries"] += 1
             await self._sleep(self._policy.backoff(attempt, self._rng))
         raise AssertionError("unreachable")  # pragma: no cover - the loop always returns/raises
 
@@ -319,6 +326,7 @@ async def discover_accounts(
     request_timeout: float = 30.0,
     http_session_cls: Any = None,
     requests: collections.Counter[tuple[str, str]] | None = None,
+    retried: collections.Counter[str] | None = None,
 ) -> tuple[Account, ...]:
     """The ACTIVE accounts of the organization, `include`/`exclude` applied, sorted by id.
 
@@ -328,7 +336,8 @@ async def discover_accounts(
     from `role_name`), `policy=RetryPolicy()` (attempts per page, backoff, restarts after a
     rejected NextToken), `sleep=asyncio.sleep`, `rng=random.Random()`, `request_timeout=30.0` s
     per request, `http_session_cls=None` (the shared pool's class, see transport.py), `requests`
-    (a Counter incremented once per HTTP request, by operation name).
+    (a Counter incremented once per HTTP request, by operation name) and `retried` (a Counter
+    of the requests tried again, `retries`, and of the throttling answers, `throttles`).
 
     Raises `DiscoveryError` (one line, with what to check) when a call still fails.
     """
@@ -358,8 +367,10 @@ async def discover_accounts(
                     detail=err.detail,
                     hint=_hint(err.code, None, partition),
                 ) from exc
-            return await _discover(client, settings, partition, policy, sleep, rng, requests)
-    return await _discover(source, settings, partition, policy, sleep, rng, requests)
+            return await _discover(
+                client, settings, partition, policy, sleep, rng, requests, retried
+            )
+    return await _discover(source, settings, partition, policy, sleep, rng, requests, retried)
 
 
 async def _discover(
@@ -370,10 +381,17 @@ async def _discover(
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random,
     requests: collections.Counter[tuple[str, str]] | None,
+    retried: collections.Counter[str] | None,
 ) -> tuple[Account, ...]:
     org = settings.organizations
     lister = _Lister(
-        client, partition=partition, policy=policy, sleep=sleep, rng=rng, requests=requests
+        client,
+        partition=partition,
+        policy=policy,
+        sleep=sleep,
+        rng=rng,
+        requests=requests,
+        retried=retried,
     )
     pages = _walk(lister, org.ou_ids) if org.ou_ids else lister.pages("ListAccounts", "Accounts")
     excluded = frozenset(settings.exclude)

@@ -40,7 +40,14 @@ from botocore.exceptions import NoCredentialsError
 
 from .accounts import Account
 from .config import data_loader
-from .errors import AwsError, RetryableError, TransientError, translate, unsent
+from .errors import (
+    AwsError,
+    RetryableError,
+    ThrottledError,
+    TransientError,
+    translate,
+    unsent,
+)
 from .gate import Gate
 from .retry import RetryPolicy
 
@@ -286,6 +293,7 @@ class CredentialBroker:
         self._credentials: dict[str, asyncio.Task[AioRefreshableCredentials]] = {}
         self._member: AioSession | None = None
         self.assume_role_calls = 0
+        self.retried: collections.Counter[str] = collections.Counter()  # retries, throttles
         self._refused: dict[str, AwsError] = {}  # renewals refused this cycle, by account
         self.outcomes: collections.Counter[str] = collections.Counter()
 
@@ -413,8 +421,11 @@ class CredentialBroker:
                     self.assume_role_calls -= 1
                 else:
                     self.outcomes[err.code] += 1
+                if isinstance(err, ThrottledError):
+                    self.retried["throttles"] += 1
                 if not isinstance(err, RetryableError) or attempt == self._policy.max_attempts:
                     raise err from exc
+                self.retried["retries"] += 1
                 await self._sleep(self._policy.backoff(attempt, self._rng))
         assert creds is not None  # the loop breaks only with complete credentials
         log.debug("credentials.assumed", account_id=account.account_id)

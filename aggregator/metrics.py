@@ -112,6 +112,14 @@ class Metrics:
         for (operation, outcome), n in counts.items():
             self.requests.labels(operation, outcome).inc(n)
 
+    def requests_retried(self, retries: int, throttles: int) -> None:
+        """Count a cycle's AssumeRole and Organizations retries and throttling answers,
+        whether the cycle finished or raised (ListJobs ones are counted by `partition_done`)."""
+        if retries:
+            self.retries.inc(retries)
+        if throttles:
+            self.throttles.inc(throttles)
+
     def cycle_finished(self, summary: RunSummary, records: Sequence[JobRecord]) -> None:
         """Set the last cycle's gauges from its summary and snapshot records."""
         states: Tally[str] = Tally()

@@ -88,7 +88,13 @@ class RunSummary:
 
 
 class CycleObserver(Protocol):
-    """Something that watches cycles: metrics, a progress bar, a test."""
+    """Something that watches cycles: metrics, a progress bar, a test.
+
+    It may also have `requests_made(counts)` (a cycle's AssumeRole and Organizations requests
+    by (operation, outcome)), `requests_retried(retries, throttles)` (their retries and
+    throttling answers), `cycle_failed(reason)` and `cycle_skipped(missed)`; each is called
+    only if present.
+    """
 
     def cycle_started(self, snapshot_id: str, partitions: int) -> None: ...
     def partition_done(self, result: PartitionResult) -> None: ...
@@ -277,20 +283,31 @@ class Aggregator:
         # The AssumeRole and Organizations requests of the cycle, by (operation, outcome),
         # for the observers that count requests: whether the cycle finishes or raises.
         organizations: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Their retries and throttling answers too (ListJobs ones are the partitions').
+        retried: collections.Counter[str] = collections.Counter()
         outcomes_before = collections.Counter(self._broker.outcomes)
+        retried_before = collections.Counter(self._broker.retried)
         try:
             with cycle_gc():
-                return await self._cycle(organizations)
+                return await self._cycle(organizations, retried)
         finally:
             made = organizations + collections.Counter(
                 {("AssumeRole", k): n for k, n in (self._broker.outcomes - outcomes_before).items()}
             )
+            retried += self._broker.retried - retried_before
             for observer in self.observers:
                 requests_made = getattr(observer, "requests_made", None)
                 if requests_made is not None and made:
                     requests_made(made)
+                requests_retried = getattr(observer, "requests_retried", None)
+                if requests_retried is not None and retried:
+                    requests_retried(retried["retries"], retried["throttles"])
 
-    async def _cycle(self, organizations: collections.Counter[tuple[str, str]]) -> RunSummary:
+    async def _cycle(
+        self,
+        organizations: collections.Counter[tuple[str, str]],
+        retried: collections.Counter[str],
+    ) -> RunSummary:
         assert self._broker is not None and self._pool is not None and self._store is not None
         broker, pool, base = self._broker, self._pool, self._store
         settings = self.settings
@@ -318,6 +335,7 @@ class Aggregator:
                 request_timeout=limits.timeout,
                 http_session_cls=self._session_cls,
                 requests=organizations,
+                retried=retried,
             )
         accounts = universe if shard is None else select_shard(universe, shard.index, shard.count)
         # The previous run tells how long each chain is: the longest start first.
@@ -335,6 +353,7 @@ class Aggregator:
         broker.keep_only({a.account_id for a in accounts})
         assume_before = broker.assume_role_calls
         outcomes_before = collections.Counter(broker.outcomes)
+        assume_retried_before = collections.Counter(broker.retried)
         for observer in self.observers:
             observer.cycle_started(snapshot_id, len(plan))
 
@@ -397,8 +416,10 @@ class Aggregator:
             )
             requests = sum(r.requests for r in results) + assume_calls + organizations_calls
             finished_at = now()
-            throttles = sum(r.throttles for r in results)
-            retries = sum(r.retries for r in results)
+            # ListJobs' own, and those of the cycle's AssumeRole and Organizations calls.
+            elsewhere = retried + (broker.retried - assume_retried_before)
+            throttles = sum(r.throttles for r in results) + elsewhere["throttles"]
+            retries = sum(r.retries for r in results) + elsewhere["retries"]
             restarts = sum(r.restarts for r in results)
             manifest: dict[str, Any] = {
                 "schema_version": SCHEMA_VERSION,

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from aggregator.metrics import Metrics
+from aggregator.retry import RetryPolicy
 from aggregator.sandbox import Faults
 from aggregator.service import Aggregator, run_forever
 
@@ -89,6 +90,9 @@ async def test_assume_role_and_organizations_requests_count_even_when_the_cycle_
         "snowball_aggregator_requests_total", {"operation": "ListAccounts", "outcome": "ok"}
     )
     assert listed == stats["organizations:ListAccounts"] >= 1
+
+
+FAST = RetryPolicy(max_attempts=10, base_delay=0.005, max_delay=0.05, max_restarts=10)
 
 
 def _manifest(path: Any) -> Any:
@@ -199,3 +203,32 @@ async def test_hub_credentials_that_cannot_be_loaded_send_no_request(
     assert sb.stats().total_requests == 0
     assert summary.requests == 0
     assert _requests(metrics, "AssumeRole", "NoCredentials") is None
+
+
+async def test_assume_role_and_organizations_retries_count_with_the_others(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """STS answers half its requests with a 500 and Organizations tears a page: each of those
+    was tried again, and the manifest's `retries`, the summary and `retries_total` count
+    them with the ListJobs retries (they counted ListJobs only)."""
+    sb = await make_sandbox(
+        accounts=30,
+        seed=9,
+        regions=("eu-west-1",),
+        faults=Faults(p_sts_500=0.5, p_500=0.2, torn_account_pages=1),
+    )
+    settings = make_settings(
+        [], regions={"names": ["eu-west-1"]}, accounts={"organizations": {"enabled": True}}
+    )
+    metrics = Metrics()
+    summary = await run_forever(
+        settings, burst=True, observers=[metrics], output=tmp_path, policy=FAST
+    )
+    assert summary is not None and summary.status == "complete"
+    faults = sb.stats().faults
+    assert faults["sts_500"] > 0 and faults["500"] > 0 and faults["torn_account_page"] == 1
+    # Every fault was answered to a request that was then tried again, and nothing else was.
+    expected = faults["sts_500"] + faults["500"] + faults["torn_account_page"]
+    assert summary.retries == expected, faults
+    assert _manifest(summary.manifest_path)["retries"] == expected
+    assert metrics.registry.get_sample_value("snowball_aggregator_retries_total") == expected
