@@ -174,13 +174,12 @@ class _Lister:
     def __init__(
         self,
         client: Any,
-        *,
         partition: str,
         policy: RetryPolicy,
         sleep: Callable[[float], Awaitable[None]],
         rng: random.Random,
         requests: collections.Counter[tuple[str, str]] | None,
-        retried: collections.Counter[str] | None = None,
+        retried: collections.Counter[str] | None,
     ) -> None:
         self._client = client
         self._partition = partition
@@ -384,15 +383,7 @@ async def _discover(
     retried: collections.Counter[str] | None,
 ) -> tuple[Account, ...]:
     org = settings.organizations
-    lister = _Lister(
-        client,
-        partition=partition,
-        policy=policy,
-        sleep=sleep,
-        rng=rng,
-        requests=requests,
-        retried=retried,
-    )
+    lister = _Lister(client, partition, policy, sleep, rng, requests, retried)
     pages = _walk(lister, org.ou_ids) if org.ou_ids else lister.pages("ListAccounts", "Accounts")
     excluded = frozenset(settings.exclude)
     included = frozenset(org.include)
