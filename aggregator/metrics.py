@@ -40,7 +40,8 @@ class Metrics:
         self.retries = Counter(f"{_PREFIX}_retries", "Requests retried after an error", registry=r)
         self.restarts = Counter(
             f"{_PREFIX}_nexttoken_restarts",
-            "Partitions restarted from their first page after InvalidNextToken",
+            "Partitions restarted from their first page after InvalidNextToken or a NextToken "
+            "the chain had already returned",
             registry=r,
         )
         self.partition_duration = Histogram(
