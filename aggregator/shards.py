@@ -725,8 +725,7 @@ def _remerged(merged: MergedRun, merged_before: Sequence[Any], latest: str | Non
     again = [i for i in merged.shard_snapshot_ids if i not in merged_before]
     started_at = str(merged.manifest["started_at"])
     if again:
-        earliest = datetime.strptime(min(again)[:16], _ID_TIME)
-        started_at = max(started_at, f"{earliest:%Y-%m-%dT%H:%M:%SZ}")
+        started_at = max(started_at, iso_seconds(datetime.strptime(min(again)[:16], _ID_TIME)))
     snapshot_id = merged_snapshot_id(
         merged.run_id, started_at, merged.shard_snapshot_ids, after=latest
     )
