@@ -1403,6 +1403,31 @@ def _fsync_dir(path: Path) -> None:
 
 _SYNC_EVERY = 32 << 20
 _fdatasync = getattr(os, "fdatasync", None)  # not on macOS: the data then waits for seal
+_fadvise = getattr(os, "posix_fadvise", None)  # not on macOS: pages then stay cached
+
+
+def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Let the kernel drop the page cache of a file's range (`length` 0: to the end).
+
+    Snapshot files are written once and read once, as a stream (the next run's comparison);
+    the daemon compares against what it kept and does not read them at all. Cached, their
+    pages would only crowd the machine's memory (in a container, they are charged to the
+    pod). Worse, each new file needs fresh pages, and fresh pages can be the dearest part of
+    the write: on a virtual machine whose freed memory goes back to the host, writing 560 MB
+    with a flush every 32 MB took 1.06 s with the pages kept and 0.30 s with each flushed
+    range dropped, because the next range then reuses the pages just freed (a first
+    1,000,000-record snapshot: 2.37 s before, 1.60 s after; `make bench`). Only clean pages
+    go: call it on what has been flushed or read. Advisory: an error is ignored."""
+    if _fadvise is not None:
+        with contextlib.suppress(OSError):
+            _fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _sync_range(fd: int, start: int, end: int) -> None:
+    """Flush the file to disk, then drop the now clean pages of `start:end` (see above)."""
+    assert _fdatasync is not None
+    _fdatasync(fd)
+    _drop_cached(fd, start, end - start)
 
 
 def _tree(root: Path, top: str) -> dict[str, float]:
@@ -1422,9 +1447,17 @@ def _tree(root: Path, top: str) -> dict[str, float]:
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
+    """The file in `READ_CHUNK`s, dropping what has been read from the page cache every
+    `_SYNC_EVERY` bytes (`_drop_cached`)."""
     with open(path, "rb") as fh:
+        fd, done, dropped = fh.fileno(), 0, 0
         while chunk := fh.read(READ_CHUNK):
+            done += len(chunk)
+            if done - dropped >= _SYNC_EVERY:
+                _drop_cached(fd, dropped, done - dropped)
+                dropped = done
             yield chunk
+        _drop_cached(fd, dropped)
 
 
 class _LocalSink(Sink):
@@ -1440,6 +1473,7 @@ class _LocalSink(Sink):
         final.parent.mkdir(parents=True, exist_ok=True)
         self._fh: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in seal/abort
         self._unsynced = 0
+        self._synced = 0  # bytes flushed (or being flushed) so far: their pages are dropped
         self._syncer: ThreadPoolExecutor | None = None
         self._syncing: Future[None] | None = None
 
@@ -1449,14 +1483,19 @@ class _LocalSink(Sink):
             self._fh.write(data)
             self._unsynced += len(data)
             if self._unsynced >= _SYNC_EVERY and _fdatasync is not None:
-                # Flush to disk as we go, or seal's fsync has the whole file to write. In a
-                # thread of its own: the writes go on into the page cache meanwhile (waiting
-                # here would stall the encoding too); at most one flush at a time.
+                # Flush to disk as we go, or seal's fsync has the whole file to write, and
+                # drop what is flushed from the page cache (`_drop_cached`). In a thread of
+                # its own: the writes go on into the page cache meanwhile (waiting here would
+                # stall the encoding too); at most one flush at a time.
+                start = self._synced
+                self._synced += self._unsynced
                 self._unsynced = 0
                 self._wait_for_sync()
                 if self._syncer is None:
                     self._syncer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-sync")
-                self._syncing = self._syncer.submit(_fdatasync, self._fh.fileno())
+                self._syncing = self._syncer.submit(
+                    _sync_range, self._fh.fileno(), start, self._synced
+                )
 
     def _wait_for_sync(self) -> None:
         """Wait for the flush in progress, raising its error."""
@@ -1486,6 +1525,7 @@ class _LocalSink(Sink):
                     await asyncio.to_thread(self._stop_syncing)
             fh.flush()
             await asyncio.to_thread(os.fsync, fh.fileno())
+            _drop_cached(fh.fileno(), self._synced)
             self._fh = None
             fh.close()
 

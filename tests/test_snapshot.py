@@ -282,6 +282,117 @@ async def test_the_data_is_flushed_to_disk_in_a_thread_while_it_is_written(
     assert not tmp_files(tmp_path)
 
 
+class _CacheLog:
+    """What a write or a read asks of the page cache: ("sync", fd) for each flush and
+    ("drop", fd, offset, length) for each `posix_fadvise(DONTNEED)`, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.lock = threading.Lock()
+        real = getattr(os, "fdatasync", os.fsync)
+
+        def flush(fd: int) -> None:
+            real(fd)
+            with self.lock:
+                self.events.append(("sync", fd))
+
+        def advise(fd: int, offset: int, length: int, advice: int) -> None:
+            assert advice == os.POSIX_FADV_DONTNEED
+            with self.lock:
+                self.events.append(("drop", fd, offset, length))
+
+        monkeypatch.setattr(snapshot, "_SYNC_EVERY", 4096)
+        monkeypatch.setattr(snapshot, "_fdatasync", flush)
+        monkeypatch.setattr(snapshot, "_fadvise", advise)
+
+    def drops(self, *, synced: bool) -> list[list[tuple[int, int]]]:
+        """The dropped ranges, file by file (a file's last drop is the one to its end: a
+        descriptor may be reused after it); with `synced`, each range must follow a flush of
+        its file that came after the previous drop (only clean pages can go)."""
+        files: list[list[tuple[int, int]]] = []
+        open_: dict[int, list[tuple[int, int]]] = {}
+        flushed: set[int] = set()
+        for event in self.events:
+            if event[0] == "sync":
+                flushed.add(event[1])
+                continue
+            _, fd, offset, length = event
+            if synced and length:
+                assert fd in flushed, f"range {offset}+{length} dropped before it was flushed"
+                flushed.discard(fd)
+            if fd not in open_:
+                open_[fd] = []
+                files.append(open_[fd])
+            open_[fd].append((offset, length))
+            if not length:
+                del open_[fd]
+        assert not open_, "every file's pages are dropped to its end"
+        return files
+
+
+def _covers_whole_file(ranges: list[tuple[int, int]]) -> None:
+    """Consecutive ranges from 0, the last one to the end of the file (length 0)."""
+    at = 0
+    for offset, length in ranges[:-1]:
+        assert offset == at and length > 0, ranges
+        at += length
+    assert ranges[-1] == (at, 0), ranges
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise (macOS)")
+async def test_written_files_leave_the_page_cache_once_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pages of each written file are dropped from the page cache range by range as they
+    are flushed (so the next range reuses them), the rest once the file is sealed; the files
+    are those of a write that keeps them cached."""
+    states = {f"J{i:05d}": "New" for i in range(3000)}
+    async with LocalStore(tmp_path / "cached") as store:
+        cached = await write(store, sid(0), states)
+    monkeypatch.setattr(snapshot, "_RECORD_BATCH", 100)
+    log = _CacheLog(monkeypatch)
+    async with LocalStore(tmp_path / "dropped") as store:
+        dropped = await write(store, sid(0), states)
+    assert dropped == cached
+    for rel in (cached.data_path, cached.changes_path, cached.manifest_path, "LATEST"):
+        assert rel is not None
+        assert (tmp_path / "dropped" / rel).read_bytes() == (tmp_path / "cached" / rel).read_bytes()
+    by_file = log.drops(synced=True)
+    big = [r for r in by_file if len(r) > 2]
+    assert len(big) == 2, by_file  # the data file and the change file, range by range
+    for ranges in by_file:
+        _covers_whole_file(ranges)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise (macOS)")
+async def test_the_previous_snapshot_leaves_the_page_cache_as_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored file is read back (as the comparison reads the previous snapshot) whole,
+    dropping what has been read from the page cache range by range; the comparison is the
+    same as with the file left cached."""
+    old = {f"J{i:05d}": "New" for i in range(3000)}
+    new = {**old, "J00007": "Complete"}
+    del new["J00011"]
+    for name in ("cached", "dropped"):
+        async with LocalStore(tmp_path / name) as store:
+            await write(store, sid(0), old)
+    async with LocalStore(tmp_path / "cached", remember=False) as store:
+        cached = await write(store, sid(1), new)
+    monkeypatch.setattr(snapshot, "READ_CHUNK", 1024)
+    log = _CacheLog(monkeypatch)
+    async with LocalStore(tmp_path / "dropped", remember=False) as store:
+        data_rel = (await store.read_manifest(sid(0)))["data"]["path"]
+        read = b"".join([chunk async for chunk in store.stream(data_rel)])
+        assert read == (tmp_path / "dropped" / data_rel).read_bytes()
+        assert len(read) > 3 * 4096
+        (ranges,) = log.drops(synced=False)
+        _covers_whole_file(ranges)
+        assert len(ranges) >= 4
+        dropped = await write(store, sid(1), new)
+    assert dropped == cached and dropped.events == 2
+
+
 async def test_a_failed_flush_fails_the_write_and_keeps_the_previous_snapshot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
