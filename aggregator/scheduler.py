@@ -8,7 +8,9 @@
   halves its rate on a throttle and creeps back up additively on success (AIMD), never above
   the configured `requests_per_second`.
 - **Order and fairness**: a fixed pool of workers takes partitions in plan order: the longest
-  chains of the previous run first, otherwise accounts round-robin (see plan.longest_first).
+  chains of the previous run first, otherwise accounts round-robin (see plan.longest_first);
+  each worker ranks its partition's first requests by that order, so the gate serves them in
+  plan order even when a partition reaches it late (gate.ranked).
   A partition fetches its pages one after the other at its own pacer's rate, so an account with
   thousands of jobs cannot starve the rest even though its later pages go first at the gate.
 """
@@ -30,7 +32,7 @@ from .clients import ClientPool, PartitionClients
 from .credentials import CredentialBroker
 from .direct import DirectSender
 from .fetch import PartitionResult, fetch_partition
-from .gate import Gate
+from .gate import Gate, ranked
 from .plan import Partition
 from .retry import RetryPolicy
 
@@ -153,13 +155,14 @@ async def run_plan(
     """
     rng = rng or random.Random()
     partitions = list(plan)
-    queue = iter(partitions)
+    queue = enumerate(partitions)
     workers = min(len(partitions), limits.workers or 4 * limits.max_concurrency)
 
     clients = PartitionClients(pool=pool, broker=broker, sender=sender)
 
     async def worker() -> None:
-        for partition in queue:
+        for rank, partition in queue:
+            ranked(rank)  # its first requests (and AssumeRole) are served in plan order
             pacer = AdaptiveThrottler(rate=limits.requests_per_second, clock=clock, sleep=sleep)
             result = await fetch_partition(
                 partition,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from aggregator.gate import Gate
+from aggregator.gate import Gate, ranked
 
 
 async def test_limit_and_order() -> None:
@@ -89,3 +89,62 @@ async def test_a_task_holding_a_slot_goes_ahead_in_it() -> None:
     gate.release()
     await waiting
     assert gate.in_flight == 1
+
+
+async def test_first_requests_go_by_rank_then_arrival() -> None:
+    """First requests wait in the order of their task's rank (`ranked`: the partition's place
+    in the plan), equal ranks in arrival order, all after every later page; a task started by
+    a ranked task (the broker's AssumeRole) inherits its rank."""
+    gate = Gate(1)
+    order: list[str] = []
+    await gate.acquire()
+
+    async def first(name: str, rank: int | None) -> None:
+        if rank is not None:
+            ranked(rank)
+        async with gate:
+            order.append(name)
+
+    async def spawned(name: str, rank: int) -> None:
+        ranked(rank)
+        await asyncio.create_task(first(name, None))  # inherits the rank
+
+    async def later(name: str) -> None:
+        ranked(0)
+        async with gate.next_page():
+            order.append(name)
+
+    tasks = [
+        asyncio.create_task(first("rank-5", 5)),
+        asyncio.create_task(spawned("rank-3 (spawned)", 3)),
+        asyncio.create_task(first("rank-9", 9)),
+        asyncio.create_task(first("rank-3", 3)),
+        asyncio.create_task(later("later")),
+        asyncio.create_task(first("unranked", None)),
+    ]
+    for _ in range(3):
+        await asyncio.sleep(0)  # every task (and the spawned one) is now waiting
+    assert gate.waiting == 6
+    gate.release()
+    await asyncio.gather(*tasks)
+    assert order == ["later", "unranked", "rank-3", "rank-3 (spawned)", "rank-5", "rank-9"]
+    assert gate.in_flight == 0 and gate.waiting == 0
+
+
+async def test_a_cancelled_ranked_waiter_is_skipped() -> None:
+    """A cancelled first request leaves the rank queue without taking the slot."""
+    gate = Gate(1)
+    await gate.acquire()
+
+    async def first(rank: int) -> None:
+        ranked(rank)
+        await gate.acquire()
+
+    gone = asyncio.create_task(first(0))
+    kept = asyncio.create_task(first(1))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    gate.release()
+    await asyncio.wait_for(kept, 1)
+    assert gone.cancelled() and gate.in_flight == 1 and gate.waiting == 0

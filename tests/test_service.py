@@ -149,6 +149,36 @@ async def test_the_previous_run_orders_the_next_longest_chain_first(
     assert arrivals[1][0] == "200000000002"
 
 
+async def test_each_partition_is_ranked_by_its_place_in_the_plan(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker ranks each partition's first requests (its ListJobs and its account's
+    AssumeRole, `gate.ranked`) by the partition's place in the plan, so the gate serves them
+    in plan order however late they reach it: after a run that saw the long chain, its
+    partition is rank 0."""
+    from aggregator import gate, scheduler
+
+    seen: list[tuple[int, str]] = []
+    real = scheduler.fetch_partition
+
+    async def spy(partition: Any, **options: Any) -> Any:
+        seen.append((gate._rank.get(), partition.account_id))
+        return await real(partition, **options)
+
+    monkeypatch.setattr(scheduler, "fetch_partition", spy)
+    settings = make_settings(
+        ["200000000000", "200000000001", "200000000002"],
+        regions={"names": ["eu-west-1"]},
+    )
+    await make_sandbox(
+        accounts=3, seed=40, regions=("eu-west-1",), jobs={("200000000002", "eu-west-1"): 250}
+    )
+    for _ in range(2):
+        seen.clear()
+        await run_once(settings, output=tmp_path)
+    assert sorted(seen) == [(0, "200000000002"), (1, "200000000000"), (2, "200000000001")]
+
+
 async def test_a_cycle_forgets_the_credentials_of_accounts_it_no_longer_plans(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
