@@ -1409,15 +1409,16 @@ _fadvise = getattr(os, "posix_fadvise", None)  # not on macOS: pages then stay c
 def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
     """Let the kernel drop the page cache of a file's range (`length` 0: to the end).
 
-    Snapshot files are written once and read once, as a stream (the next run's comparison);
-    the daemon compares against what it kept and does not read them at all. Cached, their
-    pages would only crowd the machine's memory (in a container, they are charged to the
-    pod). Worse, each new file needs fresh pages, and fresh pages can be the dearest part of
-    the write: on a virtual machine whose freed memory goes back to the host, writing 560 MB
-    with a flush every 32 MB took 1.06 s with the pages kept and 0.30 s with each flushed
-    range dropped, because the next range then reuses the pages just freed (a first
-    1,000,000-record snapshot: 2.37 s before, 1.60 s after; `make bench`). Only clean pages
-    go: call it on what has been flushed or read. Advisory: an error is ignored."""
+    Used for change files only: the aggregator never reads one back (they are the feed for
+    downstream readers), while the data file stays cached on purpose, because the next run or
+    cycle reads it back for its comparison (`LocalStore` keeps no copy in memory). Each new
+    file needs fresh pages, and on a virtual machine whose freed memory goes back to the host
+    fresh pages are dear: a 560 MB file written with a flush every 32 MB took 1.06 s with its
+    pages kept and 0.30 s with each flushed range dropped (the next range reuses the pages just
+    freed). A first snapshot's change file holds an event per job: the first 1,000,000-record
+    write took 2.32-2.40 s, and 1.80-1.92 s with its change file dropped as it is flushed
+    (`python -m tests.benchmarks.snapshot_bench`, three runs of each, interleaved). Only clean
+    pages go: call it on what has been flushed. Advisory: an error is ignored."""
     if _fadvise is not None:
         with contextlib.suppress(OSError):
             _fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
@@ -1447,33 +1448,27 @@ def _tree(root: Path, top: str) -> dict[str, float]:
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
-    """The file in `READ_CHUNK`s, dropping what has been read from the page cache every
-    `_SYNC_EVERY` bytes (`_drop_cached`)."""
     with open(path, "rb") as fh:
-        fd, done, dropped = fh.fileno(), 0, 0
         while chunk := fh.read(READ_CHUNK):
-            done += len(chunk)
-            if done - dropped >= _SYNC_EVERY:
-                _drop_cached(fd, dropped, done - dropped)
-                dropped = done
             yield chunk
-        _drop_cached(fd, dropped)
 
 
 class _LocalSink(Sink):
     """A hidden temporary file in the final folder, renamed over the final name; written from
-    the writer thread."""
+    the writer thread. With `uncached`, its pages leave the page cache as they are flushed
+    (`_drop_cached`)."""
 
     threaded = True
 
-    def __init__(self, store: LocalStore, final: Path) -> None:
+    def __init__(self, store: LocalStore, final: Path, *, uncached: bool = False) -> None:
         self._store = store
+        self._uncached = uncached and _fadvise is not None
         self._final = final
         self._tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         final.parent.mkdir(parents=True, exist_ok=True)
         self._fh: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in seal/abort
         self._unsynced = 0
-        self._synced = 0  # bytes flushed (or being flushed) so far: their pages are dropped
+        self._synced = 0  # bytes flushed (or being flushed) so far
         self._syncer: ThreadPoolExecutor | None = None
         self._syncing: Future[None] | None = None
 
@@ -1483,19 +1478,22 @@ class _LocalSink(Sink):
             self._fh.write(data)
             self._unsynced += len(data)
             if self._unsynced >= _SYNC_EVERY and _fdatasync is not None:
-                # Flush to disk as we go, or seal's fsync has the whole file to write, and
-                # drop what is flushed from the page cache (`_drop_cached`). In a thread of
-                # its own: the writes go on into the page cache meanwhile (waiting here would
-                # stall the encoding too); at most one flush at a time.
+                # Flush to disk as we go, or seal's fsync has the whole file to write (and,
+                # `uncached`, drop what is flushed). In a thread of its own: the writes go on
+                # into the page cache meanwhile (waiting here would stall the encoding too);
+                # at most one flush at a time.
+                self._fh.flush()  # what the flush covers is in the kernel, not in our buffer
                 start = self._synced
                 self._synced += self._unsynced
                 self._unsynced = 0
                 self._wait_for_sync()
                 if self._syncer is None:
                     self._syncer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-sync")
-                self._syncing = self._syncer.submit(
-                    _sync_range, self._fh.fileno(), start, self._synced
-                )
+                fd = self._fh.fileno()
+                if self._uncached:
+                    self._syncing = self._syncer.submit(_sync_range, fd, start, self._synced)
+                else:
+                    self._syncing = self._syncer.submit(_fdatasync, fd)
 
     def _wait_for_sync(self) -> None:
         """Wait for the flush in progress, raising its error."""
@@ -1505,10 +1503,12 @@ class _LocalSink(Sink):
 
     def _stop_syncing(self) -> None:
         """Wait for the flush in progress (its error is dropped) and end its thread: the file
-        may be closed after."""
-        syncer, self._syncer = self._syncer, None
+        may be closed after. The thread is forgotten only once it has ended: `abort`, which
+        closes the file, must wait for it even when a cancelled `seal` left this running."""
+        syncer = self._syncer
         if syncer is not None:
-            syncer.shutdown(wait=True)
+            syncer.shutdown(wait=True)  # (a second, concurrent shutdown waits as well)
+        self._syncer = None
         self._syncing = None
 
     async def write(self, data: bytes) -> None:
@@ -1525,7 +1525,8 @@ class _LocalSink(Sink):
                     await asyncio.to_thread(self._stop_syncing)
             fh.flush()
             await asyncio.to_thread(os.fsync, fh.fileno())
-            _drop_cached(fh.fileno(), self._synced)
+            if self._uncached:
+                _drop_cached(fh.fileno(), self._synced)
             self._fh = None
             fh.close()
 
@@ -1646,7 +1647,8 @@ class LocalStore(Store):
 
     async def _open(self, rel: str, metadata: Mapping[str, str] | None = None) -> Sink:
         with self.guard("write the snapshot"):
-            return _LocalSink(self, self.root / rel)
+            # A change file is not read back by us (`_drop_cached`); a data file is.
+            return _LocalSink(self, self.root / rel, uncached=rel.startswith("changes/"))
 
     async def _read(self, rel: str) -> bytes | None:
         try:
