@@ -366,6 +366,62 @@ async def test_the_change_file_leaves_the_page_cache_as_it_is_flushed(
     assert len(ranges) > 3 and size - 4096 < ranges[-1][0] <= size
 
 
+async def test_an_abort_after_a_cancelled_seal_waits_for_the_flush_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seal cancelled while it waits for the background flush, and again in its cleanup,
+    leaves the flush thread running; the abort that follows waits for it before closing the
+    file, so the flush never runs on a closed (maybe reused) descriptor."""
+    entered, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+    real = getattr(os, "fdatasync", os.fsync)
+    inode = 0
+
+    def blocked(fd: int) -> None:
+        entered.set()
+        release.wait(timeout=30)
+        try:
+            same = os.fstat(fd).st_ino == inode
+        except OSError:
+            same = False
+        seen.append("open" if same else "closed")
+        real(fd)
+
+    monkeypatch.setattr(snapshot, "_SYNC_EVERY", 4096)
+    monkeypatch.setattr(snapshot, "_fdatasync", blocked)
+    async with LocalStore(tmp_path) as store:
+        sink = await store._open("snapshots/date=2026-11-28/x.jsonl")
+        assert isinstance(sink, snapshot._LocalSink) and sink._fh is not None
+        inode = os.fstat(sink._fh.fileno()).st_ino
+        sink.write_blocking(b"x" * 5000)  # a flush starts in its thread, and blocks there
+        await asyncio.to_thread(entered.wait, 30)
+        syncer = sink._syncer
+        assert syncer is not None
+        stopping = threading.Event()
+        real_shutdown = syncer.shutdown
+
+        def shutdown(*args: Any, **kwargs: Any) -> None:
+            stopping.set()
+            real_shutdown(*args, **kwargs)
+
+        monkeypatch.setattr(syncer, "shutdown", shutdown)
+        seal = asyncio.create_task(sink.seal())
+        await asyncio.sleep(0)  # seal waits for the flush...
+        seal.cancel()  # ...and, cancelled, ends the flush thread in its cleanup...
+        await asyncio.to_thread(stopping.wait, 30)
+        seal.cancel()  # ...which is cancelled too, while the thread waits for the flush
+        with pytest.raises(asyncio.CancelledError):
+            await seal
+        abort = asyncio.create_task(sink.abort())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not abort.done(), "the abort waits for the flush"
+        release.set()
+        await asyncio.wait_for(abort, 30)
+    assert seen == ["open"]
+    assert not tmp_files(tmp_path)
+
+
 async def test_a_failed_flush_fails_the_write_and_keeps_the_previous_snapshot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
