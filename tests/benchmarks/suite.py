@@ -611,16 +611,12 @@ def check_targets(rows: Sequence[Row], bounds: dict[str, Bound]) -> list[str]:
             f"  [info] (a) first run: {ours.wall / discovery:.2f}x the first-run discovery "
             f"bound ({discovery:.2f} s)"
         )
-    warm = _find(rows, "a", "ours-warm")
-    if warm and user and "a" in bounds:
-        gain, ratio = user.wall / warm.wall, warm.wall / bounds["a"].value
-        line(gain >= 10, f"(a, 2nd cycle) wall {gain:.1f}x better than the boto3 script (>= 10x)")
-        line(ratio <= 1.25, f"(a, 2nd cycle) wall {ratio:.2f}x the lower bound (<= 1.25x)")
-    after = _find(rows, "a", "ours-next")
-    if after and user and "a" in bounds:
-        gain, ratio = user.wall / after.wall, after.wall / bounds["a"].value
-        line(gain >= 10, f"(a, next run) wall {gain:.1f}x better than the boto3 script (>= 10x)")
-        line(ratio <= 1.25, f"(a, next run) wall {ratio:.2f}x the lower bound (<= 1.25x)")
+    for tool, label in (("ours-warm", "2nd cycle"), ("ours-next", "next run")):
+        later = _find(rows, "a", tool)
+        if later and user and "a" in bounds:
+            gain, ratio = user.wall / later.wall, later.wall / bounds["a"].value
+            line(gain >= 10, f"(a, {label}) wall {gain:.1f}x better than the boto3 script (>= 10x)")
+            line(ratio <= 1.25, f"(a, {label}) wall {ratio:.2f}x the lower bound (<= 1.25x)")
     ours, stock, floor = (
         _find(rows, "b", "ours"),
         _find(rows, "b", "stock"),
