@@ -147,8 +147,16 @@ def _region(value: str) -> str:
     return value
 
 
+def _excluded_region(value: str) -> str:
+    if value == "all":  # subtracted as a name, it would remove nothing, silently
+        raise ValueError("'all' cannot be excluded: exclude lists regions to take out of names")
+    return _region(value)
+
+
 def _role_name(value: str) -> str:
     """A role name, or a path and name written `team/Reader` (the ARN is `role/team/Reader`)."""
+    if not value:
+        raise ValueError("must not be empty")
     path, slash, name = value.rpartition("/")
     shown = repr(value) if len(value) <= 80 else repr(value[:77] + "...")
     if value.startswith("/") or not name:  # the ARN would read role//team/Reader
@@ -227,6 +235,7 @@ def _deadline(value: object) -> float:
 
 AccountId = Annotated[str, AfterValidator(_account_id)]
 Region = Annotated[str, AfterValidator(_region)]
+ExcludedRegion = Annotated[str, AfterValidator(_excluded_region)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Interval = Annotated[float, BeforeValidator(_interval)]
 Deadline = Annotated[float, BeforeValidator(_deadline)]
@@ -318,7 +327,7 @@ class RegionsSettings(_Model):
     dedupes, "one" queries one US region per account (falling back to the next on failure)."""
 
     names: tuple[Region, ...] = ("all",)
-    exclude: tuple[Region, ...] = ()
+    exclude: tuple[ExcludedRegion, ...] = ()
     us_strategy: Literal["all", "one"] = "all"
 
     @model_validator(mode="after")
@@ -355,6 +364,15 @@ def _output_location(value: str) -> str:
         raise ValueError(f"{value!r} holds a control character (a NUL, a newline...)")
     if _URL_LIKE.match(value):  # S3://b/p or s3:/b/p would be a local folder named "S3:"
         raise ValueError(f"{value!r} is neither a directory nor s3://bucket/prefix")
+    if value.startswith("~"):
+        # No shell reads a TOML value (nor a quoted flag): `~/snapshots` is the home
+        # directory's, as a user means it, never a folder named "~" in the working directory.
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            user = value[1:].split("/", 1)[0]
+            whose = f"user {user!r}" if user else "the current user"
+            raise ValueError(f"{value!r}: '~' cannot be expanded: no home directory for {whose}")
+        return expanded
     return value
 
 

@@ -435,6 +435,36 @@ def test_an_output_that_is_a_file_says_it_is_not_a_directory(
     )
 
 
+async def test_quiet_shows_warnings_but_no_info_logs_off_a_terminal(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """`--quiet` in a cron job (no terminal): the summary line on stdout, and on stderr the
+    failed partition's warning but no info line (it logged one per partition: 230,000 a run
+    at 10,000 accounts). Without `--quiet`, `logging.level = "info"` logs them as before."""
+    import asyncio
+
+    from aggregator.sandbox import Faults
+
+    sb = await make_sandbox(accounts=3, seed=13)
+    sb.faults = Faults(deny_list_jobs=frozenset({sb.account_ids[0]}))
+    cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1"], tmp_path / "out")
+    cfg.write_text(cfg.read_text().replace('level = "warning"', 'level = "info"'))
+    command = [sys.executable, "-m", "aggregator", "run", "--config", str(cfg)]
+
+    def run(*extra: str) -> tuple[str, list[str]]:
+        proc = subprocess.run(
+            [*command, *extra], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert proc.returncode == 1, proc.stderr  # partial: one account denied
+        return proc.stdout, [orjson.loads(line)["event"] for line in proc.stderr.splitlines()]
+
+    out, events = await asyncio.to_thread(run, "--quiet")
+    assert out.startswith("partial: ") and len(out.splitlines()) == 1, out
+    assert events == ["partition.failed"], events
+    _, events = await asyncio.to_thread(run)
+    assert events.count("partition.done") == 2 and "partition.failed" in events, events
+
+
 async def test_a_log_that_cannot_be_written_does_not_stop_the_run(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
@@ -446,7 +476,7 @@ async def test_a_log_that_cannot_be_written_does_not_stop_the_run(
     sb = await make_sandbox(accounts=2, seed=13)
     cfg = config_file(tmp_path, sb.account_ids, ["eu-west-1"], tmp_path / "out")
     cfg.write_text(cfg.read_text().replace('level = "warning"', 'level = "info"'))
-    command = [sys.executable, "-m", "aggregator", "run", "--config", str(cfg), "--quiet"]
+    command = [sys.executable, "-m", "aggregator", "run", "--config", str(cfg)]
 
     def run(stderr: Any, argv: list[str] = command) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=120)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from aggregator.cli import main
 from aggregator.config import (
     check_endpoints,
+    check_output_location,
     key_source,
     load_settings,
     output_origin,
@@ -213,6 +214,14 @@ def test_settings_are_frozen() -> None:
         (
             '[[accounts.list]]\nid = "111111111111"\nexternal_id = "Secret Value"\n',
             "prod.toml: accounts.list[0].external_id: an external id is 2 to 1224 letters",
+        ),
+        (  # subtracted as a name, "all" would remove nothing
+            '[accounts]\nids = ["111111111111"]\n[regions]\nexclude = ["all"]\n',
+            "prod.toml: regions.exclude[0]: 'all' cannot be excluded: exclude lists regions",
+        ),
+        (
+            '[accounts]\nids = ["111111111111"]\nrole_name = ""\n',
+            "prod.toml: accounts.role_name: must not be empty",
         ),
         (  # IAM's own way of writing a path would make the ARN role//team/Reader
             '[accounts]\nids = ["111111111111"]\nrole_name = "/team/Reader"\n',
@@ -514,6 +523,28 @@ def test_a_role_name_may_have_a_path_as_long_as_iam_allows(tmp_path: Path) -> No
         text = f'[accounts]\nids = ["111111111111"]\nrole_name = "{leading}"\n'
         with pytest.raises(ConfigError, match="without its leading and trailing '/'"):
             load_settings(write(tmp_path, text), env={})
+
+
+def test_a_home_directory_in_the_output_location_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No shell reads a TOML value: `~/snapshots` is the home directory's (it was a folder
+    named "~" in the working directory), and a `~user` nobody has is one line."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    text = '[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "~/snapshots"\n'
+    s = load_settings(write(tmp_path, text), env={})
+    assert s.output.directory == str(tmp_path / "home" / "snapshots")
+    text = text.replace("~/", "~no-such-user-for-snowball/")
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env={})
+    assert str(info.value).endswith(
+        "prod.toml: output.directory: '~no-such-user-for-snowball/snapshots': '~' cannot be "
+        "expanded: no home directory for user 'no-such-user-for-snowball'"
+    ), str(info.value)
+    # The flag takes the same path (a quoted "~/x" reaches us as written).
+    assert check_output_location("~/x") == str(tmp_path / "home" / "x")
+    assert check_output_location("x/~") == "x/~"
+    assert check_output_location("s3://bkt/~") == "s3://bkt/~"
 
 
 def test_a_variable_that_names_no_setting_is_an_error(tmp_path: Path) -> None:
