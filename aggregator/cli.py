@@ -32,7 +32,7 @@ from .config import (
     parse_duration,
     settings_from_mapping,
 )
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, OutputError, wrong_location
 from .logs import configure_logging, is_terminal
 from .service import RunSummary, run_once
 from .shards import MAX_SHARDS, ShardError, check_run_id, resolve_shard
@@ -347,9 +347,22 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     configure_logging(level="warning", fmt="auto")
     if sys.stdout is None:
         raise OutputError("cannot write the events to standard output: it is closed")
-    return asyncio.run(
-        diff_command(location, args.old, args.new, out=sys.stdout.buffer, session=session)
-    )
+    try:
+        return asyncio.run(
+            diff_command(location, args.old, args.new, out=sys.stdout.buffer, session=session)
+        )
+    except OutputError as exc:
+        # A location that is wrong as given is named as `run` names it: the flag, or the
+        # file (or variable) and key it came from.
+        if args.output is not None:
+            origin = "--output"
+        elif settings is not None:
+            origin = output_origin(settings)
+        else:
+            raise  # var/snapshots, the default of no configuration
+        if not wrong_location(exc):
+            raise
+        raise OutputError(f"{origin}: {exc}", transient=exc.transient) from exc
 
 
 def _output_session(settings: Settings) -> Any:

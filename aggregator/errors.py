@@ -220,9 +220,16 @@ class AwsError(AggregatorError):
         self.operation = operation
         self.code = code
         self.detail = " ".join(redact(detail).split())[:500]
+        # AssumeRole is the account's, asked of STS in one region, and its failure fails
+        # every partition of the account: "AssumeRole in 1111/us-east-1" read as the
+        # partition's region on each of the others.
+        where = (
+            f"for {account_id} (STS in {region})"
+            if operation == "AssumeRole"
+            else f"in {account_id}/{region}"
+        )
         super().__init__(
-            f"{operation} in {account_id}/{region} failed: {code}"
-            + (f": {self.detail}" if self.detail else "")
+            f"{operation} {where} failed: {code}" + (f": {self.detail}" if self.detail else "")
         )
 
 
@@ -356,6 +363,26 @@ def unsent(exc: BaseException) -> bool:
     return isinstance(exc, _UNSENT)
 
 
+def _broke(exc: BaseException) -> bool:
+    """Whether a connection error is a connection broken under a request, rather than one that
+    was never made. aiobotocore wraps aiohttp's exception (as `error`), and files a reset
+    after connecting under EndpointConnectionError, as it does a refused connection."""
+    if isinstance(exc, ConnectionClosedError):
+        return True
+    inner = exc.kwargs.get("error", exc) if isinstance(exc, BotoCoreError) else exc
+    if isinstance(inner, aiohttp.ClientConnectorError):  # (a ClientOSError: asked first)
+        return False
+    return isinstance(
+        inner,
+        aiohttp.ClientOSError
+        | aiohttp.ServerDisconnectedError
+        | aiohttp.ClientPayloadError
+        | ConnectionResetError
+        | BrokenPipeError
+        | ConnectionAbortedError,
+    )
+
+
 def translate(exc: BaseException, *, account_id: str, region: str, operation: str) -> AwsError:
     """Map a botocore/aiohttp exception to our tree; use as `raise translate(e, ...) from e`."""
     ctx: dict[str, Any] = {"account_id": account_id, "region": region, "operation": operation}
@@ -383,13 +410,17 @@ def translate(exc: BaseException, *, account_id: str, region: str, operation: st
         return ClientFailureError(code=code, detail=detail, **ctx)
     if isinstance(exc, ReadTimeoutError | ConnectTimeoutError | TimeoutError):
         return TransientError(code="Timeout", detail=type(exc).__name__, **ctx)
-    if isinstance(exc, ConnectionClosedError | BotoConnectionError):
-        return TransientError(code="ConnectionReset", detail=type(exc).__name__, **ctx)
     if isinstance(exc, ResponseParserError | UnicodeDecodeError):
         # A torn body can end inside a multi-byte character; botocore lets that escape.
         return TransientError(code="MalformedResponse", detail="unparseable response body", **ctx)
-    if isinstance(exc, HTTPClientError | aiohttp.ClientError | ConnectionError):
-        return TransientError(code="ConnectionError", detail=type(exc).__name__, **ctx)
+    if isinstance(
+        exc, BotoConnectionError | HTTPClientError | aiohttp.ClientError | ConnectionError
+    ):
+        # Below HTTP: "ConnectionReset" for a connection that broke under a request,
+        # "ConnectionError" for one never made (refused, no such host, no route) or anything
+        # else; the same on botocore's send and ours (aiohttp's exceptions).
+        code = "ConnectionReset" if _broke(exc) else "ConnectionError"
+        return TransientError(code=code, detail=type(exc).__name__, **ctx)
     if isinstance(exc, asyncio.IncompleteReadError):
         return TransientError(code="TruncatedBody", detail="response body ended early", **ctx)
     if isinstance(exc, NoCredentialsError):

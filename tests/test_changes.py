@@ -1081,3 +1081,25 @@ async def test_diff_command_line(
     err = capsysbinary.readouterr().err.decode()
     assert err.startswith("error: ") and "no snapshot 20260101T000000Z-0000" in err
     assert err.count("\n") == 1
+
+
+def test_diff_at_a_location_that_is_wrong_names_where_it_was_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A location that cannot be (a path through a file) is named as `run` names it: the
+    configuration file and key, or the flag (diff said only the path)."""
+    from aggregator.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    config = tmp_path / "prod.toml"
+    config.write_text(f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "{afile}/x"\n')
+    assert main(["diff", "latest", "latest", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: {config}: output.directory: {afile}/x: cannot read LATEST: Not a directory\n"
+    )
+    assert main(["diff", "latest", "latest", "--output", f"{afile}/y"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --output: {afile}/y: cannot read LATEST: Not a directory\n"

@@ -332,6 +332,13 @@ async def test_denied_accounts_and_disabled_regions_in_the_manifest(
         assert status[(a, region)]["status"] == "failed"
         assert status[(a, region)]["error_code"] == "AccessDenied"
         assert status[(b, region)]["error_code"] == "AccessDeniedException"
+        # The account's AssumeRole names STS's region, not another partition's as if its own
+        assert status[(a, region)]["message"].startswith(
+            f"AssumeRole for {a} (STS in us-east-1) failed: AccessDenied: "
+        ), status[(a, region)]
+        assert status[(b, region)]["message"].startswith(
+            f"ListJobs in {b}/{region} failed: AccessDeniedException: "
+        ), status[(b, region)]
     assert status[(c, "af-south-1")]["status"] == "skipped"
     assert status[(c, "af-south-1")]["error_code"] == "UnrecognizedClientException"
     assert status[(c, "eu-west-1")]["status"] == "ok"
@@ -512,3 +519,31 @@ async def test_no_second_holds_more_requests_than_the_rate_at_the_service(
     stats = sb.stats()
     assert stats.list_jobs_requests[key] == 10 and stats.max_requests_per_second[key] == 5
     assert skipped[0] > 0.9  # paced: the second five waited for the first five's second
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_broken_connection_and_a_refused_one_are_told_apart(
+    make_sandbox: SandboxFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    direct: bool,
+) -> None:
+    """A connection reset under a request is `ConnectionReset`, a connection never made (the
+    endpoint refuses it) `ConnectionError`, on our send path and botocore's alike: a refused
+    one read "ConnectionReset" on botocore's, which sends an operator looking for a proxy."""
+    import socket
+
+    once = RetryPolicy(max_attempts=1, base_delay=0.005, max_delay=0.05, max_restarts=0)
+    sb = await make_sandbox(accounts=1, seed=3, faults=Faults(p_reset=1.0))
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1"]})
+    summary = await run_once(settings, output=tmp_path, policy=once, direct=direct)
+    (failed,) = summary.failed
+    assert (failed["operation"], failed["error_code"]) == ("ListJobs", "ConnectionReset")
+    assert sb.stats().faults["reset"] == 1
+
+    with socket.socket() as closed:  # a port nobody listens on (bound, never listening)
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        summary = await run_once(settings, output=tmp_path, policy=once, direct=direct)
+    (failed,) = summary.failed
+    assert (failed["operation"], failed["error_code"]) == ("AssumeRole", "ConnectionError")
