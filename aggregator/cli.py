@@ -224,9 +224,9 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
     elif interactive and is_terminal(sys.stdout):
         from rich.console import Console
 
-        from .progress import summary_table
+        from .progress import print_summary
 
-        Console().print(summary_table(summary))
+        print_summary(Console(), summary)
     else:  # also when stdout is a file or a pipe: the table would wrap the data path
         _result(_summary_line(summary), what)
     return summary.exit_code

@@ -23,7 +23,7 @@ from .fetch import PartitionResult
 from .records import JobRecord
 from .service import RunSummary
 
-__all__ = ["ProgressBar", "summary_table"]
+__all__ = ["ProgressBar", "print_summary", "summary_table"]
 
 
 class ProgressBar:
@@ -87,14 +87,22 @@ class ProgressBar:
             self._progress.remove_task(self._task)
 
 
+def print_summary(console: Console, summary: RunSummary) -> None:
+    """The summary table, then the snapshot's path on a line of its own, never broken by
+    Rich: in a table's cell a long path folded over two lines (or was cut to "..."), and
+    could not be copied in one piece; the terminal wraps a long line only for the eye."""
+    console.print(summary_table(summary))
+    console.print(Text(f"snapshot {summary.data_path}"), soft_wrap=True)
+
+
 def summary_table(summary: RunSummary) -> Table:
-    """A short table of what a run did. Values are plain text, never Rich markup: a path such
-    as `/data/[prod]/...` shows as it is."""
+    """A short table of what a run did (the snapshot's path follows it: `print_summary`).
+    Values are plain text, never Rich markup: `/data/[prod]/...` shows as it is."""
     p = summary.partitions
     title = f"snapshot {escape(summary.snapshot_id)} ({summary.status})"
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
-    table.add_column(overflow="fold")  # a long snapshot path wraps, never cut to "..."
+    table.add_column(overflow="fold")  # a long value wraps, never cut to "..."
     rows = [
         ("accounts", str(summary.accounts)),
         ("partitions", f"{p['ok']} ok, {p['failed']} failed, {p['skipped']} skipped"),
@@ -105,7 +113,6 @@ def summary_table(summary: RunSummary) -> Table:
             f"{summary.requests} ({summary.throttles} throttled, {summary.retries} retried)",
         ),
         ("wall time", f"{summary.wall_seconds:.2f} s"),
-        ("snapshot", str(summary.data_path)),
     ]
     for name, value in rows:
         table.add_row(name, Text(value))

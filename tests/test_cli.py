@@ -202,10 +202,13 @@ async def test_tty_run_draws_progress_and_summary_table(
     cfg.write_text(cfg.read_text().replace('format = "json"', 'format = "auto"'))
 
     argv = ["run", "--config", str(cfg)]
-    code, screen = await asyncio.to_thread(_on_a_pty, argv, columns=120)
+    code, screen = await asyncio.to_thread(_on_a_pty, argv, columns=80)
     assert code == 0, screen
     assert "partitions" in screen and "snapshot" in screen and "complete" in screen
     assert "duplicates removed" in screen  # the summary table
+    # The data path whole on one line, however narrow the terminal (a table cell folded it)
+    (data,) = (tmp_path / "out" / "snapshots").glob("date=*/*.jsonl")
+    assert f"snapshot {data}\r\n" in screen or f"snapshot {data}\n" in screen, screen
     assert "throttles " in screen and "retries " in screen  # only the progress bar says so
 
 

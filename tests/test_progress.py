@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from aggregator.progress import summary_table
+from aggregator.progress import print_summary
 from aggregator.service import RunSummary
 
 
@@ -53,22 +53,24 @@ def test_values_are_shown_as_they_are_never_as_markup() -> None:
         failed=failed,
     )
     console = Console(record=True, width=200)
-    console.print(summary_table(summary))
+    print_summary(console, summary)
     text = console.export_text()
     assert "/data/[prod]/[/x]/snapshot.jsonl" in text
     assert text.count("[Denied]") == 10
     assert "... and 2 more" in text
 
 
-def test_a_long_snapshot_path_wraps_and_is_never_cut() -> None:
-    """On a narrow terminal the snapshot path wraps onto more lines; it used to end in an
-    ellipsis, hiding the one thing the table is read for."""
+def test_a_long_snapshot_path_is_one_line_never_cut_nor_folded() -> None:
+    """On a narrow terminal the snapshot path is printed whole on a line of its own, after
+    the table: it used to end in an ellipsis, then folded over two lines of a table cell,
+    which cannot be copied in one piece."""
     path = "/var/lib/snowball-aggregator/snapshots/date=2026-11-28/20261128T150000Z-abcd.jsonl"
     console = Console(record=True, width=60)
-    console.print(summary_table(run_summary(data_path=path)))
-    text = console.export_text()
-    cells = [line.split("│")[-2].strip() for line in text.splitlines() if "│" in line]
-    assert path in "".join(cells) and "…" not in text
+    print_summary(console, run_summary(data_path=path))
+    lines = console.export_text().splitlines()
+    assert lines[-1] == f"snapshot {path}"
+    assert all(len(line) <= 60 for line in lines[:-1])  # the table still fits
+    assert "…" not in "".join(lines)
 
 
 def test_the_progress_bar_says_listed_for_entries_counted_before_the_us_dedupe() -> None:
