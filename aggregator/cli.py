@@ -23,6 +23,7 @@ import structlog
 
 from .accounts import DiscoveryError
 from .config import (
+    MAX_INTERVAL,
     Settings,
     check_endpoints,
     check_output_location,
@@ -290,6 +291,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError("--shards", "", f"must be between 1 and {MAX_SHARDS}, got {args.shards}")
     try:
         wait = parse_duration(_seconds_or_text(args.wait), zero=True)  # 0, 0s, 0m: no wait
+        if wait > MAX_INTERVAL:  # a typo (1e9: 31 years), bounded like every other duration
+            raise ValueError(f"{args.wait!r} is longer than the maximum of 7 days")
     except ValueError as exc:
         raise ConfigError("--wait", "", str(exc)) from None
     result = asyncio.run(

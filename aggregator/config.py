@@ -201,7 +201,11 @@ def parse_duration(value: object, *, zero: bool = False) -> float:
     if not math.isfinite(seconds):
         raise ValueError(f"{value!r} is not a finite duration")
     if not (seconds >= 0 if zero else seconds > 0):
-        raise ValueError(f"{value!r}: a duration must be positive")
+        raise ValueError(
+            f"{value!r}: a duration must not be negative"
+            if zero
+            else f"{value!r}: a duration must be positive"
+        )
     return seconds
 
 
@@ -782,9 +786,12 @@ def check_endpoints(settings: Settings | None, *, output: str | None = None) -> 
     if output and output.startswith("s3://"):
         wanted.setdefault(hub, set()).add("s3")
     for profile, services in wanted.items():
-        where = f"AWS config file (profile {profile or 'default'})"
+        session = botocore.session.Session(profile=profile)
+        # The file and profile botocore reads: the default chain's profile may come from
+        # AWS_PROFILE or AWS_DEFAULT_PROFILE (it read "profile default" whatever they said).
+        config_file = os.path.expanduser(str(session.get_config_variable("config_file")))
+        where = f"{config_file} (profile {profile or session.profile or 'default'})"
         try:
-            session = botocore.session.Session(profile=profile)
             if session.get_config_variable("ignore_configured_endpoint_urls"):
                 continue
             scoped = session.get_scoped_config()

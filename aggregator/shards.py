@@ -176,10 +176,10 @@ def resolve_shard(
                 )
             if raw_index and (env.get(RUN_ID_ENV) or "").strip():
                 raise ConfigError(
-                    f"{RUN_ID_ENV} (environment)",
+                    f"{SHARD_COUNT_ENV} (environment)",
                     "",
-                    f"and {SHARD_INDEX_ENV} name a shard of a sharded run, but {SHARD_COUNT_ENV} "
-                    "is not set",
+                    f"not set, but {RUN_ID_ENV} and {SHARD_INDEX_ENV} name a shard of a sharded "
+                    "run: set it to the run's number of shards",
                 )
             if raw_index:
                 log.info("shard.not_sharded", reason=f"{SHARD_INDEX_ENV} without {SHARD_COUNT_ENV}")

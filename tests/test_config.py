@@ -400,9 +400,19 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     assert str(info.value) == (
-        "AWS config file (profile default): services.sts.endpoint_url: not an endpoint URL "
+        f"{aws_config} (profile default): services.sts.endpoint_url: not an endpoint URL "
         "(expected http(s)://host[:port])"
     )
+    # The profile botocore reads is the one named (it said "default" whatever AWS_PROFILE was)
+    aws_config.write_text("[default]\n[profile p]\nendpoint_url = nope\n")
+    monkeypatch.setenv("AWS_PROFILE", "p")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == (
+        f"{aws_config} (profile p): endpoint_url: not an endpoint URL "
+        "(expected http(s)://host[:port])"
+    )
+    monkeypatch.delenv("AWS_PROFILE")
     # A profile naming a services section that is not there: botocore refuses it only when no
     # variable gave the URL first.
     aws_config.write_text("[default]\nservices = missing\n")

@@ -122,7 +122,8 @@ def test_resolve_shard_from_cli_and_environment() -> None:
             None,
             None,
             {"JOB_COMPLETION_INDEX": "2", "SNOWBALL_RUN_ID": "run-0001"},
-            "SNOWBALL_RUN_ID (environment): and JOB_COMPLETION_INDEX name a shard",
+            "SNOWBALL_SHARD_COUNT (environment): not set, but SNOWBALL_RUN_ID and "
+            "JOB_COMPLETION_INDEX name a shard of a sharded run: set it to the run's number",
         ),
         (
             None,
@@ -534,6 +535,25 @@ async def test_merge_wait_takes_no_wait_however_written(
     assert await asyncio.to_thread(main, args) == code
     err = capsys.readouterr().err
     assert ("shard snapshots missing" in err) == (code == 1) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("wait", "problem"),
+    [
+        ("1e9", "'1e9' is longer than the maximum of 7 days"),  # 31 years, polled every 5 s
+        ("-1", "-1.0: a duration must not be negative"),  # (0 is allowed: not "positive")
+    ],
+)
+def test_merge_wait_is_bounded_like_every_duration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], wait: str, problem: str
+) -> None:
+    from aggregator.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "{tmp_path}"\n')
+    args = ["merge", "--config", str(config), "--run-id", "r1", "--shards", "2", f"--wait={wait}"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: --wait: {problem}\n"
 
 
 async def test_a_thousand_missing_shards_are_named_in_a_short_line(tmp_path: Path) -> None:
