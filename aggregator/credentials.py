@@ -45,8 +45,10 @@ from .errors import (
     RetryableError,
     ThrottledError,
     TransientError,
+    remember_secrets,
     translate,
     unsent,
+    watch_signed_tokens,
 )
 from .gate import Gate
 from .retry import RetryPolicy
@@ -306,6 +308,7 @@ class CredentialBroker:
             self._hub.register_component("data_loader", data_loader(self._hub))
             if self._session_hooks is not None:
                 self._session_hooks(self._hub)  # STS's parser gets the fast timestamps
+        watch_signed_tokens(self._hub)  # its session token, if it has one, is masked too
         return self
 
     async def __aexit__(
@@ -342,6 +345,7 @@ class CredentialBroker:
         if hub is None:
             hub = self._hubs[partition] = AioSession(profile=profile)
             hub.register_component("data_loader", self.hub_session.get_component("data_loader"))
+            watch_signed_tokens(hub)
             if self._session_hooks is not None:
                 self._session_hooks(hub)
         return hub
@@ -429,6 +433,8 @@ class CredentialBroker:
                 await self._sleep(self._policy.backoff(attempt, self._rng))
         assert creds is not None  # the loop breaks only with complete credentials
         log.debug("credentials.assumed", account_id=account.account_id)
+        # Masked wherever an error message quotes them, in whatever words (errors.redact)
+        remember_secrets(creds["SecretAccessKey"], creds["SessionToken"])
         expiration: datetime = creds["Expiration"]
         metadata = {
             "access_key": creds["AccessKeyId"],
@@ -493,6 +499,7 @@ class CredentialBroker:
             )
             if self._session_hooks is not None:
                 self._session_hooks(template)
+            watch_signed_tokens(template)  # (botocore's send path; direct.py signs our keys)
             self._template = template
         return self._template
 

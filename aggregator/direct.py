@@ -73,6 +73,7 @@ from yarl import URL
 
 from . import wire
 from .credentials import bound_frozen_credentials
+from .errors import remember_secrets
 from .fetch import departing
 from .records import Page
 from .sigv4 import sign
@@ -342,6 +343,7 @@ class DirectSender:
             keys = await hub.get_credentials()
             credentials = await keys.get_frozen_credentials() if keys is not None else None
             if credentials is not None:
+                remember_secrets(credentials.token)  # as botocore's send path notes it
                 self.prepared_requests += 1
                 body = _form_body(_query_params(prepared.model, params))
                 status, headers, raw = await self._send(prepared, body, credentials)

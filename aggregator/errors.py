@@ -60,8 +60,10 @@ __all__ = [
     "ThrottledError",
     "TransientError",
     "redact",
+    "remember_secrets",
     "translate",
     "unsent",
+    "watch_signed_tokens",
     "wrong_location",
 ]
 
@@ -188,10 +190,65 @@ _WRONG_LOCATION_ERRNOS = frozenset(
 )
 
 
+def remember_secrets(*values: str | None) -> None:
+    """Note secrets this process signs with (a secret access key, a session token), so that
+    `redact` masks them wherever a message quotes them, in whatever words ("invalid token
+    '...'", a JSON list of headers...), whole or cut short: the patterns above know only the
+    usual forms.
+
+    Only their first 16 characters are kept, at most `_MAX_SECRETS` of them, the oldest
+    forgotten first (a daemon renews every account's keys each hour; the newest are in use)."""
+    for value in values:
+        if value and len(value) >= _SECRET_PREFIX:
+            prefix = value[:_SECRET_PREFIX]
+            _SECRETS.pop(prefix, None)  # (now the newest)
+            _SECRETS[prefix] = None
+            if len(_SECRETS) > _MAX_SECRETS:
+                del _SECRETS[next(iter(_SECRETS))]
+
+
+def watch_signed_tokens(session: Any) -> None:
+    """Have `remember_secrets` note the session token of every request botocore signs for
+    clients made from `session` afterwards (a token goes out with each request, so a service
+    or a proxy may quote it back; a secret key never does). Registered last, after botocore's
+    own signer; once per session."""
+    session.get_component("event_emitter").register_last(
+        "request-created", _remember_signed_token, unique_id="snowball-remember-token"
+    )
+
+
+def _remember_signed_token(request: Any, **_: Any) -> None:
+    token = request.headers.get("X-Amz-Security-Token")
+    if token:
+        remember_secrets(token if isinstance(token, str) else token.decode("ascii", "replace"))
+
+
+_SECRET_PREFIX = 16
+_MAX_SECRETS = 1 << 15
+_SECRETS: dict[str, None] = {}  # first characters of the secrets, oldest first
+# A run of base64 characters: a secret quoted back is in one, at its start or after a word
+# it was glued to ("token=...", ".../tokens/...").
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{16,}")
+
+
+def _mask_known_secrets(message: str) -> str:
+    def masked(run: re.Match[str]) -> str:
+        text = run[0]
+        for start in range(len(text) - _SECRET_PREFIX + 1):
+            if text[start : start + _SECRET_PREFIX] in _SECRETS:
+                return text[:start] + "<redacted>"  # to the end of the run: cut short or not
+        return text
+
+    return _BASE64_RUN.sub(masked, message)
+
+
 def redact(message: str) -> str:
     """`message` without the parts of a request a service may echo that are secrets (the
-    request quoted by a signature mismatch, session tokens, signatures, access key ids), nor
-    the credentials of a URL (`https://user:secret@host`)."""
+    request quoted by a signature mismatch, session tokens, signatures, access key ids, and
+    any secret `remember_secrets` was told of), nor the credentials of a URL
+    (`https://user:secret@host`)."""
+    if _SECRETS:
+        message = _mask_known_secrets(message)
     message = _ECHOED_REQUEST.sub(" (the request the service quoted is withheld)", message)
     message = _URL_CREDENTIALS.sub(r"\1<redacted>@", message)
     for signed in _SIGNED_VALUES:

@@ -35,7 +35,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from .errors import OutputError, redact
+from .errors import OutputError, redact, watch_signed_tokens
 from .snapshot import (
     ARTIFACT_RE,
     LATEST,
@@ -343,6 +343,7 @@ class S3Store(Store):
     async def _open_backend(self) -> None:
         stack = contextlib.AsyncExitStack()
         session = self._session or AioSession()
+        watch_signed_tokens(session)  # a store or a proxy that quotes the request: masked
         config = AioConfig(retries={"mode": "standard", "total_max_attempts": self._attempts})
         with self.errors("connect"):
             self._client = await stack.enter_async_context(

@@ -245,3 +245,40 @@ def test_wrong_location_is_only_what_no_later_attempt_can_write() -> None:
     assert not wrong_location(caused(EndpointConnectionError(endpoint_url="https://s3")))
     assert not wrong_location(caused(NoCredentialsError()))
     assert not wrong_location(OutputError("no cause"))
+
+
+def test_remembered_secrets_are_masked_in_any_words_and_the_oldest_are_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forms no pattern knows (a security review found them in manifests): the secret is
+    masked to the end of its run, whole or cut short; other text stays. At most
+    `_MAX_SECRETS` are remembered, the oldest forgotten first."""
+    import base64
+    import secrets
+
+    from aggregator import errors
+    from aggregator.errors import redact, remember_secrets
+
+    token = "IQoJb3JpZ2luX2VjE" + base64.b64encode(secrets.token_bytes(300)).decode()
+    key = base64.b64encode(secrets.token_bytes(30)).decode()
+    remember_secrets(token, key, None, "short")
+    for text in (
+        f"denied for token {token}",
+        f"SessionToken {token}",
+        f"invalid token '{token}'",
+        f"header x-amz-security-token was {token}",
+        f'{{"X-Amz-Security-Token": ["{token}"]}}',
+        f"The security token included in the request is invalid: {token[:40]}",
+        f"see https://proxy/tokens/{token} and key={key}",
+    ):
+        shown = redact(text)
+        assert token[:16] not in shown and key[:16] not in shown, shown
+        assert "<redacted>" in shown
+    assert redact("arn:aws:iam::111111111111:role/org/platform/ReaderRole") == (
+        "arn:aws:iam::111111111111:role/org/platform/ReaderRole"
+    )
+    monkeypatch.setattr(errors, "_MAX_SECRETS", 3)
+    monkeypatch.setattr(errors, "_SECRETS", {})
+    keys = [base64.b64encode(secrets.token_bytes(30)).decode() for _ in range(4)]
+    remember_secrets(*keys)
+    assert [redact(k) == "<redacted>" for k in keys] == [False, True, True, True]

@@ -88,3 +88,26 @@ async def test_captured_events_and_errors_leak_nothing(
     assert events and summary.failed
     text = repr(events) + repr(summary)
     assert_clean(text, sb.issued_secrets())
+
+
+async def test_a_token_quoted_back_in_unknown_words_is_masked(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """A service (or a proxy) that quotes the request's session token in words no pattern
+    knows ("denied for token '...'", or cut to its first 40 characters): every token this
+    process signed with is masked in the manifest, the summary and the logs, on our send path
+    and botocore's. They were recorded verbatim in `failed_partitions[].message`."""
+    sb = await make_sandbox(accounts=2, seed=53)
+    denied = sb.account_ids[0]
+    sb.faults = Faults(deny_list_jobs=frozenset({denied}), echo_tokens=True)
+    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "us-east-1"]})
+    policy = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.01)
+    for direct in (True, False):
+        with structlog.testing.capture_logs() as events:
+            summary = await run_once(settings, output=tmp_path, policy=policy, direct=direct)
+        messages = [f["message"] for f in summary.failed]
+        assert len(messages) == 2 and all("denied for token '<redacted>'" in m for m in messages)
+        assert all("; secret <redacted>)" in m for m in messages), messages
+        text = repr(events) + repr(summary) + summary.manifest_path.read_text()
+        assert_clean(text, sb.issued_secrets())
+    assert sb.stats().faults["deny_list_jobs"] == 4

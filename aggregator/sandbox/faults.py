@@ -60,6 +60,8 @@ class Faults:
       churn_max: at most this many churn changes per list (default 3), so runs terminate.
       deny_assume_role: account ids whose AssumeRole answers ``AccessDenied``.
       deny_list_jobs: account ids whose ListJobs answers ``AccessDeniedException``.
+      echo_tokens: those denials quote the request's session token back, whole and its first
+        40 characters, in words no pattern knows (as a careless service or proxy might).
       disabled_regions: account id -> opt-in regions it has not enabled; ListJobs there
         answers 403 ``UnrecognizedClientException`` as real AWS does.
       p_sts_500: STS answers ``InternalFailure`` (HTTP 500).
@@ -90,6 +92,7 @@ class Faults:
     churn_max: int = 3
     deny_assume_role: frozenset[str] = frozenset()
     deny_list_jobs: frozenset[str] = frozenset()
+    echo_tokens: bool = False
     disabled_regions: Mapping[str, frozenset[str]] = field(default_factory=dict)
     p_sts_500: float = 0.0
     p_sts_reset: float = 0.0

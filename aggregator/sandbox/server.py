@@ -684,10 +684,11 @@ class Sandbox:
             raise ApiError("UnrecognizedClientException", _INVALID_TOKEN, 403)
         if account_id in faults.deny_list_jobs:
             self._fault_counts["deny_list_jobs"] += 1
-            raise ApiError(
-                "AccessDeniedException",
-                f"User: {principal.arn} is not authorized to perform: snowball:ListJobs",
-            )
+            message = f"User: {principal.arn} is not authorized to perform: snowball:ListJobs"
+            if faults.echo_tokens:
+                token = request.headers.get("X-Amz-Security-Token", "")
+                message += f" (denied for token '{token}'; secret {token[:40]})"
+            raise ApiError("AccessDeniedException", message)
 
         params = decode_cbor_params(body) if wire is _Wire.CBOR else decode_json_params(body)
         limit = params.get("MaxResults")
