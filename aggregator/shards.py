@@ -793,7 +793,7 @@ async def merge_run(
             )
         await store.check_writable()
         written = await store.write(
-            merged.snapshot_id, merged.records, merged.manifest, previous=previous
+            merged.snapshot_id, merged.records, merged.manifest, previous=previous, shared_id=True
         )
         if retain is not None:
             try:

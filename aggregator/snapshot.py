@@ -794,6 +794,7 @@ class Store(ABC):
         *,
         previous: Mapping[str, Any] | None = None,
         changes: bool = True,
+        shared_id: bool = False,
     ) -> WrittenSnapshot:
         """Write a snapshot: data, manifest, change file (events since `previous`), LATEST.
 
@@ -808,9 +809,19 @@ class Store(ABC):
         `transient`, unless `changes=False`) if LATEST no longer names `previous` when this
         snapshot is complete (another writer published meanwhile: this one is left
         unpublished, for prune); the previous snapshot then stays LATEST.
+
+        A write that fails otherwise (a full disk, S3 failing, cancelled) before LATEST names
+        it deletes the files it had put in place, change file first, once LATEST is read back
+        and does not name it: on a nearly full disk each failed run would leave a data file
+        nothing prunes (prune follows a write that succeeds), until no snapshot fits; and a
+        change file left behind would repeat its events in the next one's. Not with
+        `shared_id` (two merges of one run write the same names: the files may be the other
+        merge's), nor when LATEST cannot be read: then they stay for prune, as after a kill.
         """
         with _gc_paused(), _quick_gil_handover():
-            return await self._write(snapshot_id, records, manifest, previous, changes)
+            return await self._write(
+                snapshot_id, records, manifest, previous, changes, take_back=not shared_id
+            )
 
     async def _write(
         self,
@@ -819,6 +830,8 @@ class Store(ABC):
         manifest: Mapping[str, Any],
         previous: Mapping[str, Any] | None,
         with_changes: bool,
+        *,
+        take_back: bool,
     ) -> WrittenSnapshot:
         gz = self.compress == "gzip"
         data_rel = data_path(snapshot_id, gz)
@@ -873,26 +886,35 @@ class Store(ABC):
             },
             "changes": changes,
         }
+        placed = [data_rel]  # what this write has put in place, in order
         try:
-            body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
-            links = {"snapshot-id": snapshot_id, "previous-snapshot-id": previous_id or ""}
-            await self._put(manifest_rel, [body], metadata=links)
-            if changes_sink is not None:
-                await changes_sink.publish()
-        except BaseException:
-            if changes_sink is not None:
-                await _abort(changes_sink)
-            raise
-        latest = manifest_rel.encode() + b"\n"
-        if with_changes:
             try:
-                await self._publish(snapshot_id, previous_id, latest)
-            except NotPublishedError as exc:
-                if exc.lost and changes_sink is not None:
-                    await self._withdraw(changes_rel)
+                body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
+                links = {"snapshot-id": snapshot_id, "previous-snapshot-id": previous_id or ""}
+                await self._put(manifest_rel, [body], metadata=links)
+                placed.append(manifest_rel)
+                if changes_sink is not None:
+                    await changes_sink.publish()
+                    placed.append(changes_rel)
+            except BaseException:
+                if changes_sink is not None:
+                    await _abort(changes_sink)
                 raise
-        else:  # a snapshot without change file (a shard's) has no chain to keep
-            await to_the_end(self._put(LATEST, [latest]))
+            latest = manifest_rel.encode() + b"\n"
+            if with_changes:
+                try:
+                    await self._publish(snapshot_id, previous_id, latest)
+                except NotPublishedError as exc:
+                    if exc.lost and changes_sink is not None:
+                        await self._withdraw(changes_rel)
+                    take_back = False  # the race's rules: its data and manifest are prune's
+                    raise
+            else:  # a snapshot without change file (a shard's) has no chain to keep
+                await to_the_end(self._put(LATEST, [latest]))
+        except BaseException:
+            if take_back:
+                await to_the_end(self._take_back(snapshot_id, placed))
+            raise
         self._previous_of[snapshot_id] = previous_id
         # The lines of the data file, kept whole whether or not the change file was written.
         self._view = None if kept is None else (snapshot_id, kept)
@@ -941,6 +963,20 @@ class Store(ABC):
             "writer published meanwhile); the next run starts from it",
             lost=True,
         )
+
+    async def _take_back(self, snapshot_id: str, placed: Sequence[str]) -> None:
+        """Delete `placed`, newest first, the files of a write that failed before LATEST named
+        it, once LATEST read back names another snapshot (none names this one: a writer
+        publishes only over the snapshot it was compared with). Best effort: LATEST unreadable,
+        or a delete failing, leaves them for prune."""
+        try:
+            if latest_snapshot_id(await self._latest_rel()) == snapshot_id:
+                return
+            await self._delete(placed[::-1])
+        except (OutputError, OSError) as exc:
+            log.warning("snapshot.take_back_failed", snapshot_id=snapshot_id, error=str(exc))
+            return
+        log.info("snapshot.taken_back", snapshot_id=snapshot_id, files=len(placed))
 
     async def _withdraw(self, changes_rel: str) -> None:
         """Delete the change file of a snapshot that lost the race for LATEST for good (LATEST

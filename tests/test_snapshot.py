@@ -195,7 +195,9 @@ async def test_failure_before_latest_keeps_latest_and_staged_changes_vanish(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If the manifest cannot be written, the staged change file is removed and LATEST still
-    names the previous snapshot; the data file left behind is pruned later as incomplete."""
+    names the previous snapshot; the data file already in place is deleted at once (it was
+    left for a prune that only a later successful write runs: on a nearly full disk, every
+    failed run left one, until nothing fitted)."""
     async with LocalStore(tmp_path, debris_age=0) as store:
         await write(store, sid(0), {"A": "New"})
         real_put = store._put
@@ -210,13 +212,59 @@ async def test_failure_before_latest_keeps_latest_and_staged_changes_vanish(
             await write(store, sid(1), {"A": "Complete"})
         monkeypatch.setattr(store, "_put", real_put)
         assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
-        assert not files_of(tmp_path, f"changes/*/{sid(1)}*") and not tmp_files(tmp_path)
-        assert files_of(tmp_path, f"snapshots/*/{sid(1)}.jsonl")  # debris
+        assert not files_of(tmp_path, f"*/*/{sid(1)}*") and not tmp_files(tmp_path)
         await write(store, sid(2), {"A": "Complete"})
         pruned = await store.prune(5)
-    assert pruned.incomplete == (sid(1),)
-    assert not files_of(tmp_path, f"*/*/{sid(1)}*")
+    assert pruned.incomplete == ()
     assert snapshot_ids(tmp_path) == [sid(0), sid(2)]
+
+
+@pytest.mark.parametrize("fails", ["changes", "LATEST", "cancelled"])
+async def test_a_write_that_fails_before_latest_moves_takes_back_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """A change file put in place, then LATEST failing to move (its temporary file does not
+    fit), or the write cancelled meanwhile: the data file, manifest and change file are
+    deleted. The change file stayed: the next snapshot's repeated its events from the same
+    previous snapshot, and a reader of every change file counted them twice."""
+    async with LocalStore(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        real_put = store._put
+
+        async def failing_put(rel: str, *args: Any, **kwargs: Any) -> Any:
+            if rel == "LATEST":
+                if fails == "cancelled":
+                    raise asyncio.CancelledError
+                raise OutputError("No space left on device (simulated)")
+            return await real_put(rel, *args, **kwargs)
+
+        if fails == "changes":  # the change file's own publish fails (the manifest is in)
+            real_publish = snapshot._LocalSink.publish
+
+            async def failing_publish(self: Any) -> None:
+                if "changes/" in str(self._final):
+                    raise OutputError("No space left on device (simulated)")
+                await real_publish(self)
+
+            monkeypatch.setattr(snapshot._LocalSink, "publish", failing_publish)
+        else:
+            monkeypatch.setattr(store, "_put", failing_put)
+        error = asyncio.CancelledError if fails == "cancelled" else OutputError
+        with capture_logs() as logs, pytest.raises(error):
+            await write(store, sid(1), {"A": "Complete", "B": "New"})
+        monkeypatch.undo()
+        assert [e["files"] for e in logs if e["event"] == "snapshot.taken_back"] == [
+            2 if fails == "changes" else 3
+        ]
+        assert not files_of(tmp_path, f"*/*/{sid(1)}*") and not tmp_files(tmp_path)
+        assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
+        written = await write(store, sid(2), {"A": "Complete", "B": "New"})
+    assert written.changes_path is not None
+    events = [
+        orjson.loads(line) for line in (tmp_path / written.changes_path).read_bytes().splitlines()
+    ]
+    assert sorted(e["event"] for e in events) == ["job_added", "state_changed"]
+    assert len(files_of(tmp_path, "changes/*/*.jsonl")) == 2  # sid(0)'s and sid(2)'s only
 
 
 async def test_a_cancelled_write_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -936,8 +984,10 @@ async def test_files_another_writer_may_still_be_producing_survive_prune(tmp_pat
             return await real_put(rel, *args, **kwargs)
 
         store._put = no_latest  # type: ignore[method-assign]
-        with pytest.raises(OutputError):
-            await store.write(sid(2), records(sid(2), {"A": "Done"}), manifest, previous=base)
+        with pytest.raises(OutputError):  # (shared_id: left in place, as by a writer elsewhere)
+            await store.write(
+                sid(2), records(sid(2), {"A": "Done"}), manifest, previous=base, shared_id=True
+            )
         store._put = real_put  # type: ignore[method-assign]
         folder = tmp_path / "snapshots" / "date=2026-11-28"
         (folder / f"{sid(3)}.jsonl").write_bytes(b"written, manifest to come\n")
