@@ -197,14 +197,7 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
         level = "warning"
     configure_logging(level=level, fmt=settings.logging.format)
 
-    async def run() -> RunSummary:
-        task = asyncio.current_task()
-        assert task is not None
-        if terminable:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-            if held:
-                task.cancel()  # terminated while starting
-                await asyncio.sleep(0)
+    async def work() -> RunSummary:
         options: dict[str, Any] = {"output": args.output, "shard": shard}
         options["output_origin"] = output_origin(settings, "--output" if args.output else None)
         if not interactive:
@@ -214,9 +207,25 @@ def _cmd_run(args: argparse.Namespace, held: list[int] | None = None) -> int:
         with ProgressBar() as bar:
             return await run_once(settings, observers=[bar], **options)
 
+    async def run() -> RunSummary:
+        # SIGTERM cancels the work, not this task: a signal once the work has its summary (its
+        # snapshot published, the clients closing or closed) finds nothing left to cancel, and
+        # the run ends with its own exit code and summary (it ended "terminated", 143).
+        running = asyncio.ensure_future(work())
+        if terminable:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, running.cancel)
+            if held:
+                running.cancel()  # terminated while starting
+        summary = await running
+        if terminable:
+            await _hold_to_the_exit(signal.SIGTERM)
+        return summary
+
     try:
-        summary = asyncio.run(run())
+        summary: RunSummary | None = asyncio.run(run())
     except asyncio.CancelledError:
+        summary = None
+    if summary is None:
         _say("terminated")
         return 143
     what = f"the summary of the run ({summary.status})"
@@ -451,6 +460,8 @@ async def _daemon(config: str, settings: Settings, held: list[int] | None = None
             observers=[metrics, state],
         )
         log.info("daemon.stopped")
+    if held is not None:  # started as the command: its own signals
+        await _hold_to_the_exit(*(sig for sig in (signal.SIGTERM, signal.SIGINT) if ours(sig)))
     return 0
 
 
@@ -475,6 +486,22 @@ def _cmd_daemon(args: argparse.Namespace, held: list[int] | None = None) -> int:
     settings = load_settings(args.config)
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     return asyncio.run(_daemon(args.config, settings, held))
+
+
+async def _hold_to_the_exit(*signals: int) -> None:
+    """The command has its result: `signals` arriving from now to the exit are held, never
+    acted on. Without this, once `asyncio.run` closed the loop they got their default action
+    back for the rest of the exit (the interpreter's shutdown: about 0.1 s), and a second
+    SIGTERM or Ctrl-C right after the first (a supervisor that sends two), or one as `run`
+    prints its summary, killed the process (exit status -15 or -2, not 0 or the run's own).
+
+    The loop's worker threads end first, so that the main thread, which blocks them, is the
+    only one left to receive them (the kernel gives a process's signal to any thread that
+    does not block it)."""
+    import signal
+
+    await asyncio.get_running_loop().shutdown_default_executor()
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
 
 
 async def _demo(args: argparse.Namespace) -> int:

@@ -667,7 +667,9 @@ async def run_forever(
                     adopted(settings)
                 log.info("config.reloaded", source=settings.source)
     finally:
-        await stack.aclose()
+        # To its end: a SIGTERM as the clients close must neither cut that short nor, once a
+        # `run`'s snapshot is published, turn the finished run into a cancelled one.
+        await to_the_end(stack.aclose())
     return last
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -375,6 +376,68 @@ async def test_a_daemon_leaves_the_signals_its_parent_ignores_ignored(
         assert "config.reloaded" not in [line.get("event") for line in daemon.lines]
     finally:
         daemon.close()
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+async def test_a_second_signal_as_the_daemon_exits_does_not_kill_it(
+    make_sandbox: SandboxFactory, tmp_path: Path, second: int
+) -> None:
+    """A supervisor that sends more signals as the daemon is already exiting (`daemon.stopped`
+    logged): exit code 0. The loop's handlers went with the loop and the defaults killed the
+    process (exit status -15 or -2)."""
+    sb = await make_sandbox(accounts=2, seed=9)
+    config = tmp_path / "daemon.toml"
+    _write_config(config, sb.account_ids, tmp_path / "out", interval="1h")
+    daemon = Daemon(config, _env(sb))
+    try:
+        await asyncio.to_thread(daemon.wait_for, "run.finished")
+        daemon.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(daemon.wait_for, "daemon.stopped")
+
+        def again_and_again_until_it_exits() -> int:
+            # (every 2 ms: the exit takes about 0.1 s; bounded, as the process must end)
+            for _ in range(5_000):
+                code = daemon.proc.poll()
+                if code is not None:
+                    return code
+                with contextlib.suppress(ProcessLookupError):
+                    daemon.proc.send_signal(second)
+                time.sleep(0.002)
+            raise AssertionError("the daemon did not exit")
+
+        assert await asyncio.to_thread(again_and_again_until_it_exits) == 0
+    finally:
+        daemon.close()
+
+
+async def test_a_sigterm_once_the_run_has_published_lets_it_end_as_it_ended(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """`run` signalled once its snapshot is LATEST (`run.finished` logged, the clients still
+    closing): its own exit code and summary line, as the README says. It ended "terminated",
+    exit code 143, the summary lost, though the snapshot was published."""
+    sb = await make_sandbox(accounts=2, seed=9)
+    config = tmp_path / "run.toml"
+    output = tmp_path / "out"
+    _write_config(config, sb.account_ids, output)
+    command = [sys.executable, "-m", "aggregator", "run", "--config", str(config)]
+
+    def signalled_once_published() -> tuple[int, bytes]:
+        with subprocess.Popen(
+            command, env=_env(sb), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as proc:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                if orjson.loads(raw).get("event") == "run.finished":
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            out, _ = proc.communicate(timeout=30)
+            return proc.returncode, out
+
+    code, out = await asyncio.to_thread(signalled_once_published)
+    assert code == 0, out
+    assert out.decode().startswith("complete: "), out
+    assert len(complete_snapshots(output)) == 1
 
 
 @pytest.mark.parametrize("when", ["starting", "fetching"])

@@ -686,8 +686,8 @@ class Sandbox:
             self._fault_counts["deny_list_jobs"] += 1
             message = f"User: {principal.arn} is not authorized to perform: snowball:ListJobs"
             if faults.echo_tokens:
-                token = request.headers.get("X-Amz-Security-Token", "")
-                message += f" (denied for token '{token}'; secret {token[:40]})"
+                echoed = request.headers.get("X-Amz-Security-Token", "")
+                message += f" (denied for token '{echoed}'; secret {echoed[:40]})"
             raise ApiError("AccessDeniedException", message)
 
         params = decode_cbor_params(body) if wire is _Wire.CBOR else decode_json_params(body)
