@@ -47,6 +47,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
 
 __all__ = [
+    "UNRECOGNIZED_KEYS",
     "AccessDeniedError",
     "AggregatorError",
     "AwsError",
@@ -359,6 +360,9 @@ _DENIED_CODES = frozenset(
 _TOKEN_INVALID_CODES = frozenset(
     {"UnrecognizedClientException", "InvalidClientTokenId", "AuthFailure", "OptInRequired"}
 )
+# Outside an opt-in region: the service does not recognise the keys themselves (revoked, or
+# from an STS it no longer trusts), which new keys may cure (see fetch.py).
+UNRECOGNIZED_KEYS = frozenset({"UnrecognizedClientException", "InvalidClientTokenId"})
 
 # Regions that an account must opt in to (AWS "opt-in regions"); their token errors mean "skipped".
 OPT_IN_REGIONS = frozenset(

@@ -30,6 +30,8 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from .errors import (
+    UNRECOGNIZED_KEYS,
+    AccessDeniedError,
     AwsError,
     CredentialsExpiredError,
     InvalidNextTokenError,
@@ -353,6 +355,19 @@ async def _page(
                 if not refreshed:
                     refreshed = True
                     attempt -= 1
+                continue
+            if (
+                isinstance(err, AccessDeniedError)
+                and err.code in UNRECOGNIZED_KEYS
+                and not refreshed
+            ):
+                # Keys the service does not recognise (a daemon's, kept from an earlier cycle,
+                # revoked meanwhile): assume the role again, once, as for expired keys; keys
+                # just assumed and refused again are a denial.
+                counters.refreshes += 1
+                await clients.renew(partition, client)
+                refreshed = True
+                attempt -= 1
                 continue
         if isinstance(err, ThrottledError):  # (the last attempt's throttle counts too)
             counters.throttles += 1

@@ -370,6 +370,12 @@ class Sandbox:
             rng=self._rng,
         )
 
+    def revoke_credentials(self) -> None:
+        """Forget every key AssumeRole issued, as an endpoint restarted (or keys revoked) does:
+        requests signed with them answer `UnrecognizedClientException` (STS:
+        `InvalidClientTokenId`) from now on; new AssumeRoles issue keys that work."""
+        self._credentials.clear()
+
     def set_job_state(self, account_id: str, job_id: str, state: str) -> None:
         """Change a job's JobState (any string: unknown states are allowed)."""
         self._fleet.set_job_state(account_id, job_id, state)
