@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import select
+import stat
 import sys
+from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import orjson
@@ -83,24 +87,72 @@ def is_terminal(stream: Any) -> bool:
         return False
 
 
+_STALLED_AFTER_MS = 50
+
+
 class _Sink:
     """Where the log's lines go: `stream`, or its binary buffer for bytes. A line that cannot
     be written (the reader of a pipe went away, a full disk, stderr closed) is dropped: a log
     that fails must not fail the run or the daemon (every log call raised, and `run` exited 1
-    before it fetched anything)."""
+    before it fetched anything).
+
+    Nor may a log that is not read stop them: on a pipe, socket or terminal whose reader
+    stalled (a log shipper that hangs, a terminal paused with Ctrl-S) a write would block the
+    event loop, and with it the run, the daemon's health endpoints and its SIGTERM. So a line
+    is written only if the stream can take it within `_STALLED_AFTER_MS` (a reader slower than
+    a burst of lines catches up), and not waited for at all once a line was dropped, until
+    one goes out again; a dropped line is counted, and the next line that goes out is
+    preceded by one that says how many were (`log.dropped`). A regular file always takes it
+    (a full disk fails the write instead)."""
 
     def __init__(self, stream: TextIO | None, *, binary: bool) -> None:
         self._target: Any = stream
         self._decode = False
+        self._binary = binary
         if binary and stream is not None:
             buffer = getattr(stream, "buffer", None)
             self._target = buffer if buffer is not None else stream
             self._decode = buffer is None  # a text-only stream (a test's StringIO)
+        self._poll: Any = None
+        self._pending: list[Any] = []
+        self.dropped = 0
+        try:
+            fd = stream.fileno() if stream is not None else -1
+            if fd >= 0 and not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._poll = select.poll()
+                self._poll.register(fd, select.POLLOUT)
+        except (OSError, ValueError, AttributeError):  # no descriptor: a test's stream
+            pass
 
     def write(self, data: Any) -> None:
-        if self._target is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._target.write(data.decode() if self._decode else data)
+        if self._target is None:
+            return
+        if self._poll is not None:  # a whole line at a time (print writes its "\n" apart)
+            self._pending.append(data)
+            if not data.endswith(b"\n" if isinstance(data, bytes) else "\n"):
+                return
+            data = (b"" if isinstance(data, bytes) else "").join(self._pending)
+            self._pending.clear()
+        with contextlib.suppress(OSError, ValueError):
+            # A reader that is only slower than a burst of lines gets a moment to catch up;
+            # one that let that moment pass is stalled, and is not waited for again until it
+            # has taken a line.
+            wait = 0 if self.dropped else _STALLED_AFTER_MS
+            if self._poll is not None and not self._poll.poll(wait):
+                self.dropped += 1
+                return
+            if self.dropped:
+                self._target.write(self._dropped_line())
+                self.dropped = 0
+            self._target.write(data.decode() if self._decode else data)
+
+    def _dropped_line(self) -> Any:
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        fields = {"lines": self.dropped, "event": "log.dropped", "level": "warning"}
+        if self._binary:
+            line = orjson.dumps({**fields, "timestamp": now}) + b"\n"
+            return line.decode() if self._decode else line
+        return f"{now} [warning  ] log.dropped lines={self.dropped} (stderr was not read)\n"
 
     def flush(self) -> None:
         if self._target is not None:

@@ -113,3 +113,43 @@ async def test_a_failed_advisory_refresh_logs_json_not_tracebacks(
     assert found and all(e["event"] == "library.log" for e in found)
     assert any("advisory refresh" in str(e["message"]) for e in found), found
     assert all("AccessDenied" in str(e.get("error")) for e in found)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_stderr_nobody_reads_drops_lines_and_never_blocks(fmt: str) -> None:
+    """A pipe whose reader is alive but stalled (a hung log shipper): once it is full, lines
+    are dropped rather than written, so the loop never blocks (the run, the daemon's health
+    endpoints and its SIGTERM froze in the write), and the first line that goes out again
+    says how many were dropped."""
+    import os
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as stderr, os.fdopen(read_end, "rb") as reader:
+        configure_logging(level="info", fmt=fmt, stream=stderr)  # type: ignore[arg-type]
+        log = structlog.get_logger()
+        for i in range(2_000):  # about 400 KB: a pipe holds 64 KB
+            log.info("partition.done", n=i, filler="x" * 150)
+        held = reader.read1(1 << 20)  # all the pipe holds (64 KB), in one read
+        log.info("partition.done", n="after")
+        stderr.flush()
+        tail = reader.read1(1 << 20).decode()
+    root.handlers[:] = handlers
+    written = held.decode().count("partition.done")
+    assert 0 < written < 2_000
+    lines = tail.splitlines()
+    assert len(lines) == 2 and ("n=after" in lines[1] or '"n":"after"' in lines[1]), lines
+    dropped = 2_000 - written
+    if fmt == "json":
+        notice = orjson.loads(lines[0])
+        assert (notice["event"], notice["lines"], notice["level"]) == (
+            "log.dropped",
+            dropped,
+            "warning",
+        )
+    else:
+        assert f"log.dropped lines={dropped}" in lines[0]
