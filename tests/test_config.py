@@ -397,21 +397,17 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
         "[default]\nservices = local\n[services local]\nsts =\n  endpoint_url = nope\n"
     )
     _endpoints(monkeypatch)
-    with pytest.raises(ConfigError) as info:
+    refused = "not an endpoint URL (expected http(s)://host[:port])"
+    with pytest.raises(ConfigError, match=r"\(profile default\): services.sts.endpoint_url: "):
         load_settings(path)
-    assert str(info.value) == (
-        f"{aws_config} (profile default): services.sts.endpoint_url: not an endpoint URL "
-        "(expected http(s)://host[:port])"
+    assert (
+        str(info_of(path))
+        == f"{aws_config} (profile default): services.sts.endpoint_url: {refused}"
     )
     # The profile botocore reads is the one named (it said "default" whatever AWS_PROFILE was)
     aws_config.write_text("[default]\n[profile p]\nendpoint_url = nope\n")
     monkeypatch.setenv("AWS_PROFILE", "p")
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    assert str(info.value) == (
-        f"{aws_config} (profile p): endpoint_url: not an endpoint URL "
-        "(expected http(s)://host[:port])"
-    )
+    assert str(info_of(path)) == f"{aws_config} (profile p): endpoint_url: {refused}"
     monkeypatch.delenv("AWS_PROFILE")
     # A profile naming a services section that is not there: botocore refuses it only when no
     # variable gave the URL first.
@@ -424,6 +420,13 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
     aws_config.write_text("[default]\nservices = empty\n[services empty]\n")
     with pytest.raises(ConfigError, match=r"services: no \[services empty\] section"):
         load_settings(path)
+
+
+def info_of(path: Path) -> ConfigError:
+    """The ConfigError loading `path` raises."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return info.value
 
 
 def test_unusual_inputs_are_one_short_line(
