@@ -398,8 +398,6 @@ def test_endpoint_urls_botocore_refuses_are_one_line(
     )
     _endpoints(monkeypatch)
     refused = "not an endpoint URL (expected http(s)://host[:port])"
-    with pytest.raises(ConfigError, match=r"\(profile default\): services.sts.endpoint_url: "):
-        load_settings(path)
     assert (
         str(info_of(path))
         == f"{aws_config} (profile default): services.sts.endpoint_url: {refused}"
