@@ -238,6 +238,23 @@ class PartitionClients:
             return await self._sender.list_jobs(client, params, account_id)
         return Page.from_response(account_id, await client.list_jobs(**params))
 
+    async def renew_unrecognized(self, partition: Partition, client: Any) -> bool:
+        """`client`'s keys were not recognised: whether asking again may help. Yes if another
+        partition of the account renewed them meanwhile (ask with the new ones), or if this is
+        the account's first such renewal this cycle (renewed now, as `renew` does); no once
+        the keys of that renewal were refused too (a denial: renewing on every page of every
+        region would multiply AssumeRoles)."""
+        if self._pool.shared:
+            current = self._broker.still_current(partition.account, last_signed_credentials())
+        else:
+            current = self._pool.session_of(client) is not None
+        if not current:
+            return True
+        if not self._broker.first_unrecognized(partition.account):
+            return False
+        await self.renew(partition, client)
+        return True
+
     async def renew(self, partition: Partition, client: Any) -> None:
         """`client` met expired credentials: assume the role again, once per account.
 

@@ -297,6 +297,7 @@ class CredentialBroker:
         self.assume_role_calls = 0
         self.retried: collections.Counter[str] = collections.Counter()  # retries, throttles
         self._refused: dict[str, AwsError] = {}  # renewals refused this cycle, by account
+        self._unrecognized: set[str] = set()  # accounts whose keys were refused this cycle
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     async def __aenter__(self) -> CredentialBroker:
@@ -555,11 +556,33 @@ class CredentialBroker:
         if credentials is None or task.result() is credentials:
             del self._credentials[account.account_id]
 
+    def still_current(
+        self, account: Account, credentials: AioRefreshableCredentials | None
+    ) -> bool:
+        """Whether `credentials` are still the account's (no renewal dropped them since)."""
+        task = self._credentials.get(account.account_id)
+        return (
+            task is not None
+            and task.done()
+            and not task.cancelled()
+            and task.exception() is None
+            and task.result() is credentials
+        )
+
+    def first_unrecognized(self, account: Account) -> bool:
+        """True the first time this cycle the service did not recognise the account's keys
+        (they are renewed then, once: see fetch.py); False after that."""
+        if account.account_id in self._unrecognized:
+            return False
+        self._unrecognized.add(account.account_id)
+        return True
+
     def reset_failures(self) -> None:
         """Forget failed AssumeRoles, so a new cycle tries those accounts again."""
         _drop_failed(self._sessions)
         _drop_failed(self._credentials)
         self._refused.clear()
+        self._unrecognized.clear()
 
     def keep_only(self, account_ids: Collection[str]) -> None:
         """Forget the sessions and credentials of every account not in `account_ids` (at the

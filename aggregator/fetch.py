@@ -95,7 +95,8 @@ def install_departing(session: Any) -> None:
 
 class ClientSource(Protocol):
     """Lends a Snowball client for (account, region) and calls ListJobs on it; `renew` after
-    expired credentials."""
+    expired credentials; `renew_unrecognized` after keys the service did not recognise (True
+    if asking again may help)."""
 
     def lease(
         self, partition: Partition, region: str
@@ -104,6 +105,7 @@ class ClientSource(Protocol):
         self, client: Any, params: dict[str, Any], account_id: str
     ) -> Page | None: ...
     async def renew(self, partition: Partition, client: Any) -> None: ...
+    async def renew_unrecognized(self, partition: Partition, client: Any) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -360,12 +362,13 @@ async def _page(
                 isinstance(err, AccessDeniedError)
                 and err.code in UNRECOGNIZED_KEYS
                 and not refreshed
+                and await clients.renew_unrecognized(partition, client)
             ):
                 # Keys the service does not recognise (a daemon's, kept from an earlier cycle,
-                # revoked meanwhile): assume the role again, once, as for expired keys; keys
-                # just assumed and refused again are a denial.
+                # revoked meanwhile): the account's role is assumed again, once a cycle, as
+                # for expired keys; keys refused after that are a denial (a region that needs
+                # an opt-in our list does not know of would renew them on every page).
                 counters.refreshes += 1
-                await clients.renew(partition, client)
                 refreshed = True
                 attempt -= 1
                 continue

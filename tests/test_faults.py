@@ -151,17 +151,22 @@ async def test_expired_credentials_are_renewed_once_and_the_page_continues(
     assert project(read_snapshot(second.data_path)) == truth_for(sb, ["eu-west-1"])
 
 
+@pytest.mark.parametrize("concurrency", [64, 1])
 @pytest.mark.parametrize("direct", [True, False])
 async def test_keys_the_service_no_longer_recognises_are_renewed_once(
-    make_sandbox: SandboxFactory, tmp_path: Path, direct: bool
+    make_sandbox: SandboxFactory, tmp_path: Path, direct: bool, concurrency: int
 ) -> None:
     """A daemon whose cached keys the service stops recognising (revoked, or its endpoint
     restarted: `UnrecognizedClientException` in a region that needs no opt-in) assumes each
     account's role again, once, and the cycle is complete. It kept the keys until they neared
     their advertised expiry, about 45 minutes of failed cycles with every job stale. Keys
-    refused again right after a renewal are a denial, as before: one renewal, no loop."""
+    refused again after that renewal are a denial: one renewal per account and cycle, whether
+    its partitions run together or one after the other (not one per page)."""
     sb = await make_sandbox(accounts=3, seed=34, regions=("eu-west-1", "us-east-1"))
-    settings = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "us-east-1"]})
+    regions = ["eu-west-1", "us-east-1"]
+    settings = make_settings(
+        sb.account_ids, regions={"names": regions}, limits={"max_concurrency": concurrency}
+    )
     from aggregator.service import Aggregator
 
     async with Aggregator(settings, output=tmp_path, policy=FAST, direct=direct) as aggregator:
@@ -173,13 +178,15 @@ async def test_keys_the_service_no_longer_recognises_are_renewed_once(
         assert sb.stats().errors.get("UnrecognizedClientException", 0) >= 1
         # one AssumeRole per account, whatever the number of its partitions
         assert sb.stats().requests["sts:AssumeRole"] - assumed == len(sb.account_ids)
-        assert project(read_snapshot(second.data_path)) == truth_for(sb, ["eu-west-1", "us-east-1"])
-        # A region the account never enabled, outside the opt-in list: one renewal, then failed
-        sb.faults = Faults(disabled_regions={sb.account_ids[0]: frozenset({"eu-west-1"})})
+        assert project(read_snapshot(second.data_path)) == truth_for(sb, regions)
+        # Regions the account never enabled, outside the opt-in list: one renewal, then failed
+        denied = sb.account_ids[0]
+        sb.faults = Faults(disabled_regions={denied: frozenset(regions)})
         assumed = sb.stats().requests["sts:AssumeRole"]
         third = await aggregator.cycle()
-    (failed,) = third.failed
-    assert (failed["region"], failed["error_code"]) == ("eu-west-1", "UnrecognizedClientException")
+    assert sorted((f["account_id"], f["region"], f["error_code"]) for f in third.failed) == [
+        (denied, region, "UnrecognizedClientException") for region in sorted(regions)
+    ]
     assert sb.stats().requests["sts:AssumeRole"] - assumed == 1
 
 

@@ -47,6 +47,11 @@ class Unforeseen:
     async def renew(self, partition: Partition, client: Any) -> None:  # pragma: no cover
         raise AssertionError("no credentials expire here")
 
+    async def renew_unrecognized(
+        self, partition: Partition, client: Any
+    ) -> bool:  # pragma: no cover
+        raise AssertionError("no keys are refused here")
+
 
 class NoPacing:
     async def acquire(self) -> None:
