@@ -816,7 +816,9 @@ class Store(ABC):
         nothing prunes (prune follows a write that succeeds), until no snapshot fits; and a
         change file left behind would repeat its events in the next one's. Not with
         `shared_id` (two merges of one run write the same names: the files may be the other
-        merge's), nor when LATEST cannot be read: then they stay for prune, as after a kill.
+        merge's), nor when LATEST cannot be read, nor once a replacement of LATEST that may
+        still land was sent (S3: a PUT whose answer was lost): then they stay for prune, as
+        after a kill.
         """
         with _gc_paused(), _quick_gil_handover():
             return await self._write(
@@ -886,21 +888,25 @@ class Store(ABC):
             },
             "changes": changes,
         }
-        placed = [data_rel]  # what this write has put in place, in order
+        # What this write has put in place, or may have (named before each put: a put can
+        # fail after its file took its name, as when the folder's fsync fails).
+        placed = [data_rel]
+        latest_sent = False
         try:
             try:
                 body = orjson.dumps(full, option=_OPTS | orjson.OPT_INDENT_2) + b"\n"
                 links = {"snapshot-id": snapshot_id, "previous-snapshot-id": previous_id or ""}
-                await self._put(manifest_rel, [body], metadata=links)
                 placed.append(manifest_rel)
+                await self._put(manifest_rel, [body], metadata=links)
                 if changes_sink is not None:
-                    await changes_sink.publish()
                     placed.append(changes_rel)
+                    await changes_sink.publish()
             except BaseException:
                 if changes_sink is not None:
                     await _abort(changes_sink)
                 raise
             latest = manifest_rel.encode() + b"\n"
+            latest_sent = True
             if with_changes:
                 try:
                     await self._publish(snapshot_id, previous_id, latest)
@@ -912,7 +918,9 @@ class Store(ABC):
             else:  # a snapshot without change file (a shard's) has no chain to keep
                 await to_the_end(self._put(LATEST, [latest]))
         except BaseException:
-            if take_back:
+            # Once LATEST's replacement may be in flight (an S3 PUT whose answer did not come),
+            # it may still land and name this snapshot: its files then stay, for prune.
+            if take_back and not (latest_sent and self._latest_may_land_later):
                 await to_the_end(self._take_back(snapshot_id, placed))
             raise
         self._previous_of[snapshot_id] = previous_id
@@ -963,6 +971,10 @@ class Store(ABC):
             "writer published meanwhile); the next run starts from it",
             lost=True,
         )
+
+    # Whether a LATEST write that failed may still land afterwards (S3: a PUT whose answer was
+    # lost); a directory's replacement is done or not done when the call returns.
+    _latest_may_land_later = True
 
     async def _take_back(self, snapshot_id: str, placed: Sequence[str]) -> None:
         """Delete `placed`, newest first, the files of a write that failed before LATEST named
@@ -1590,6 +1602,8 @@ class LocalStore(Store):
 
     Keyword options as for `Store`, except that `remember` defaults to False.
     """
+
+    _latest_may_land_later = False  # os.replace under the lock, to its end (see `_publish`)
 
     def __init__(self, directory: str | os.PathLike[str], **options: Any) -> None:
         # Reading the previous data file back costs less than keeping it: it is in the page

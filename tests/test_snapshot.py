@@ -219,7 +219,7 @@ async def test_failure_before_latest_keeps_latest_and_staged_changes_vanish(
     assert snapshot_ids(tmp_path) == [sid(0), sid(2)]
 
 
-@pytest.mark.parametrize("fails", ["changes", "LATEST", "cancelled"])
+@pytest.mark.parametrize("fails", ["manifest-named", "changes", "LATEST", "cancelled"])
 async def test_a_write_that_fails_before_latest_moves_takes_back_its_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
 ) -> None:
@@ -238,11 +238,16 @@ async def test_a_write_that_fails_before_latest_moves_takes_back_its_files(
                 raise OutputError("No space left on device (simulated)")
             return await real_put(rel, *args, **kwargs)
 
-        if fails == "changes":  # the change file's own publish fails (the manifest is in)
+        if fails in ("changes", "manifest-named"):
+            # The change file's own publish fails (the manifest is in), or the manifest's
+            # fails once it has its name (its folder's fsync failing after the rename).
             real_publish = snapshot._LocalSink.publish
 
             async def failing_publish(self: Any) -> None:
-                if "changes/" in str(self._final):
+                if fails == "manifest-named" and str(self._final).endswith(".manifest.json"):
+                    await real_publish(self)
+                    raise OutputError("Input/output error (simulated)")
+                if fails == "changes" and "changes/" in str(self._final):
                     raise OutputError("No space left on device (simulated)")
                 await real_publish(self)
 
@@ -253,8 +258,9 @@ async def test_a_write_that_fails_before_latest_moves_takes_back_its_files(
         with capture_logs() as logs, pytest.raises(error):
             await write(store, sid(1), {"A": "Complete", "B": "New"})
         monkeypatch.undo()
+        # (a file is named as soon as its put starts: it may have its name when the put fails)
         assert [e["files"] for e in logs if e["event"] == "snapshot.taken_back"] == [
-            2 if fails == "changes" else 3
+            2 if fails == "manifest-named" else 3
         ]
         assert not files_of(tmp_path, f"*/*/{sid(1)}*") and not tmp_files(tmp_path)
         assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
@@ -293,6 +299,32 @@ async def test_a_cancelled_write_cleans_up(tmp_path: Path, monkeypatch: pytest.M
     assert not tmp_files(tmp_path)
     assert snapshot_ids(tmp_path) == [sid(0)]
     assert (tmp_path / "LATEST").read_text().strip().endswith(f"{sid(0)}.manifest.json")
+
+
+async def test_a_latest_put_that_may_still_land_leaves_the_files(tmp_path: Path) -> None:
+    """A store whose failed LATEST write may land afterwards (S3: a PUT whose answer was lost)
+    takes nothing back once that write was sent: deleting the files would leave LATEST naming
+    a manifest that is gone when the PUT lands. Before it was sent, it takes them back."""
+
+    class Doubtful(LocalStore):
+        _latest_may_land_later = True
+        fail: str = ""
+
+        async def _put(self, rel: str, *args: Any, **kwargs: Any) -> Any:
+            if rel == self.fail:
+                raise OutputError("read timeout (simulated)", transient=True)
+            return await super()._put(rel, *args, **kwargs)
+
+    async with Doubtful(tmp_path) as store:
+        await write(store, sid(0), {"A": "New"})
+        store.fail = "LATEST"
+        with pytest.raises(OutputError):
+            await write(store, sid(1), {"A": "Complete"})
+        assert len(files_of(tmp_path, f"*/*/{sid(1)}*")) == 3  # data, manifest, changes: kept
+        store.fail = snapshot.manifest_path(sid(2))
+        with pytest.raises(OutputError):
+            await write(store, sid(2), {"A": "Complete"})
+        assert not files_of(tmp_path, f"*/*/{sid(2)}*")  # LATEST never sent: taken back
 
 
 async def test_the_data_is_flushed_to_disk_in_a_thread_while_it_is_written(
