@@ -255,6 +255,7 @@ def test_remembered_secrets_are_masked_in_any_words_and_the_oldest_are_forgotten
     `_MAX_SECRETS` are remembered, the oldest forgotten first."""
     import base64
     import secrets
+    from urllib.parse import quote
 
     from aggregator import errors
     from aggregator.errors import redact, remember_secrets
@@ -270,9 +271,14 @@ def test_remembered_secrets_are_masked_in_any_words_and_the_oldest_are_forgotten
         f'{{"X-Amz-Security-Token": ["{token}"]}}',
         f"The security token included in the request is invalid: {token[:40]}",
         f"see https://proxy/tokens/{token} and key={key}",
+        f"denied for token {quote(token, safe='')}",  # URL-encoded: "/" and "+" as %2F, %2B
+        '{"token": "' + token.replace("/", "\\/") + '"}',  # JSON that escapes "/"
+        f"token=%22{quote(key, safe='')}%22",
     ):
         shown = redact(text)
-        assert token[:16] not in shown and key[:16] not in shown, shown
+        for secret in (token, key):
+            for form in (secret, quote(secret, safe=""), secret.replace("/", "\\/")):
+                assert form[:16] not in shown and form[-16:] not in shown, shown
         assert "<redacted>" in shown
     assert redact("arn:aws:iam::111111111111:role/org/platform/ReaderRole") == (
         "arn:aws:iam::111111111111:role/org/platform/ReaderRole"
