@@ -461,7 +461,8 @@ async def _daemon(config: str, settings: Settings, held: list[int] | None = None
         )
         log.info("daemon.stopped")
     if held is not None:  # started as the command: its own signals
-        await _hold_to_the_exit(*(sig for sig in (signal.SIGTERM, signal.SIGINT) if ours(sig)))
+        stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # (a reload, too late)
+        await _hold_to_the_exit(*(sig for sig in stopping if ours(sig)))
     return 0
 
 

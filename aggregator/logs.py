@@ -88,6 +88,9 @@ def is_terminal(stream: Any) -> bool:
 
 
 _STALLED_AFTER_MS = 50
+# What one write may hold, bytes or characters: at most PIPE_BUF (4,096) bytes even in UTF-8,
+# which a pipe that polls writable (a free page) takes without blocking.
+_CHUNK = 1024
 
 
 class _Sink:
@@ -116,6 +119,7 @@ class _Sink:
         self._poll: Any = None
         self._pending: list[Any] = []
         self.dropped = 0
+        self._torn = False  # a long line was cut short by a reader that stalled
         try:
             fd = stream.fileno() if stream is not None else -1
             if fd >= 0 and not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -142,9 +146,24 @@ class _Sink:
                 self.dropped += 1
                 return
             if self.dropped:
-                self._target.write(self._dropped_line())
-                self.dropped = 0
-            self._target.write(data.decode() if self._decode else data)
+                notice = self._dropped_line()
+                if self._torn:  # (after the part of a line that went out)
+                    notice = (b"\n" if isinstance(notice, bytes) else "\n") + notice
+                self._target.write(notice)
+                self._target.flush()
+                self.dropped, self._torn = 0, False
+            if self._poll is None or len(data) <= _CHUNK:
+                self._target.write(data.decode() if self._decode else data)
+                return
+            # A long line goes out in pieces that a stream which polls writable takes whole
+            # (a pipe: one free page), each waited for as a line is.
+            for start in range(0, len(data), _CHUNK):
+                if start and not self._poll.poll(_STALLED_AFTER_MS):
+                    self.dropped, self._torn = self.dropped + 1, True
+                    return
+                piece = data[start : start + _CHUNK]
+                self._target.write(piece.decode() if self._decode else piece)
+                self._target.flush()
 
     def _dropped_line(self) -> Any:
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")

@@ -378,7 +378,7 @@ async def test_a_daemon_leaves_the_signals_its_parent_ignores_ignored(
         daemon.close()
 
 
-@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_a_second_signal_as_the_daemon_exits_does_not_kill_it(
     make_sandbox: SandboxFactory, tmp_path: Path, second: int
 ) -> None:

@@ -153,3 +153,33 @@ def test_a_stderr_nobody_reads_drops_lines_and_never_blocks(fmt: str) -> None:
         )
     else:
         assert f"log.dropped lines={dropped}" in lines[0]
+
+
+@pytest.mark.timeout(30)
+def test_a_long_line_into_a_nearly_full_pipe_is_cut_not_waited_for() -> None:
+    """A pipe with one free page and a stalled reader, and a line longer than that page: the
+    part that fits goes out, the rest is dropped (the write blocked: a pipe that polls
+    writable has room for a page, not for any line), and the notice that follows starts on a
+    line of its own."""
+    import os
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as stderr, os.fdopen(read_end, "rb") as reader:
+        os.write(write_end, b"." * 4096 * 15)  # 15 of the pipe's 16 pages
+        configure_logging(level="info", fmt="json", stream=stderr)  # type: ignore[arg-type]
+        log = structlog.get_logger()
+        log.info("long.line", filler="x" * 8_000)
+        first = reader.read1(1 << 20)
+        log.info("after")
+        stderr.flush()
+        rest = reader.read1(1 << 20).decode()
+    root.handlers[:] = handlers
+    assert first.startswith(b"." * 4096 * 15) and b"x" * 1000 in first
+    assert len(first) < 4096 * 15 + 8_000  # cut short
+    lines = rest.splitlines()
+    notice, after = orjson.loads(lines[-2]), orjson.loads(lines[-1])
+    assert (notice["event"], notice["lines"], after["event"]) == ("log.dropped", 1, "after")
