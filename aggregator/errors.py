@@ -228,28 +228,25 @@ def _remember_signed_token(request: Any, **_: Any) -> None:
 _SECRET_PREFIX = 16
 _MAX_SECRETS = 1 << 15
 _SECRETS: dict[str, None] = {}  # first characters of the secrets, oldest first
-# A word of a message (what a quote, a space or a bracket ends): a secret quoted back is in
-# one, at its start or after what it was glued to ("token=...", ".../tokens/..."), as it is,
-# URL-encoded ("%2F") or JSON-escaped ("\\/").
-_WORD = re.compile(r"[^\s\"'<>,;(){}\[\]]{16,}")
+# A run of base64 characters, in which a secret quoted back lies, at its start or after what
+# it was glued to ("token=..."), as it is, URL-encoded ("%2F") or JSON-escaped ("\\/").
+_SECRET_RUN = re.compile(r"(?:[A-Za-z0-9+/=]|%[0-9A-Fa-f]{2}|\\/){16,}")
 
 
 def _mask_known_secrets(message: str) -> str:
-    def masked(found: re.Match[str]) -> str:
-        word = found[0]
-        plain = word
-        if "%" in word or "\\" in word:
-            plain = urllib.parse.unquote(word.replace("\\/", "/"))
-        for start in range(len(plain) - _SECRET_PREFIX + 1):
-            prefix = plain[start : start + _SECRET_PREFIX]
-            if prefix in _SECRETS:
-                # To the end of the word, cut short or not; what it was glued to stays when
-                # the secret starts as it is written (else the whole word goes).
-                shown = word.find(prefix)
-                return (word[:shown] if shown >= 0 else "") + "<redacted>"
-        return word
+    def masked(run: re.Match[str]) -> str:
+        text = run[0]
+        for start in range(len(text) - _SECRET_PREFIX + 1):
+            if text[start : start + _SECRET_PREFIX] in _SECRETS:
+                return text[:start] + "<redacted>"  # to the end of the run: cut short or not
+        if "%" in text or "\\" in text:  # its first characters encoded: the whole run goes
+            plain = urllib.parse.unquote(text.replace("\\/", "/"))
+            for start in range(len(plain) - _SECRET_PREFIX + 1):
+                if plain[start : start + _SECRET_PREFIX] in _SECRETS:
+                    return "<redacted>"
+        return text
 
-    return _WORD.sub(masked, message)
+    return _SECRET_RUN.sub(masked, message)
 
 
 def redact(message: str) -> str:
