@@ -545,9 +545,8 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    args.output = check_output_location(
-        args.output
-    )  # a mistake there is the flag's, not "<demo>"'s
+    # A mistake there is the flag's, not "<demo>"'s.
+    args.output = check_output_location(args.output)
     configure_logging(level="warning", fmt="auto")
     return asyncio.run(_demo(args))
 
