@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import gc
 import random
 import time
@@ -467,9 +468,14 @@ class Aggregator:
             if shard is not None:  # `merge` writes the run's change file and prunes
                 written = await store.write(snapshot_id, records, manifest, changes=False)
             else:
-                written = await store.write(
-                    snapshot_id, records, manifest, previous=previous_manifest
-                )
+                try:
+                    written = await store.write(
+                        snapshot_id, records, manifest, previous=previous_manifest
+                    )
+                except OutputError as exc:
+                    if _disk_full(exc):
+                        await _prune_anyway(store, settings.output.retain)
+                    raise
                 try:  # published: a cancellation now must not report the run as cancelled
                     await to_the_end(store.prune(settings.output.retain))
                 except OutputError as exc:  # the snapshot is complete; the next cycle retries
@@ -505,6 +511,26 @@ class Aggregator:
         for observer in self.observers:
             observer.cycle_finished(summary, records)
         return summary
+
+
+def _disk_full(exc: OutputError) -> bool:
+    """Whether the write failed for want of space (or quota) on the output's file system."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+async def _prune_anyway(store: Store, retain: int) -> None:
+    """Prune after a write that did not fit: prune follows a write that succeeds, so what a
+    killed run left (removed once an hour old) would otherwise hold the space for good, and
+    every later run fail the same way. Best effort: the write's error is the one to report."""
+    try:
+        await to_the_end(store.prune(retain))
+    except OutputError as exc:
+        log.warning("snapshot.prune_failed", error=str(exc))
 
 
 async def run_once(settings: Settings, **options: Any) -> RunSummary:

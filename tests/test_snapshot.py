@@ -1216,6 +1216,40 @@ async def test_the_service_keeps_output_retain_snapshots(
     assert len(files_of(tmp_path, "changes/*/*.jsonl")) == 2
 
 
+async def test_a_run_that_does_not_fit_prunes_what_a_killed_run_left(
+    make_sandbox: SandboxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk full of what a killed run left (a data file nothing names, over an hour old):
+    the run that does not fit prunes it anyway (prune followed only a write that succeeded,
+    so every later run failed the same way, for good), and still fails, LATEST unchanged."""
+    sb = await make_sandbox(accounts=2, seed=3, max_jobs=3, regions=("eu-west-1",))
+    settings = make_settings(
+        sb.account_ids, regions={"names": ["eu-west-1"]}, output={"directory": str(tmp_path)}
+    )
+    first = await run_once(settings)
+    latest = (tmp_path / "LATEST").read_bytes()
+    debris = tmp_path / "snapshots" / "date=2026-11-28" / f"{sid(9)}.jsonl"
+    debris.parent.mkdir(parents=True, exist_ok=True)
+    debris.write_bytes(b"x" * 1000)
+    os.utime(debris, (time.time() - 7200, time.time() - 7200))
+    real_put = LocalStore._put
+
+    async def no_space(self: LocalStore, rel: str, *args: Any, **kwargs: Any) -> Any:
+        if rel.endswith(".manifest.json"):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as exc:
+                raise OutputError(f"{self.location}: cannot write: {exc.strerror}") from exc
+        return await real_put(self, rel, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "_put", no_space)
+    with pytest.raises(OutputError, match="No space left"):
+        await run_once(settings)
+    assert not debris.exists()
+    assert (tmp_path / "LATEST").read_bytes() == latest
+    assert snapshot_ids(tmp_path) == [first.snapshot_id]
+
+
 async def test_a_store_remembers_its_last_snapshot_for_the_next_comparison(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
