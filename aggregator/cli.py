@@ -551,10 +551,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(args))
 
 
+def _joined_values(argv: Sequence[str]) -> list[str]:
+    """`--shard -1/3` as `--shard=-1/3`: argparse takes a value that starts with "-" for an
+    option, and said "expected one argument" instead of what is wrong with the shard."""
+    out: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg == "--shard" else None
+        if value is not None and value.startswith("-") and value[1:2].isdigit():
+            out.append(f"--shard={value}")
+        else:
+            out.extend(a for a in (arg, value) if a is not None)
+    return out
+
+
 def main(argv: Sequence[str] | None = None, *, held: list[int] | None = None) -> int:
     """The commands; launch.py's `main` (the `snowball-aggregator` console script and
     `python -m aggregator`) calls it with the signals it `held` while starting."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_joined_values(sys.argv[1:] if argv is None else argv))
     handlers = {
         "demo": _cmd_demo,
         "merge": _cmd_merge,

@@ -556,6 +556,23 @@ def test_merge_wait_is_bounded_like_every_duration(
     assert capsys.readouterr().err == f"error: --wait: {problem}\n"
 
 
+def test_a_negative_shard_is_named_as_a_shard_mistake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--shard -1/3`: what is wrong with the shard (argparse took "-1/3" for an option and
+    said "expected one argument")."""
+    from aggregator.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[accounts]\nids = ["111111111111"]\n[output]\ndirectory = "{tmp_path}"\n')
+    args = ["run", "--config", str(config), "--shard", "-1/3", "--run-id", "r"]
+    assert main(args) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: --shard: '-1/3' is not I/N (for example 0/4: the first of 4 shards)\n"
+    )
+
+
 async def test_a_thousand_missing_shards_are_named_in_a_short_line(tmp_path: Path) -> None:
     """Runs of missing shards are ranges and the list stops at 20 items: the line listed
     every one of a thousand (10 KB)."""
