@@ -464,6 +464,7 @@ class Aggregator:
                     shard,
                     universe,
                     carried_from=previous_manifest["snapshot_id"] if previous_manifest else None,
+                    regions=settings.regions,
                 )
             if shard is not None:  # `merge` writes the run's change file and prunes
                 written = await store.write(snapshot_id, records, manifest, changes=False)

@@ -42,9 +42,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 
 from .accounts import Account
+from .config import RegionsSettings
 from .errors import AggregatorError, ConfigError, OutputError
 from .records import JobRecord, iso_seconds
 from .snapshot import Store, WrittenSnapshot, manifest_path, open_store
@@ -236,17 +238,23 @@ def shard_location(output: str | os.PathLike[str], shard: Shard) -> str:
 
 
 def shard_manifest(
-    shard: Shard, universe: Sequence[Account], *, carried_from: str | None = None
+    shard: Shard,
+    universe: Sequence[Account],
+    *,
+    carried_from: str | None = None,
+    regions: RegionsSettings | None = None,
 ) -> dict[str, Any]:
     """The manifest's `shard` entry of a shard snapshot: index, count and run id, the size
     and digest of the whole account list before selection (shards that disagree on it saw
-    different organizations; `merge` reports that), and `carried_from`, the snapshot LATEST
+    different organizations; `merge` reports that), `carried_from`, the snapshot LATEST
     named when the shard ran, whose jobs it carries forward for failed partitions (`merge`
-    checks it is still LATEST's)."""
+    checks it is still LATEST's), and the `[regions]` it was run with (`merge` refuses
+    shards that disagree: their union is no unsharded run's, and the regions one of them left
+    out would read as jobs removed)."""
     digest = hashlib.sha256()
     for account_id in sorted(a.account_id for a in universe):
         digest.update(account_id.encode("ascii") + b"\n")
-    return {
+    entry: dict[str, Any] = {
         "index": shard.index,
         "count": shard.count,
         "run_id": shard.run_id,
@@ -254,6 +262,13 @@ def shard_manifest(
         "accounts_sha256": digest.hexdigest(),
         "carried_from": carried_from,
     }
+    if regions is not None:
+        entry["regions"] = {
+            "names": list(regions.names),
+            "exclude": list(regions.exclude),
+            "us_strategy": regions.us_strategy,
+        }
+    return entry
 
 
 # --- merge ------------------------------------------------------------------------------------
@@ -597,6 +612,7 @@ async def merge_shards(
         versions = sorted({str(m.get("schema_version")) for m in manifests})
         if len(versions) > 1:
             raise ShardError(f"run {run_id}: the shards have different schema versions {versions}")
+        _check_same_regions(run_id, count, manifests)
         snapshot_id = merged_snapshot_id(
             run_id,
             min(str(m["started_at"]) for m in manifests),
@@ -641,6 +657,25 @@ class MergeResult:
     def exit_code(self) -> int:
         """0 complete, 1 partial or failed (as for `run`)."""
         return 0 if self.status == "complete" else 1
+
+
+def _check_same_regions(run_id: str, count: int, manifests: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse shards run with different `[regions]` (the configuration edited between two
+    shards of an Indexed Job): merged, the regions one left out would read as jobs removed.
+    Shards written before the shard entry said (no `regions`) are not compared."""
+    scopes = [m["shard"].get("regions") for m in manifests]
+    if any(scope is None for scope in scopes) or all(scope == scopes[0] for scope in scopes):
+        return
+    odd = next(i for i, scope in enumerate(scopes) if scope != scopes[0])
+    raise ShardError(
+        f"run {run_id}: shard {odd}/{count} was run with other [regions] than shard 0/{count} "
+        f"({_json(scopes[odd])} against {_json(scopes[0])}; the configuration "
+        "changed between them?): run the shards again with one configuration; nothing written"
+    )
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def _check_carried_from(

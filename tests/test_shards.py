@@ -404,6 +404,31 @@ async def test_shards_of_two_versions_merge_into_one_version(
     )
 
 
+async def test_shards_run_with_other_regions_are_not_merged(
+    make_sandbox: SandboxFactory, tmp_path: Path
+) -> None:
+    """The configuration edited between two shards of a run (a ConfigMap mounted live into an
+    Indexed Job): merged, the regions one shard left out read as jobs removed, in a
+    snapshot "complete" that no unsharded run makes. It is refused, naming the shard and
+    both `[regions]`, and nothing is written; shards with the same regions merge."""
+    sb = await make_sandbox(accounts=6, seed=6, regions=("eu-west-1", "us-east-1"))
+    both = make_settings(sb.account_ids, regions={"names": ["eu-west-1", "us-east-1"]})
+    one = make_settings(sb.account_ids, regions={"names": ["us-east-1"]})
+    await run_shard(one, tmp_path, Shard(0, 2, "r1"), now=at(0))
+    await run_shard(both, tmp_path, Shard(1, 2, "r1"), now=at(5))
+    with pytest.raises(ShardError) as info:
+        await merge_run(tmp_path, "r1", 2)
+    assert str(info.value).startswith(
+        'run r1: shard 1/2 was run with other [regions] than shard 0/2 ({"exclude":[],'
+        '"names":["eu-west-1","us-east-1"],"us_strategy":"all"} against {"exclude":[],'
+        '"names":["us-east-1"],"us_strategy":"all"}'
+    ), str(info.value)
+    assert not (tmp_path / "LATEST").exists()
+    await run_shard(both, tmp_path, Shard(0, 2, "r1"), now=at(10))  # run again, as told
+    result = await merge_run(tmp_path, "r1", 2)
+    assert result.status == "complete"
+
+
 async def test_a_shard_that_carried_jobs_from_an_older_snapshot_is_not_merged(
     make_sandbox: SandboxFactory, tmp_path: Path
 ) -> None:
