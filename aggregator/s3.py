@@ -157,6 +157,11 @@ def _missing(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code")) in _MISSING
 
 
+def _denied(exc: ClientError) -> bool:
+    """A 403 (a HEAD's has no body: its code is the status)."""
+    return str(exc.response.get("Error", {}).get("Code")) in {"AccessDenied", "403", "Forbidden"}
+
+
 class _S3Sink(Sink):
     """A buffered object: one PutObject at publish, or a multipart upload once the body
     passes the threshold (parts upload while the rest is still being produced)."""
@@ -373,7 +378,9 @@ class S3Store(Store):
             try:
                 head = await self.client.head_object(Bucket=self.bucket, Key=key)
             except ClientError as exc:
-                if _missing(exc):
+                if _missing(exc) or (
+                    _denied(exc) and await self._absent(manifest_path(snapshot_id))
+                ):
                     return None
                 raise
         links = head.get("Metadata") or {}
@@ -392,7 +399,7 @@ class S3Store(Store):
             try:
                 answer = await self.client.get_object(Bucket=self.bucket, Key=key)
             except ClientError as exc:
-                if not _missing(exc):
+                if not (_missing(exc) or (_denied(exc) and await self._absent(LATEST))):
                     raise
                 rel, condition = None, {"IfNoneMatch": "*"}
             else:
@@ -458,12 +465,25 @@ class S3Store(Store):
             try:
                 answer = await self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
             except ClientError as exc:
-                if _missing(exc):
+                if _missing(exc) or (_denied(exc) and await self._absent(rel)):
                     return None
                 raise
             async with answer["Body"] as body:
                 data: bytes = await body.read()
                 return data
+
+    async def _absent(self, rel: str) -> bool:
+        """Whether `rel` is not there, by listing it: S3 answers a GetObject of a key that does
+        not exist with 403, not 404, unless the caller may list the bucket for that request,
+        and a ListBucket grant limited by `s3:prefix` (as the shipped IAM policy has it) may
+        not count for a GetObject. False when the listing is refused too (then the 403
+        stands)."""
+        key = self._key(rel)
+        try:
+            listed = await self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        except ClientError:
+            return False
+        return not any(item.get("Key") == key for item in listed.get("Contents") or ())
 
     async def _stream(self, rel: str) -> AsyncIterator[bytes]:
         with self.errors(f"read {rel}"):

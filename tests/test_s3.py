@@ -484,6 +484,31 @@ async def test_an_s3_error_that_echoes_secrets_is_redacted(bucket: str) -> None:
     assert token not in message and signature not in message and "hunter2" not in message
 
 
+async def test_a_get_of_a_missing_latest_answered_403_is_a_first_run(bucket: str) -> None:
+    """S3 answers a GetObject of a key that is not there with 403, not 404, unless the
+    caller may list the bucket for that request (a ListBucket grant limited by `s3:prefix`,
+    as the shipped IAM policy has it, may not count): the store lists the key, and a LATEST
+    that is not there is a first run, not "access denied". Once LATEST exists, a 403 on it
+    is an error again."""
+
+    class Denied:
+        status_code = 403
+        headers: ClassVar[dict[str, str]] = {}
+
+    def deny_latest(params: dict[str, Any], **_: Any) -> Any:
+        if params["url_path"].endswith("/LATEST"):
+            error = {"Code": "AccessDenied", "Message": "Access Denied (injected)"}
+            return Denied(), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 403}}
+        return None
+
+    async with open_store(f"s3://{bucket}/first") as store:
+        store.client.meta.events.register("before-call.s3.GetObject", deny_latest)
+        assert await store.latest_manifest() is None
+        await write(store, sid(1), {"A": "New"})
+        with pytest.raises(OutputError, match="cannot read LATEST: AccessDenied"):
+            await store.latest_manifest()
+
+
 async def test_missing_bucket_is_a_clear_output_error(bucket: str) -> None:
     """Writing to a bucket that does not exist fails early with the S3 error code."""
     async with open_store(f"s3://{bucket}-missing/x") as store:
