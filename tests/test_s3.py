@@ -427,22 +427,30 @@ async def test_a_cancellation_while_latest_is_replaced_on_s3_lets_it_finish(buck
         assert (await store.latest_manifest() or {})["snapshot_id"] == sid(2)
 
 
+def answer_latest(status: int, code: str, message: str) -> Any:
+    """A `before-call` handler that answers any request for LATEST with that error, as S3
+    would (botocore's own hook for stubbed answers); other keys go to the server."""
+
+    class Answer:
+        status_code = status
+        headers: ClassVar[dict[str, str]] = {}
+
+    def answer(params: dict[str, Any], **_: Any) -> Any:
+        if params["url_path"].endswith("/LATEST"):
+            error = {"Code": code, "Message": message}
+            return Answer(), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return None
+
+    return answer
+
+
 async def test_a_conflicting_latest_write_says_what_happened(bucket: str) -> None:
     """S3's 409 ConditionalRequestConflict (another conditional write in flight) with LATEST
     still on the previous snapshot: a transient error that says so, where it used to say that
     LATEST names X, not X. The write in flight may be our own (a PUT botocore retried) and
     land, so the change file stays: it is withdrawn only once another snapshot is LATEST."""
 
-    class Conflict:
-        status_code = 409
-        headers: ClassVar[dict[str, str]] = {}
-
-    def conflict(params: dict[str, Any], **_: Any) -> Any:
-        if params["url_path"].endswith("/LATEST"):
-            error = {"Code": "ConditionalRequestConflict", "Message": "try again (injected)"}
-            return Conflict(), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 409}}
-        return None
-
+    conflict = answer_latest(409, "ConditionalRequestConflict", "try again (injected)")
     async with open_store(f"s3://{bucket}/conflict") as store:
         await write(store, sid(1), {"A": "New"})
         store.client.meta.events.register("before-call.s3.PutObject", conflict)
@@ -491,16 +499,7 @@ async def test_a_get_of_a_missing_latest_answered_403_is_a_first_run(bucket: str
     that is not there is a first run, not "access denied". Once LATEST exists, a 403 on it
     is an error again."""
 
-    class Denied:
-        status_code = 403
-        headers: ClassVar[dict[str, str]] = {}
-
-    def deny_latest(params: dict[str, Any], **_: Any) -> Any:
-        if params["url_path"].endswith("/LATEST"):
-            error = {"Code": "AccessDenied", "Message": "Access Denied (injected)"}
-            return Denied(), {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 403}}
-        return None
-
+    deny_latest = answer_latest(403, "AccessDenied", "Access Denied (injected)")
     async with open_store(f"s3://{bucket}/first") as store:
         store.client.meta.events.register("before-call.s3.GetObject", deny_latest)
         assert await store.latest_manifest() is None
